@@ -1,0 +1,1 @@
+"""Weight conversion between meditron-jax and the Hugging Face / Meta formats."""

@@ -1,0 +1,171 @@
+"""Hugging Face `LlamaForCausalLM` <-> meditron-jax parameters: a declarative key table.
+
+Owns: the name table, per-tensor layout transforms (transposes, head splits, vocab pad/unpad,
+layer stacking), pure in-memory `from_hf` / `to_hf` on numpy arrays, and `load_hf_dir`
+(config.json + weights -> config, params). Does not own: file formats (`io.py`) or the
+Meta layout (`meta.py`).
+
+Our layouts (see model.py): q/k/v_proj [L, D, heads, H], o_proj [L, N, H, D],
+gate/up_proj [L, D, F], down_proj [L, F, D], embed_tokens [Vp, D], lm_head [D, Vp].
+Hugging Face stores nn.Linear weights as [out, in], unstacked per layer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from meditron_jax.config import ConfigError, LlamaConfig
+from meditron_jax.convert.io import ConversionError, HFWeights
+
+# our name -> (HF name template, transform kind). `{i}` is the layer index.
+KEY_TABLE: dict[str, tuple[str, str]] = {
+    "embed_tokens": ("model.embed_tokens.weight", "vocab_rows"),
+    "q_proj": ("model.layers.{i}.self_attn.q_proj.weight", "in_heads"),
+    "k_proj": ("model.layers.{i}.self_attn.k_proj.weight", "in_kv_heads"),
+    "v_proj": ("model.layers.{i}.self_attn.v_proj.weight", "in_kv_heads"),
+    "o_proj": ("model.layers.{i}.self_attn.o_proj.weight", "out_heads"),
+    "gate_proj": ("model.layers.{i}.mlp.gate_proj.weight", "linear"),
+    "up_proj": ("model.layers.{i}.mlp.up_proj.weight", "linear"),
+    "down_proj": ("model.layers.{i}.mlp.down_proj.weight", "linear"),
+    "input_layernorm": ("model.layers.{i}.input_layernorm.weight", "copy"),
+    "post_attention_layernorm": ("model.layers.{i}.post_attention_layernorm.weight", "copy"),
+    "norm": ("model.norm.weight", "copy"),
+    "lm_head": ("lm_head.weight", "vocab_cols"),
+}
+STACKED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+           "input_layernorm", "post_attention_layernorm")
+
+
+def hf_names(name: str, cfg: LlamaConfig) -> list[str]:
+    template = KEY_TABLE[name][0]
+    if name in STACKED:
+        return [template.format(i=i) for i in range(cfg.num_layers)]
+    return [template]
+
+
+def hf_shape(name: str, cfg: LlamaConfig) -> tuple[int, ...]:
+    D, F, N, K, H, V = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
+                        cfg.head_dim, cfg.vocab_size)
+    return {"embed_tokens": (V, D), "q_proj": (N * H, D), "k_proj": (K * H, D), "v_proj": (K * H, D),
+            "o_proj": (D, N * H), "gate_proj": (F, D), "up_proj": (F, D), "down_proj": (D, F),
+            "input_layernorm": (D,), "post_attention_layernorm": (D,), "norm": (D,),
+            "lm_head": (V, D)}[name]
+
+
+def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
+    if a.shape[0] == rows:
+        return a
+    out = np.zeros((rows,) + a.shape[1:], a.dtype)
+    out[: a.shape[0]] = a
+    return out
+
+
+def tensor_from_hf(name: str, w: np.ndarray, cfg: LlamaConfig) -> np.ndarray:
+    """One HF tensor (one layer's, for stacked names) -> our layout (no layer axis)."""
+    kind = KEY_TABLE[name][1]
+    expected = hf_shape(name, cfg)
+    if tuple(w.shape) != expected:
+        raise ConversionError(f"{KEY_TABLE[name][0]}: shape {tuple(w.shape)} disagrees with config {expected}")
+    D, H = cfg.hidden_size, cfg.head_dim
+    if kind == "copy":
+        return w
+    if kind == "linear":
+        return np.ascontiguousarray(w.T)
+    if kind == "in_heads":
+        return np.ascontiguousarray(w.T).reshape(D, cfg.num_heads, H)
+    if kind == "in_kv_heads":
+        return np.ascontiguousarray(w.T).reshape(D, cfg.num_kv_heads, H)
+    if kind == "out_heads":
+        return np.ascontiguousarray(w.T).reshape(cfg.num_heads, H, D)
+    if kind == "vocab_rows":
+        return _pad_rows(w, cfg.padded_vocab_size)
+    if kind == "vocab_cols":
+        return np.ascontiguousarray(_pad_rows(w, cfg.padded_vocab_size).T)
+    raise AssertionError(kind)
+
+
+def tensor_to_hf(name: str, a: np.ndarray, cfg: LlamaConfig) -> np.ndarray:
+    """Inverse of `tensor_from_hf` (drops the padded vocab)."""
+    kind = KEY_TABLE[name][1]
+    a = np.asarray(a)
+    D, V = cfg.hidden_size, cfg.vocab_size
+    if kind == "copy":
+        return a
+    if kind == "linear":
+        return np.ascontiguousarray(a.T)
+    if kind in ("in_heads", "in_kv_heads"):
+        return np.ascontiguousarray(a.reshape(D, -1).T)
+    if kind == "out_heads":
+        return np.ascontiguousarray(a.reshape(-1, D).T)
+    if kind == "vocab_rows":
+        return np.ascontiguousarray(a[:V])
+    if kind == "vocab_cols":
+        return np.ascontiguousarray(a[:, :V].T)
+    raise AssertionError(kind)
+
+
+def from_hf(state_dict: dict[str, np.ndarray], cfg: LlamaConfig) -> dict[str, np.ndarray]:
+    """HF state dict (numpy) -> our params (numpy, source dtype kept)."""
+    params = {}
+    for name in KEY_TABLE:
+        parts = []
+        for key in hf_names(name, cfg):
+            if key not in state_dict:
+                raise ConversionError(f"missing tensor {key}")
+            parts.append(tensor_from_hf(name, state_dict[key], cfg))
+        params[name] = np.stack(parts) if name in STACKED else parts[0]
+    return params
+
+
+def to_hf(params: dict[str, np.ndarray], cfg: LlamaConfig) -> dict[str, np.ndarray]:
+    """Our params -> HF state dict (numpy), at the true vocab size."""
+    sd = {}
+    for name in KEY_TABLE:
+        keys = hf_names(name, cfg)
+        value = np.asarray(params[name])
+        if name in STACKED:
+            for i, key in enumerate(keys):
+                sd[key] = tensor_to_hf(name, value[i], cfg)
+        else:
+            sd[keys[0]] = tensor_to_hf(name, value, cfg)
+    return sd
+
+
+def read_hf_config(directory: str) -> LlamaConfig:
+    if not os.path.exists(directory):
+        raise ConversionError(f"{directory}: no such file or directory")
+    if not os.path.isdir(directory):
+        raise ConversionError(f"{directory}: not a directory")
+    path = os.path.join(directory, "config.json")
+    if not os.path.exists(path):
+        raise ConversionError(f"{directory}: no config.json (not a Hugging Face model directory)")
+    try:
+        with open(path) as f:
+            hf = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"{path}: unreadable JSON ({e})") from None
+    try:
+        return LlamaConfig.from_hf(hf)
+    except (ConfigError, KeyError) as e:
+        raise ConversionError(f"{path}: {e if isinstance(e, ConfigError) else 'missing key ' + str(e)}") from None
+
+
+def load_hf_dir(directory: str) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
+    """config.json + weights -> (config, our params as numpy). In memory (see import for streaming)."""
+    cfg = read_hf_config(directory)
+    weights = HFWeights(directory)
+    params = {}
+    for name in KEY_TABLE:
+        parts = []
+        for key in hf_names(name, cfg):
+            if key not in weights.keys():
+                raise ConversionError(f"{directory}: tensor {key} is missing from the weights")
+            try:
+                parts.append(tensor_from_hf(name, weights.get(key), cfg))
+            except ConversionError as e:
+                raise ConversionError(f"{directory}: {e}") from None
+        params[name] = np.stack(parts) if name in STACKED else parts[0]
+    return cfg, params

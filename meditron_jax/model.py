@@ -1,0 +1,278 @@
+"""Llama-2 in Flax NNX: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, untied lm_head.
+
+Owns: the parameters (Hugging Face names, fp32, stacked along a leading `layers` axis, each
+tagged with logical axis names) and the forward pass, with an optional KV cache for decoding.
+Does not own: meshes or PartitionSpecs (only `sharding.py` maps logical axes to devices),
+attention kernels (`attention.py`), the loss (`train_step.py`).
+
+Shapes: B batch, T length (queries), S length (keys), D embed, N heads, K kv heads,
+H head dim, F mlp, V (padded) vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from meditron_jax import attention as attention_lib
+from meditron_jax.config import LlamaConfig
+from meditron_jax.sharding import constrain
+
+# Logical axes of every parameter (the closed vocabulary of the design notes).
+PARAM_AXES = {
+    "embed_tokens": ("vocab", "embed"),
+    "q_proj": ("layers", "embed", "heads", "head_dim"),
+    "k_proj": ("layers", "embed", "kv_heads", "head_dim"),
+    "v_proj": ("layers", "embed", "kv_heads", "head_dim"),
+    "o_proj": ("layers", "heads", "head_dim", "embed"),
+    "gate_proj": ("layers", "embed", "mlp"),
+    "up_proj": ("layers", "embed", "mlp"),
+    "down_proj": ("layers", "mlp", "embed"),
+    "input_layernorm": ("layers", "embed"),
+    "post_attention_layernorm": ("layers", "embed"),
+    "norm": ("embed",),
+    "lm_head": ("embed", "vocab"),
+}
+LAYER_KEYS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+              "input_layernorm", "post_attention_layernorm")
+
+MASK_VALUE = -1e9  # padded-vocab logits; finite so softmax never sees NaN
+
+
+def param_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    D, F, L, N, K, H, V = (cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads,
+                           cfg.num_kv_heads, cfg.head_dim, cfg.padded_vocab_size)
+    return {
+        "embed_tokens": (V, D),
+        "q_proj": (L, D, N, H), "k_proj": (L, D, K, H), "v_proj": (L, D, K, H), "o_proj": (L, N, H, D),
+        "gate_proj": (L, D, F), "up_proj": (L, D, F), "down_proj": (L, F, D),
+        "input_layernorm": (L, D), "post_attention_layernorm": (L, D),
+        "norm": (D,), "lm_head": (D, V),
+    }
+
+
+def rms_norm(x, weight, eps, dtype):
+    """HF LlamaRMSNorm: normalise in fp32, cast back, then scale."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(dtype) * x32.astype(dtype)
+
+
+def rope(x, positions, theta):
+    """Rotary embedding, Hugging Face rotate-half layout. x [B,T,*,H], positions [B,T]."""
+    H = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))  # [H/2]
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B,T,H/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B,T,1,H]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    x1, x2 = x[..., : H // 2], x[..., H // 2:]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos + rotated * sin
+
+
+def decoder_layer(cfg: LlamaConfig, p: dict, x, positions, segment_ids, cache=None):
+    """One pre-norm decoder block. p: this layer's params (no `layers` axis). x [B,T,D].
+
+    cache: None (training) or dict(k=[B,S,K,H], v=[B,S,K,H], segment=[B,S], index=scalar):
+    new keys/values are written at slots index..index+T and attention runs over the cache.
+    Returns (x, new_cache_kv) where new_cache_kv is (k, v) or None.
+    """
+    dt = jnp.dtype(cfg.dtype)
+    h = rms_norm(x, p["input_layernorm"], cfg.rms_norm_eps, dt)
+    q = checkpoint_name(jnp.einsum("btd,dnh->btnh", h, p["q_proj"].astype(dt)), "q_proj")
+    k = checkpoint_name(jnp.einsum("btd,dkh->btkh", h, p["k_proj"].astype(dt)), "k_proj")
+    v = checkpoint_name(jnp.einsum("btd,dkh->btkh", h, p["v_proj"].astype(dt)), "v_proj")
+    q = constrain(rope(q, positions, cfg.rope_theta), ("batch", "length", "heads", "head_dim"))
+    k = constrain(rope(k, positions, cfg.rope_theta), ("batch", "length", "kv_heads", "head_dim"))
+    v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+    new_kv = None
+    if cache is None:
+        attn = attention_lib.attend(q, k, v, segment_ids, segment_ids, impl=cfg.attention)
+    else:
+        idx = cache["index"]
+        ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), idx, axis=1)
+        cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), idx, axis=1)
+        new_kv = (ck, cv)
+        q_slots = idx + jnp.arange(q.shape[1])
+        attn = attention_lib.attend(q, ck.astype(dt), cv.astype(dt), segment_ids, cache["segment"],
+                                    impl="xla", q_slots=q_slots)
+    attn = checkpoint_name(attn, "attention")
+    o = checkpoint_name(jnp.einsum("btnh,nhd->btd", attn, p["o_proj"].astype(dt)), "o_proj")
+    x = constrain(x + o, ("batch", "length", "embed"))
+    h = rms_norm(x, p["post_attention_layernorm"], cfg.rms_norm_eps, dt)
+    gate = checkpoint_name(jnp.einsum("btd,df->btf", h, p["gate_proj"].astype(dt)), "gate_proj")
+    up = checkpoint_name(jnp.einsum("btd,df->btf", h, p["up_proj"].astype(dt)), "up_proj")
+    act = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+    down = checkpoint_name(jnp.einsum("btf,fd->btd", act, p["down_proj"].astype(dt)), "down_proj")
+    x = constrain(x + down, ("batch", "length", "embed"))
+    return x, new_kv
+
+
+def remat_policy(name: str):
+    """Named rematerialisation policies (what is *saved* for the backward pass)."""
+    cp = jax.checkpoint_policies
+    if name == "full":
+        return cp.nothing_saveable
+    if name == "dots":  # every matmul output without a batch dim (weights x activations)
+        return cp.dots_with_no_batch_dims_saveable
+    if name == "save_proj":  # the named projection outputs; recompute norms, rope, softmax, silu
+        return cp.save_only_these_names("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                        "up_proj", "down_proj")
+    raise ValueError(f"unknown remat policy {name!r}")
+
+
+def run_layers(cfg: LlamaConfig, layers: dict, x, positions, segment_ids):
+    """All decoder layers over stacked params `layers` (each with a leading L axis). No cache.
+
+    Used by the model and by the pipeline schedule (which passes a slice of the stack).
+    """
+    def body(carry, p):
+        y, _ = decoder_layer(cfg, p, carry, positions, segment_ids)
+        return y, None
+
+    if cfg.remat != "none":
+        body = jax.checkpoint(body, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+        x, _ = jax.lax.scan(body, x, layers)
+    else:
+        n = jax.tree.leaves(layers)[0].shape[0]
+        for i in range(n):
+            x, _ = body(x, jax.tree.map(lambda a: a[i], layers))
+    return x
+
+
+def default_positions(tokens):
+    B, T = tokens.shape
+    return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+
+
+class Llama(nnx.Module):
+    """Llama-2 decoder-only LM. Parameters are fp32 `nnx.Param`s with `logical_axes` metadata."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, init_std: float = 0.02):
+        self.cfg = cfg
+        shapes = param_shapes(cfg)
+        key = rngs.params()
+        keys = dict(zip(shapes, jax.random.split(key, len(shapes))))
+
+        def make(name):
+            shape = shapes[name]
+            if "norm" in name:
+                value = jnp.ones(shape, jnp.float32)
+            else:
+                value = init_std * jax.random.normal(keys[name], shape, jnp.float32)
+            if name in ("embed_tokens", "lm_head"):  # padded vocab rows/cols start (and stay) zero
+                vocab_axis = PARAM_AXES[name].index("vocab")
+                keep = jnp.arange(shape[vocab_axis]) < cfg.vocab_size
+                keep = keep.reshape([-1 if a == vocab_axis else 1 for a in range(len(shape))])
+                value = jnp.where(keep, value, 0.0)
+            return nnx.Param(value, logical_axes=PARAM_AXES[name])
+
+        for name in shapes:
+            setattr(self, name, make(name))
+
+    # -- helpers ------------------------------------------------------------------
+    def layer_params(self) -> dict:
+        return {k: getattr(self, k)[...] for k in LAYER_KEYS}
+
+    def embed(self, tokens):
+        dt = jnp.dtype(self.cfg.dtype)
+        x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(dt)
+        return constrain(x, ("batch", "length", "embed"))
+
+    def final_hidden(self, x):
+        """Final RMSNorm; the result feeds `logits` or a chunked loss."""
+        return rms_norm(x, self.norm[...], self.cfg.rms_norm_eps, jnp.dtype(self.cfg.dtype))
+
+    def logits(self, h, true_vocab: bool = True):
+        """h [B,T,D] -> logits [B,T,V] in fp32. Padded vocab entries are masked (or dropped)."""
+        dt = jnp.dtype(self.cfg.dtype)
+        out = jnp.einsum("btd,dv->btv", h, self.lm_head[...].astype(dt),
+                         preferred_element_type=jnp.float32)
+        out = constrain(out, ("batch", "length", "vocab"))
+        if true_vocab:
+            return out[..., : self.cfg.vocab_size]
+        valid = jnp.arange(out.shape[-1]) < self.cfg.vocab_size
+        return jnp.where(valid, out, MASK_VALUE)
+
+    def hidden(self, tokens, positions=None, segment_ids=None):
+        """tokens [B,T] -> final-normed hidden states [B,T,D] (compute dtype)."""
+        if positions is None:
+            positions = default_positions(tokens)
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens, dtype=jnp.int32)
+        x = self.embed(tokens)
+        x = run_layers(self.cfg, self.layer_params(), x, positions, segment_ids)
+        return self.final_hidden(x)
+
+    def __call__(self, tokens, positions=None, segment_ids=None, true_vocab: bool = True):
+        """tokens [B,T] int -> logits [B,T,vocab] (fp32). `segment_ids` > 0 mark documents."""
+        return self.logits(self.hidden(tokens, positions, segment_ids), true_vocab=true_vocab)
+
+    # -- decoding with a KV cache ---------------------------------------------------
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
+        cfg = self.cfg
+        dtype = dtype or jnp.dtype(cfg.dtype)
+        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+                "segment": jnp.zeros((batch, max_len), jnp.int32),
+                "index": jnp.zeros((), jnp.int32)}
+
+    def decode(self, tokens, positions, segment_ids, cache):
+        """Run T new tokens against the cache. segment_ids: 1 for real tokens, 0 for padding.
+
+        Returns (logits [B,T,vocab] fp32, new cache). Slots index..index+T are written.
+        """
+        cfg = self.cfg
+        idx = cache["index"]
+        seg = jax.lax.dynamic_update_slice_in_dim(cache["segment"], segment_ids.astype(jnp.int32), idx, axis=1)
+        x = self.embed(tokens)
+
+        def body(carry, inp):
+            p, ck, cv = inp
+            y, (nk, nv) = decoder_layer(cfg, p, carry, positions, segment_ids,
+                                        cache={"k": ck, "v": cv, "segment": seg, "index": idx})
+            return y, (nk, nv)
+
+        x, (ks, vs) = jax.lax.scan(body, x, (self.layer_params(), cache["k"], cache["v"]))
+        logits = self.logits(self.final_hidden(x))
+        return logits, {"k": ks, "v": vs, "segment": seg, "index": idx + tokens.shape[1]}
+
+
+def abstract_model(cfg: LlamaConfig) -> Llama:
+    """A model whose parameters are `jax.ShapeDtypeStruct`s (no memory allocated)."""
+    return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _init_state(cfg, seed):
+    return nnx.split(Llama(cfg, rngs=nnx.Rngs(params=jax.random.key(seed))))[1]
+
+
+def init_model(cfg: LlamaConfig, seed: int = 0) -> Llama:
+    """Random initialisation (std 0.02 normal, ones for norms, zero padded vocab)."""
+    graphdef = nnx.graphdef(abstract_model(cfg))
+    return nnx.merge(graphdef, _init_state(cfg, seed))
+
+
+def params_dict(model: Llama) -> dict:
+    """{name: array} of the model's parameters (HF names, our layout)."""
+    return {k: getattr(model, k)[...] for k in PARAM_AXES}
+
+
+def model_from_params(cfg: LlamaConfig, params: dict) -> Llama:
+    """Build a model around given arrays (numpy or jax) in our layout; shapes are checked."""
+    model = abstract_model(cfg)
+    shapes = param_shapes(cfg)
+    for name, shape in shapes.items():
+        if name not in params:
+            raise ValueError(f"missing parameter {name!r}")
+        value = params[name]
+        if tuple(value.shape) != shape:
+            raise ValueError(f"parameter {name!r} has shape {tuple(value.shape)}, config expects {shape}")
+        getattr(model, name).set_value(jnp.asarray(value, jnp.float32))
+    return model

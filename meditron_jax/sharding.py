@@ -1,0 +1,205 @@
+"""Device meshes and the one place where logical axis names become mesh axes.
+
+Owns: the mesh (axes `data, stage, fsdp, tensor`), the logical->mesh rules (data, bound in
+gin), `constrain()` for activations, parameter / optimizer-state shardings, and turning
+per-host numpy batches into global `jax.Array`s. Does not own: model code (which only names
+logical axes) or the pipeline schedule (`pipeline.py`).
+
+Axis types: all mesh axes are `AxisType.Auto`. Shardings are fixed explicitly at the jit
+boundary (parameters, optimizer state, batch) and at a few activation points through
+`constrain`; XLA's propagation fills in the rest. That keeps the model code free of
+sharding-in-types annotations while still pinning every layout that matters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Sequence
+
+import gin
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from meditron_jax.errors import UserError
+
+MESH_AXES = ("data", "stage", "fsdp", "tensor")
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers")
+
+# Megatron-style tensor parallelism + FSDP over `embed` + data parallelism over batch.
+# A mesh axis already used by an earlier dimension of the same array is skipped, so
+# activations [batch, length, embed] shard batch over (data, fsdp) and keep embed whole,
+# while parameters [.., embed, ..] shard embed over fsdp.
+DEFAULT_RULES: tuple[tuple[str, object], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", "stage"),
+)
+
+
+class MeshError(UserError, ValueError):
+    """User-caused mesh problem (reported as one line)."""
+
+
+@gin.configurable("mesh")
+def mesh_shape(data: int = -1, stage: int = 1, fsdp: int = 1, tensor: int = 1,
+               num_devices: int | None = None) -> dict[str, int]:
+    """Resolve the gin `mesh.*` sizes (one may be -1: it takes the remaining devices)."""
+    n = jax.device_count() if num_devices is None else num_devices
+    sizes = {"data": data, "stage": stage, "fsdp": fsdp, "tensor": tensor}
+    free = [k for k, v in sizes.items() if v == -1]
+    if len(free) > 1:
+        raise MeshError(f"only one mesh axis may be -1, got {free}")
+    for k, v in sizes.items():
+        if v != -1 and v < 1:
+            raise MeshError(f"mesh.{k} must be >= 1 or -1, got {v}")
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    if free:
+        if n % fixed:
+            raise MeshError(f"mesh {sizes} does not divide the {n} devices")
+        sizes[free[0]] = n // fixed
+    if math.prod(sizes.values()) != n:
+        raise MeshError(f"mesh data={sizes['data']} stage={sizes['stage']} fsdp={sizes['fsdp']} "
+                        f"tensor={sizes['tensor']} has {math.prod(sizes.values())} devices, "
+                        f"but {n} are available")
+    return sizes
+
+
+def make_mesh(sizes: dict[str, int] | None = None, devices: Sequence | None = None) -> Mesh:
+    sizes = sizes or mesh_shape()
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    devices = list(devices) if devices is not None else jax.devices()
+    if math.prod(shape) != len(devices):
+        raise MeshError(f"mesh {sizes} needs {math.prod(shape)} devices, have {len(devices)}")
+    try:
+        dev_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
+    except Exception:  # e.g. CPU or unusual topologies: plain order is fine
+        dev_array = np.asarray(devices, dtype=object).reshape(shape)
+    return Mesh(dev_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+@gin.configurable("sharding")
+def logical_rules(rules: Sequence = DEFAULT_RULES, zero1: bool = False):
+    """gin: `sharding.rules` (tuple of (logical, mesh axis|tuple|None)), `sharding.zero1`."""
+    table = dict((k, v) for k, v in rules)
+    unknown = set(table) - set(LOGICAL_AXES)
+    if unknown:
+        raise MeshError(f"unknown logical axes in sharding.rules: {sorted(unknown)}")
+    return table, zero1
+
+
+def logical_to_spec(axes: Sequence[str | None], rules: dict) -> P:
+    used: set[str] = set()
+    out = []
+    for ax in axes:
+        target = rules.get(ax) if ax is not None else None
+        if target is None:
+            out.append(None)
+            continue
+        names = (target,) if isinstance(target, str) else tuple(target)
+        names = tuple(n for n in names if n not in used)
+        used.update(names)
+        out.append(None if not names else names[0] if len(names) == 1 else names)
+    return P(*out)
+
+
+def _fit(spec: P, shape, mesh: Mesh) -> P:
+    """Drop mesh axes from dimensions they do not divide (e.g. vocab 517, odd batch)."""
+    out = []
+    for i, entry in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
+        if entry is None:
+            out.append(None)
+            continue
+        names = (entry,) if isinstance(entry, str) else tuple(entry)
+        keep = []
+        size = 1
+        for n in names:
+            if shape[i] % (size * mesh.shape[n]) == 0:
+                keep.append(n)
+                size *= mesh.shape[n]
+        out.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
+    return P(*out)
+
+
+# ---- the active mesh + rules (so model code can stay mesh-free) ----------------------
+_ACTIVE: list[tuple[Mesh, dict]] = []
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: dict | None = None):
+    """Activate `mesh` and the logical rules for `constrain` (and jax's mesh context)."""
+    rules = dict(DEFAULT_RULES) if rules is None else rules
+    _ACTIVE.append((mesh, rules))
+    try:
+        with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else mesh:
+            yield mesh
+    finally:
+        _ACTIVE.pop()
+
+
+def active() -> tuple[Mesh, dict] | None:
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
+def constrain(x, axes: Sequence[str | None]):
+    """Pin an activation's layout by logical axis names; a no-op when no mesh is active."""
+    if not _ACTIVE:
+        return x
+    mesh, rules = _ACTIVE[-1]
+    spec = _fit(logical_to_spec(axes, rules), x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def sharding_for(axes, shape, mesh: Mesh, rules: dict) -> NamedSharding:
+    return NamedSharding(mesh, _fit(logical_to_spec(axes, rules), shape, mesh))
+
+
+def zero1_sharding(s: NamedSharding, shape) -> NamedSharding:
+    """ZeRO-1 / Megatron distributed optimizer: also split optimizer state over `data`."""
+    mesh = s.mesh
+    if mesh.shape["data"] == 1:
+        return s
+    spec = list(tuple(s.spec) + (None,) * (len(shape) - len(s.spec)))
+    used = {n for e in spec if e is not None for n in ((e,) if isinstance(e, str) else e)}
+    if "data" in used:
+        return s
+    for i, e in enumerate(spec):
+        names = () if e is None else (e,) if isinstance(e, str) else tuple(e)
+        size = math.prod(mesh.shape[n] for n in names)
+        if shape[i] % (size * mesh.shape["data"]) == 0:
+            spec[i] = ("data",) + names if names else "data"
+            return NamedSharding(mesh, P(*spec))
+    return s
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def global_batch(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Per-host numpy rows -> global arrays sharded over (data, fsdp) along the batch axis.
+
+    Each process passes only its own rows (global_batch / process_count of them); the
+    global batch is their concatenation in process order.
+    """
+    out = {}
+    for k, v in host_batch.items():
+        s = batch_sharding(mesh, v.ndim)
+        global_shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
+        out[k] = jax.make_array_from_process_local_data(s, v, global_shape)
+    return out
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
