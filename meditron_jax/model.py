@@ -150,6 +150,39 @@ def default_positions(tokens):
     return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
 
 
+def embed(cfg: LlamaConfig, table, tokens):
+    """tokens [B,T] -> [B,T,D] in the compute dtype."""
+    x = jnp.take(table, tokens, axis=0).astype(jnp.dtype(cfg.dtype))
+    return constrain(x, ("batch", "length", "embed"))
+
+
+def lm_logits(cfg: LlamaConfig, lm_head, h, true_vocab: bool = True):
+    """h [B,T,D] -> fp32 logits. true_vocab: sliced to cfg.vocab_size; else padded entries masked."""
+    out = jnp.einsum("btd,dv->btv", h, lm_head.astype(jnp.dtype(cfg.dtype)),
+                     preferred_element_type=jnp.float32)
+    out = constrain(out, ("batch", "length", "vocab"))
+    if true_vocab:
+        return out[..., : cfg.vocab_size]
+    valid = jnp.arange(out.shape[-1]) < cfg.vocab_size
+    return jnp.where(valid, out, MASK_VALUE)
+
+
+def forward_hidden(cfg: LlamaConfig, params: dict, tokens, positions=None, segment_ids=None,
+                   layers_fn=run_layers):
+    """Pure forward pass to the final-normed hidden states [B,T,D].
+
+    params: {name: array} in our layout (see PARAM_AXES). `layers_fn` runs the decoder stack;
+    the pipeline-parallel schedule substitutes its own.
+    """
+    if positions is None:
+        positions = default_positions(tokens)
+    if segment_ids is None:
+        segment_ids = jnp.ones_like(tokens, dtype=jnp.int32)
+    x = embed(cfg, params["embed_tokens"], tokens)
+    x = layers_fn(cfg, {k: params[k] for k in LAYER_KEYS}, x, positions, segment_ids)
+    return rms_norm(x, params["norm"], cfg.rms_norm_eps, jnp.dtype(cfg.dtype))
+
+
 class Llama(nnx.Module):
     """Llama-2 decoder-only LM. Parameters are fp32 `nnx.Param`s with `logical_axes` metadata."""
 
@@ -175,39 +208,15 @@ class Llama(nnx.Module):
         for name in shapes:
             setattr(self, name, make(name))
 
-    # -- helpers ------------------------------------------------------------------
-    def layer_params(self) -> dict:
-        return {k: getattr(self, k)[...] for k in LAYER_KEYS}
-
-    def embed(self, tokens):
-        dt = jnp.dtype(self.cfg.dtype)
-        x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(dt)
-        return constrain(x, ("batch", "length", "embed"))
-
-    def final_hidden(self, x):
-        """Final RMSNorm; the result feeds `logits` or a chunked loss."""
-        return rms_norm(x, self.norm[...], self.cfg.rms_norm_eps, jnp.dtype(self.cfg.dtype))
-
-    def logits(self, h, true_vocab: bool = True):
-        """h [B,T,D] -> logits [B,T,V] in fp32. Padded vocab entries are masked (or dropped)."""
-        dt = jnp.dtype(self.cfg.dtype)
-        out = jnp.einsum("btd,dv->btv", h, self.lm_head[...].astype(dt),
-                         preferred_element_type=jnp.float32)
-        out = constrain(out, ("batch", "length", "vocab"))
-        if true_vocab:
-            return out[..., : self.cfg.vocab_size]
-        valid = jnp.arange(out.shape[-1]) < self.cfg.vocab_size
-        return jnp.where(valid, out, MASK_VALUE)
+    def params(self) -> dict:
+        return {k: getattr(self, k)[...] for k in PARAM_AXES}
 
     def hidden(self, tokens, positions=None, segment_ids=None):
         """tokens [B,T] -> final-normed hidden states [B,T,D] (compute dtype)."""
-        if positions is None:
-            positions = default_positions(tokens)
-        if segment_ids is None:
-            segment_ids = jnp.ones_like(tokens, dtype=jnp.int32)
-        x = self.embed(tokens)
-        x = run_layers(self.cfg, self.layer_params(), x, positions, segment_ids)
-        return self.final_hidden(x)
+        return forward_hidden(self.cfg, self.params(), tokens, positions, segment_ids)
+
+    def logits(self, h, true_vocab: bool = True):
+        return lm_logits(self.cfg, self.lm_head[...], h, true_vocab)
 
     def __call__(self, tokens, positions=None, segment_ids=None, true_vocab: bool = True):
         """tokens [B,T] int -> logits [B,T,vocab] (fp32). `segment_ids` > 0 mark documents."""
@@ -230,7 +239,7 @@ class Llama(nnx.Module):
         cfg = self.cfg
         idx = cache["index"]
         seg = jax.lax.dynamic_update_slice_in_dim(cache["segment"], segment_ids.astype(jnp.int32), idx, axis=1)
-        x = self.embed(tokens)
+        x = embed(cfg, self.embed_tokens[...], tokens)
 
         def body(carry, inp):
             p, ck, cv = inp
@@ -238,8 +247,10 @@ class Llama(nnx.Module):
                                         cache={"k": ck, "v": cv, "segment": seg, "index": idx})
             return y, (nk, nv)
 
-        x, (ks, vs) = jax.lax.scan(body, x, (self.layer_params(), cache["k"], cache["v"]))
-        logits = self.logits(self.final_hidden(x))
+        layers = {k: getattr(self, k)[...] for k in LAYER_KEYS}
+        x, (ks, vs) = jax.lax.scan(body, x, (layers, cache["k"], cache["v"]))
+        x = rms_norm(x, self.norm[...], cfg.rms_norm_eps, jnp.dtype(cfg.dtype))
+        logits = self.logits(x)
         return logits, {"k": ks, "v": vs, "segment": seg, "index": idx + tokens.shape[1]}
 
 
@@ -261,7 +272,7 @@ def init_model(cfg: LlamaConfig, seed: int = 0) -> Llama:
 
 def params_dict(model: Llama) -> dict:
     """{name: array} of the model's parameters (HF names, our layout)."""
-    return {k: getattr(model, k)[...] for k in PARAM_AXES}
+    return model.params()
 
 
 def model_from_params(cfg: LlamaConfig, params: dict) -> Llama:
