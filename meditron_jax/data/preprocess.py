@@ -1,0 +1,314 @@
+"""`meditron-jax preprocess`: JSONL text -> tokenized documents in ArrayRecord shards + manifest.json.
+
+Owns: reading JSONL (plain or .gz, one document per line) with errors that name the file and line,
+tokenizing every document as BOS + text + EOS on all cores (a multiprocessing pool fed with
+newline-aligned byte chunks; chunk and shard boundaries depend only on the data, so the output is
+byte-identical whatever `--workers` is), writing one ArrayRecord record per document (raw uint16
+when the vocabulary fits, else int32; `group_size:1` so grain can read documents at random), and
+the manifest the pipeline checks before training (documents, tokens, skipped empty documents,
+tokenizer fingerprint and vocab, dtype). Output is built in a temporary directory that is renamed
+into place only when complete.
+
+Does not own: mixing, shuffling or packing (`data.pipeline`), SFT formats (`data.sft`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from meditron_jax.data.tokenizer import Tokenizer
+from meditron_jax.errors import UserError
+
+MANIFEST = "manifest.json"
+FORMAT = "meditron-jax/tokenized-documents/v1"
+DOCUMENT_LAYOUT = "BOS + tokens(text) + EOS per document, one ArrayRecord record of raw little-endian ids"
+CHUNK_BYTES = 1 << 20  # work unit sent to a worker (newline aligned)
+SHARD_TOKENS = 1 << 27  # a new shard starts once a shard holds this many tokens
+WRITER_OPTIONS = "group_size:1,uncompressed"
+
+
+class PreprocessError(UserError):
+    """Bad input to preprocessing: unreadable file, malformed JSON line, missing key, empty input."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.int32)
+
+
+def _open_binary(path: str):
+    if not os.path.isfile(path):
+        raise PreprocessError(f"input file {path} does not exist")
+    try:
+        if path.endswith(".gz"):
+            f = gzip.open(path, "rb")
+            f.peek(1)  # raises on a file that is not gzip
+            return f
+        return open(path, "rb")
+    except (OSError, gzip.BadGzipFile) as e:
+        raise PreprocessError(f"cannot read {path}: {e}") from None
+
+
+def read_chunks(path: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[str, int, bytes]]:
+    """Yields (path, first_line_number, bytes) pieces of a file, each ending on a line boundary."""
+    line_no = 1
+    rest = b""
+    with _open_binary(path) as f:
+        while True:
+            try:
+                block = f.read(chunk_bytes)
+            except (OSError, EOFError, gzip.BadGzipFile) as e:
+                raise PreprocessError(f"cannot read {path}: {e}") from None
+            if not block:
+                break
+            block = rest + block
+            cut = block.rfind(b"\n") + 1
+            if cut == 0:
+                rest = block
+                continue
+            chunk, rest = block[:cut], block[cut:]
+            yield path, line_no, chunk
+            line_no += chunk.count(b"\n")
+    if rest:
+        yield path, line_no, rest
+
+
+def parse_jsonl_chunk(path: str, first_line: int, chunk: bytes, text_key: str) -> tuple[list[str], int]:
+    """Returns (non-empty texts in order, number of empty documents) for one chunk."""
+    try:
+        text = chunk.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + chunk.count(b"\n", 0, e.start)
+        raise PreprocessError(f"{path}:{line}: not valid UTF-8 ({e.reason})") from None
+    texts: list[str] = []
+    empty = 0
+    for i, line in enumerate(text.split("\n")):
+        if not line.strip():
+            continue  # blank lines are not documents
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PreprocessError(f"{path}:{first_line + i}: malformed JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or text_key not in obj:
+            raise PreprocessError(f"{path}:{first_line + i}: no {text_key!r} key (use --text-key)")
+        value = obj[text_key]
+        if not isinstance(value, str):
+            raise PreprocessError(f"{path}:{first_line + i}: {text_key!r} is {type(value).__name__}, not a string")
+        if value.strip():
+            texts.append(value)
+        else:
+            empty += 1
+    return texts, empty
+
+
+def iter_jsonl_texts(path: str, text_key: str = "text") -> Iterator[tuple[int, str]]:
+    """(line number, text) of each non-empty document of a JSONL file (for small inputs)."""
+    for p, first, chunk in read_chunks(str(path)):
+        texts, _ = parse_jsonl_chunk(p, first, chunk, text_key)
+        for t in texts:
+            yield first, t
+
+
+# -- workers ------------------------------------------------------------------------------------
+_WORKER_TOKENIZER: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_path: str, added_tokens: tuple[str, ...]) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = Tokenizer(tokenizer_path, added_tokens)
+
+
+def _encode_chunk(job: tuple[str, int, bytes, str, str]) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """-> (document lengths int64, all tokens concatenated, empty documents skipped, chunk bytes)."""
+    path, first_line, chunk, text_key, dtype = job
+    texts, empty = parse_jsonl_chunk(path, first_line, chunk, text_key)
+    tok = _WORKER_TOKENIZER
+    assert tok is not None
+    ids = tok.encode_batch(texts, bos=True, eos=True)
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter((t for x in ids for t in x), dtype=dtype, count=int(lengths.sum()))
+    return lengths, flat, empty, len(chunk)
+
+
+# -- output -------------------------------------------------------------------------------------
+class _ShardWriter:
+    """Writes documents into `tokens-00000.arrayrecord`, ... rolling over every `shard_tokens`."""
+
+    def __init__(self, out_dir: Path, shard_tokens: int):
+        self.out_dir = out_dir
+        self.shard_tokens = shard_tokens
+        self.shards: list[dict] = []
+        self._writer = None
+
+    def _open(self):
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        name = f"tokens-{len(self.shards):05d}.arrayrecord"
+        self._writer = ArrayRecordWriter(str(self.out_dir / name), WRITER_OPTIONS)
+        self.shards.append({"file": name, "documents": 0, "tokens": 0})
+
+    def write(self, lengths: np.ndarray, flat: np.ndarray) -> None:
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        buf = flat.tobytes()
+        item = flat.dtype.itemsize
+        for i in range(len(lengths)):
+            if self._writer is None or self.shards[-1]["tokens"] >= self.shard_tokens:
+                self.close()
+                self._open()
+            self._writer.write(buf[offsets[i] * item: offsets[i + 1] * item])
+            self.shards[-1]["documents"] += 1
+            self.shards[-1]["tokens"] += int(lengths[i])
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def preprocess(
+    inputs: Sequence[str | os.PathLike],
+    tokenizer_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    text_key: str = "text",
+    workers: int | None = None,
+    added_tokens: Sequence[str] = (),
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    chunk_bytes: int = CHUNK_BYTES,
+    shard_tokens: int = SHARD_TOKENS,
+) -> dict:
+    """Tokenizes JSONL documents into ArrayRecord shards under `out_dir`; returns the manifest."""
+    inputs = [str(p) for p in inputs]
+    if not inputs:
+        raise PreprocessError("preprocess needs at least one --input file")
+    for p in inputs:
+        if not os.path.isfile(p):
+            raise PreprocessError(f"input file {p} does not exist")
+    tok = Tokenizer(tokenizer_path, tuple(added_tokens))
+    dtype = token_dtype(tok.vocab_size)
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise PreprocessError(f"output directory {out} exists and is not empty (remove it or pass --overwrite)")
+    workers = (os.cpu_count() or 1) if workers is None else int(workers)
+    if workers < 1:
+        raise PreprocessError(f"--workers must be >= 1, got {workers}")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        manifest = _run(inputs, tok, tmp, text_key, workers, dtype, progress, chunk_bytes, shard_tokens)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _run(inputs, tok, tmp: Path, text_key, workers, dtype, progress, chunk_bytes, shard_tokens) -> dict:
+    from tqdm import tqdm
+
+    jobs = ((p, line, chunk, text_key, dtype.str) for path in inputs for p, line, chunk in read_chunks(path, chunk_bytes))
+    # progress counts uncompressed bytes; its total is only known without .gz inputs
+    total_bytes = None if any(p.endswith('.gz') for p in inputs) else sum(os.path.getsize(p) for p in inputs)
+    writer = _ShardWriter(tmp, shard_tokens)
+    docs = tokens = empty = max_len = 0
+    start = time.perf_counter()
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="preprocess", disable=not progress,
+               dynamic_ncols=True)
+    pool = None
+    try:
+        if workers == 1:
+            _init_worker(tok.path, tok.added_tokens)
+            results = map(_encode_chunk, jobs)
+        else:
+            ctx = multiprocessing.get_context("spawn" if os.name != "posix" else "forkserver")
+            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tok.path, tok.added_tokens))
+            results = pool.imap(_encode_chunk, jobs, chunksize=1)
+        for lengths, flat, n_empty, nbytes in results:
+            writer.write(lengths, flat)
+            docs += len(lengths)
+            tokens += int(flat.size)
+            empty += n_empty
+            if len(lengths):
+                max_len = max(max_len, int(lengths.max()))
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            bar.update(nbytes)
+            bar.set_postfix_str(f"{docs / elapsed:,.0f} docs/s, {tokens / elapsed:,.0f} tok/s", refresh=False)
+    finally:
+        bar.close()
+        writer.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    if docs == 0:
+        what = f"{empty} empty documents" if empty else "no documents"
+        raise PreprocessError(f"nothing to train on in {', '.join(inputs)}: {what}")
+    manifest = {
+        "format": FORMAT,
+        "layout": DOCUMENT_LAYOUT,
+        "bos_eos_added": True,
+        "documents": docs,
+        "tokens": tokens,
+        "skipped_empty_documents": empty,
+        "max_document_tokens": max_len,
+        "dtype": dtype.name,
+        "tokenizer": tok.info(),
+        "text_key": text_key,
+        "inputs": [{"path": os.path.abspath(p), "bytes": os.path.getsize(p)} for p in inputs],
+        "shards": writer.shards,
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def load_manifest(directory: str | os.PathLike) -> dict:
+    """Reads and sanity-checks `DIR/manifest.json`; UserError naming the directory otherwise."""
+    d = Path(directory)
+    path = d / MANIFEST
+    if not d.is_dir():
+        raise UserError(f"preprocessed data directory {d} does not exist")
+    if not path.is_file():
+        raise UserError(f"{d} has no {MANIFEST}: not a finished `meditron-jax preprocess` output")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise UserError(f"{path}: unknown format {manifest.get('format')!r} (expected {FORMAT})")
+    for s in manifest["shards"]:
+        if not (d / s["file"]).is_file():
+            raise UserError(f"{d}: shard {s['file']} listed in {MANIFEST} is missing")
+    return manifest
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+def add_arguments(parser) -> None:
+    parser.add_argument("--input", nargs="+", required=True, metavar="FILE", help="JSONL or JSONL.gz, one document per line")
+    parser.add_argument("--tokenizer", required=True, metavar="FILE", help="SentencePiece tokenizer.model")
+    parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--text-key", default="text", help="JSON key holding the document text (default: text)")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    parser.add_argument("--added-tokens", nargs="*", default=(), metavar="TOKEN",
+                        help="special tokens appended after the base vocabulary (Meditron's 17)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args) -> int:
+    m = preprocess(args.input, args.tokenizer, args.out, text_key=args.text_key, workers=args.workers,
+                   added_tokens=tuple(args.added_tokens), overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"wrote {args.out}: {m['documents']} documents, {m['tokens']} tokens ({m['dtype']}), "
+          f"{m['skipped_empty_documents']} empty skipped, {len(m['shards'])} shard(s)")
+    return 0
