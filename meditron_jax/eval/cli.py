@@ -1,0 +1,116 @@
+"""`meditron-jax eval ppl|mcq ...`: the evaluation subcommand (argument parsing and output only).
+
+Owns: flags, wiring and JSON output. Does not own: the evaluation itself (`perplexity.py`,
+`mcq.py`, `tasks.py`) or model/tokenizer loading (`loader.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from meditron_jax.eval import loader
+
+
+def add_arguments(parser):
+    sub = parser.add_subparsers(dest="what", required=True, metavar="{ppl,mcq}")
+
+    ppl = sub.add_parser("ppl", help="token-weighted loss and perplexity on a preprocessed dataset")
+    loader.add_model_arguments(ppl)
+    ppl.add_argument("--data", required=True, help="directory written by `meditron-jax preprocess`")
+    ppl.add_argument("--seq-len", type=int, default=None, help="tokens per row (default: model context)")
+    ppl.add_argument("--batch-size", type=int, default=4)
+    ppl.add_argument("--max-batches", type=int, default=None, help="stop after N batches")
+    ppl.add_argument("--out", default=None, help="also write the JSON result here")
+
+    mcq = sub.add_parser("mcq", help="k-shot medical multiple-choice exam accuracy")
+    loader.add_model_arguments(mcq)
+    mcq.add_argument("--task", required=True, help="pubmedqa | medmcqa | medqa | mmlu_medical")
+    mcq.add_argument("--data", required=True, nargs="+",
+                     help="exam file(s); for mmlu_medical also a directory of <subject>_test.csv")
+    mcq.add_argument("--fewshot-data", nargs="+", default=None,
+                     help="demonstration pool (default: the rest of a PubMedQA file outside --split-file, "
+                          "else the test data itself, never using the question being asked)")
+    mcq.add_argument("--split-file", default=None,
+                     help="pubmedqa: the official test PMIDs (test_ground_truth.json or one PMID per line)")
+    mcq.add_argument("--cop-base", type=int, choices=(0, 1), default=None,
+                     help="medmcqa: whether `cop` counts from 0 (Hugging Face copy) or 1 (original files); required")
+    mcq.add_argument("--shots", type=int, default=3)
+    mcq.add_argument("--seeds", default="1234,432,32", help="comma-separated demonstration seeds")
+    mcq.add_argument("--scoring", choices=("top_token", "loglik"), default="top_token")
+    mcq.add_argument("--limit", type=int, default=None, help="first N test items only")
+    mcq.add_argument("--max-length", type=int, default=None, help="context length (default: the model's)")
+    mcq.add_argument("--batch-size", type=int, default=8)
+    mcq.add_argument("--prompts", default=None, help="template file (default: the packaged prompts.json)")
+    mcq.add_argument("--out", required=True, help="results JSON; per-item records go next to it (.items.jsonl)")
+    mcq.add_argument("--records", default=None, help="per-item JSONL path (default: OUT minus .json + .items.jsonl)")
+    mcq.add_argument("--no-progress", action="store_true")
+
+
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise loader.LoadError(f"--seeds {text!r}: expected comma-separated integers") from None
+    if not seeds:
+        raise loader.LoadError("--seeds: need at least one seed")
+    return seeds
+
+
+def run_mcq(args) -> int:
+    from meditron_jax.eval import mcq, tasks
+
+    task = tasks.check_task(args.task)
+    if task == "medmcqa" and args.cop_base is None:
+        raise tasks.TaskDataError("medmcqa needs --cop-base 0|1 (the Hugging Face copy is 0-based, "
+                                  "the original files 1-based)")
+    seeds = _parse_seeds(args.seeds)
+    prompts = mcq.load_prompts(args.prompts)
+    template = mcq.PromptTemplate.for_task(task, prompts)
+    kw = dict(cop_base=args.cop_base or 0, context_joiner=template.context_joiner, subjects=list(template.subjects))
+    items, rest = tasks.load_items(task, args.data, split_file=args.split_file, **kw)
+    if args.fewshot_data:
+        pool, _ = tasks.load_items(task, args.fewshot_data, split="dev", **kw)
+    else:
+        pool = rest or items
+    if args.limit is not None:
+        items = items[: args.limit]
+    model, tok = loader.load(args)
+    summary, records = mcq.evaluate(model, tok, items, pool, template, shots=args.shots, seeds=seeds,
+                                    scoring=args.scoring, max_length=args.max_length,
+                                    batch_size=args.batch_size, progress=not args.no_progress)
+    summary = {"task": task, "checkpoint": args.checkpoint, "data": args.data,
+               "fewshot_data": args.fewshot_data or ("rest of data outside --split-file" if rest else "data"),
+               "pool_size": len(pool), **summary}
+    records_path = mcq.write_results(summary, records, args.out, args.records)
+    print(json.dumps({k: summary[k] for k in ("task", "scoring", "shots", "accuracy", "accuracy_mean",
+                                               "accuracy_std")}))
+    print(f"wrote {args.out} and {records_path}", file=sys.stderr)
+    return 0
+
+
+def run_ppl(args) -> int:
+    from meditron_jax.eval import perplexity
+
+    model, _ = loader.load(args) if args.tokenizer else (None, None)
+    if model is None:
+        from meditron_jax import from_pretrained
+        if not os.path.exists(args.checkpoint):
+            raise loader.LoadError(f"{args.checkpoint}: no such checkpoint or model directory")
+        model = from_pretrained(args.checkpoint, dtype=args.dtype, step=args.step)
+    result = perplexity.evaluate_dir(model, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
+                                     max_batches=args.max_batches, progress=True)
+    result = {"checkpoint": args.checkpoint, **result}
+    text = json.dumps(result)
+    if args.out:
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, args.out)
+    print(text)
+    return 0
+
+
+def run(args) -> int:
+    return run_mcq(args) if args.what == "mcq" else run_ppl(args)
