@@ -1,0 +1,455 @@
+"""The training data pipeline (grain): sources -> held-out split -> shuffled epochs -> weighted mix
+-> packing -> global batches -> this process's rows, with an exactly resumable iterator state.
+
+Owns: the gin configurable `data` (sources, weights, tokenizer, added tokens, demo, SFT files,
+held-out fraction, shuffling), validating them against the preprocessing manifests before training
+(fingerprint / vocab mismatches, bad weights, missing directories are `UserError`s), and
+`build_pipeline(...) -> DataPipeline`, whose `train_iterator()` yields dicts of numpy arrays
+[global_batch // process_count, seq_len]:
+    inputs, targets (int32; targets are the inputs' next tokens *within* a document),
+    segment_ids (int32, 1..n per document in the row, 0 = padding), positions (int32, restart at 0
+    for each document or document piece), loss_mask (float32, 1 where the target is a real next token
+    of the same document -- and, for SFT, part of a completion).
+
+Process-count invariance: every process runs the same deterministic global pipeline (seeded
+per-source shuffles, grain's `MapDataset.mix`, grain's concat-then-split / first-fit packing, grain's
+batching) and keeps rows [p*b:(p+1)*b] of each global batch. The global batch at step k therefore
+depends only on the seed and k, and the iterator state (grain's own, wrapped with a signature of the
+configuration) is identical on every process: a run saved on 2 hosts resumes on 1 with the same data.
+
+Mixture weights are *token* shares (Meditron's GAP-Replay weights are token proportions, the
+default is each source's share of tokens); grain mixes documents, so each source's document
+proportion is weight / mean document length. Documents are read in groups with one batched
+ArrayRecord read per source (single-record reads cost ~0.3 ms each).
+
+Does not own: tokenization and shards (`data.preprocess`), SFT record formats (`data.sft`), the
+demo corpus (`data.demo`), putting batches on devices (`sharding.global_batch`), or saving the
+iterator state in checkpoints (`checkpoint`, which stores `get_state()` as a JSON item).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import gin
+import grain
+import numpy as np
+from grain.experimental import (
+    ConcatThenSplitIterDataset,
+    FirstFitPackIterDataset,
+    FlatMapIterDataset,
+    FlatMapTransform,
+    ThreadPrefetchIterDataset,
+)
+
+from meditron_jax.data.preprocess import load_manifest
+from meditron_jax.data.tokenizer import Tokenizer
+from meditron_jax.errors import UserError
+
+STATE_FORMAT = "meditron-jax/data-iterator/v1"
+SPLIT_SEED = 0x6D656469  # fixed: the held-out documents do not move with train.seed
+
+
+class DataConfigError(UserError):
+    """Inconsistent data configuration (weights, sources, tokenizer vs manifests, saved state)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    sources: Mapping[str, str] | None = None
+    weights: Mapping[str, float] | None = None
+    tokenizer: str | None = None
+    added_tokens: tuple[str, ...] = ()
+    demo: bool = False
+    sft_files: tuple[str, ...] = ()
+    validation_fraction: float = 0.01
+    max_validation_documents: int = 10_000
+    shuffle: bool = True
+    read_group: int = 256
+    read_threads: int = 2
+    prefetch_batches: int = 2
+
+
+@gin.configurable("data")
+def data_config(
+    sources: Mapping[str, str] | None = None,
+    weights: Mapping[str, float] | None = None,
+    tokenizer: str | None = None,
+    added_tokens: Sequence[str] = (),
+    demo: bool = False,
+    sft_files: Sequence[str] = (),
+    validation_fraction: float = 0.01,
+    max_validation_documents: int = 10_000,
+    shuffle: bool = True,
+    read_group: int = 256,
+    read_threads: int = 2,
+    prefetch_batches: int = 2,
+) -> DataConfig:
+    """gin `data.*`: `data.sources = {'guidelines': '/data/gl', ...}`, `data.weights = {...}` (token
+    shares; default token-proportional), `data.tokenizer = '.../tokenizer.model'`,
+    `data.added_tokens = (...)`, `data.demo = True` (built-in demo corpus and tokenizer),
+    `data.sft_files = [...]` (SFT JSONL; exclusive with sources), `data.validation_fraction` (held-out
+    documents per source, at most `max_validation_documents`), `data.shuffle`."""
+    if isinstance(sft_files, str):
+        sft_files = (sft_files,)
+    return DataConfig(
+        sources=dict(sources) if sources is not None else None,
+        weights=dict(weights) if weights is not None else None,
+        tokenizer=str(tokenizer) if tokenizer is not None else None,
+        added_tokens=tuple(added_tokens), demo=bool(demo), sft_files=tuple(str(f) for f in sft_files),
+        validation_fraction=float(validation_fraction), max_validation_documents=int(max_validation_documents),
+        shuffle=bool(shuffle), read_group=int(read_group), read_threads=int(read_threads),
+        prefetch_batches=int(prefetch_batches))
+
+
+# -- grain transforms ---------------------------------------------------------------------------
+class _ReadDocuments:
+    """[(source, doc index), ...] -> [{"tokens": int32 [n-1, 2] (input, next token)} per document]; one batched
+    ArrayRecord read per source."""
+
+    def __init__(self, readers: Sequence[Any], dtypes: Sequence[np.dtype]):
+        self._readers = readers
+        self._dtypes = dtypes
+
+    def __call__(self, pairs: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        by_source: dict[int, list[int]] = {}
+        for k, (s, _) in enumerate(pairs):
+            by_source.setdefault(s, []).append(k)
+        out: list[Any] = [None] * len(pairs)
+        for s, ks in by_source.items():
+            records = self._readers[s].__getitems__([int(pairs[k][1]) for k in ks])
+            for k, rec in zip(ks, records):
+                t = np.frombuffer(rec, dtype=self._dtypes[s]).astype(np.int32)
+                out[k] = {"tokens": np.stack((t[:-1], t[1:]), axis=1)}
+        return out
+
+
+class _Unbatch(FlatMapTransform):
+    def __init__(self, max_fan_out: int):
+        self.max_fan_out = max_fan_out
+
+    def flat_map(self, element):
+        return element
+
+
+def _tag(source: int, index) -> tuple[int, int]:
+    return source, int(index)
+
+
+def _truncate(example: np.ndarray, seq_len: int) -> np.ndarray:
+    return example[-seq_len:] if len(example) > seq_len else example
+
+
+class _Finalize:
+    """Packed global batch -> this process's rows in the trainer's format (pads short eval batches)."""
+
+    def __init__(self, global_batch_size: int, process_index: int, process_count: int):
+        self._gb = global_batch_size
+        b = global_batch_size // process_count
+        self._rows = slice(process_index * b, (process_index + 1) * b)
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        tok, seg, pos = batch["tokens"], batch["tokens_segment_ids"], batch["tokens_positions"]
+        if tok.shape[0] < self._gb:  # the last, partial batch of a held-out pass
+            pad = self._gb - tok.shape[0]
+            tok = np.concatenate([tok, np.zeros((pad, *tok.shape[1:]), tok.dtype)])
+            seg = np.concatenate([seg, np.zeros((pad, *seg.shape[1:]), seg.dtype)])
+            pos = np.concatenate([pos, np.zeros((pad, *pos.shape[1:]), pos.dtype)])
+        tok, seg, pos = tok[self._rows], seg[self._rows], pos[self._rows]
+        mask = seg > 0
+        if tok.shape[-1] == 3:  # SFT: loss only on completion tokens
+            mask &= tok[..., 2] > 0
+        return {
+            "inputs": np.ascontiguousarray(tok[..., 0], dtype=np.int32),
+            "targets": np.ascontiguousarray(tok[..., 1], dtype=np.int32),
+            "segment_ids": seg.astype(np.int32, copy=False),
+            "positions": pos.astype(np.int32, copy=False),
+            "loss_mask": mask.astype(np.float32),
+        }
+
+
+def _json_state_fix(state: Any) -> Any:
+    """JSON turns grain's (start, stop) slice tuples into lists; grain compares them with tuples."""
+    if isinstance(state, dict):
+        return {k: ({f: tuple(v) for f, v in val.items()} if k == "remainder_slices" else _json_state_fix(val))
+                for k, val in state.items()}
+    if isinstance(state, list):
+        return [_json_state_fix(v) for v in state]
+    return state
+
+
+class DataIterator:
+    """`next(it)` -> this process's batch; `get_state()` / `set_state()` for exact resume."""
+
+    def __init__(self, dataset: grain.IterDataset, signature: dict):
+        self._it = iter(dataset)
+        self._signature = signature
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._it)
+
+    def get_state(self) -> dict:
+        return {"format": STATE_FORMAT, "signature": self._signature, "grain": self._it.get_state()}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
+            raise DataConfigError(f"data iterator state is not a {STATE_FORMAT} state")
+        saved = state["signature"]
+        diff = sorted(k for k in set(saved) | set(self._signature) if saved.get(k) != self._signature.get(k))
+        if diff:
+            details = "; ".join(f"{k}: saved {saved.get(k)!r}, now {self._signature.get(k)!r}" for k in diff)
+            raise DataConfigError(f"the checkpoint's data iterator was saved with a different data setup ({details})")
+        self._it.set_state(_json_state_fix(state["grain"]))
+
+    def close(self) -> None:
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
+
+# -- the pipeline -------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Source:
+    name: str
+    directory: str
+    manifest: dict
+    reader: Any
+
+    @property
+    def documents(self) -> int:
+        return int(self.manifest["documents"])
+
+    @property
+    def mean_length(self) -> float:
+        return self.manifest["tokens"] / max(1, self.manifest["documents"])
+
+
+def _source_seed(seed: int, name: str) -> int:
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % 2**32
+
+
+class DataPipeline:
+    """Builds grain datasets for training (infinite, mixed, packed) and the held-out split."""
+
+    def __init__(self, cfg: DataConfig, tok: Tokenizer, seq_len: int, global_batch_size: int, seed: int,
+                 process_index: int, process_count: int, sources: list[_Source] | None = None,
+                 weights: dict[str, float] | None = None, sft_examples: list[np.ndarray] | None = None):
+        self.cfg, self.tokenizer = cfg, tok
+        self.seq_len, self.global_batch_size, self.seed = seq_len, global_batch_size, seed
+        self.process_index, self.process_count = process_index, process_count
+        self.sources, self.weights, self.sft_examples = sources or [], weights or {}, sft_examples
+        self._finalize = _Finalize(global_batch_size, process_index, process_count)
+
+    @property
+    def mode(self) -> str:
+        return "sft" if self.sft_examples is not None else "pretrain"
+
+    @property
+    def tokenizer_info(self) -> dict:
+        return {"path": self.tokenizer.path, "fingerprint": self.tokenizer.fingerprint,
+                "vocab_size": self.tokenizer.vocab_size}
+
+    def signature(self) -> dict:
+        sig = {"mode": self.mode, "seq_len": self.seq_len, "global_batch_size": self.global_batch_size,
+               "seed": self.seed, "tokenizer": self.tokenizer.fingerprint, "shuffle": self.cfg.shuffle,
+               "validation_fraction": self.cfg.validation_fraction}
+        if self.mode == "sft":
+            sig["sft_examples"] = len(self.sft_examples)
+        else:
+            sig["sources"] = {s.name: [s.documents, int(s.manifest["tokens"])] for s in self.sources}
+            sig["weights"] = dict(self.weights)
+            sig["read_group"] = self.cfg.read_group
+        return sig
+
+    def _split(self, n: int) -> tuple[grain.MapDataset, grain.MapDataset]:
+        """(train indices, held-out indices) of n documents: a fixed permutation, first n_val held out."""
+        n_val = 0
+        if self.cfg.validation_fraction > 0 and n >= 2:
+            n_val = min(n - 1, self.cfg.max_validation_documents, max(1, round(n * self.cfg.validation_fraction)))
+        perm = grain.MapDataset.range(n).shuffle(seed=SPLIT_SEED)
+        return perm[n_val:], perm[:n_val]
+
+    # pretraining ---------------------------------------------------------------------------
+    def _documents(self, index_ds: grain.MapDataset, threads: int) -> grain.IterDataset:
+        reader = _ReadDocuments([s.reader for s in self.sources], [np.dtype(s.manifest["dtype"]) for s in self.sources])
+        grouped = index_ds.batch(self.cfg.read_group, batch_fn=list).map(reader)
+        opts = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
+        return FlatMapIterDataset(grouped.to_iter_dataset(opts), _Unbatch(self.cfg.read_group))
+
+    def _pack(self, docs: grain.IterDataset) -> grain.IterDataset:
+        return ConcatThenSplitIterDataset(docs, length_struct={"tokens": self.seq_len})
+
+    def _train_dataset(self) -> grain.IterDataset:
+        if self.mode == "sft":
+            return self._sft_dataset()
+        parts, props = [], []
+        for i, s in enumerate(self.sources):
+            w = self.weights[s.name]
+            if w <= 0:
+                continue
+            train_idx, _ = self._split(s.documents)
+            if self.cfg.shuffle:
+                train_idx = train_idx.shuffle(seed=_source_seed(self.seed, s.name))
+            parts.append(train_idx.repeat(None).map(lambda j, i=i: _tag(i, j)))
+            props.append(w / s.mean_length)  # token share -> document share
+        mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, props)
+        packed = self._pack(self._documents(mixed, self.cfg.read_threads))
+        return self._batch(packed)
+
+    def _batch(self, packed: grain.IterDataset) -> grain.IterDataset:
+        ds = packed.batch(self.global_batch_size, drop_remainder=True).map(self._finalize)
+        if self.cfg.prefetch_batches > 0:
+            ds = ThreadPrefetchIterDataset(ds, prefetch_buffer_size=self.cfg.prefetch_batches)
+        return ds
+
+    # SFT -------------------------------------------------------------------------------------
+    def _sft_examples_ds(self, indices: grain.MapDataset) -> grain.MapDataset:
+        examples = self.sft_examples
+        seq_len = self.seq_len
+        return indices.map(lambda j: {"tokens": _truncate(examples[int(j)], seq_len)})
+
+    def _sft_pack(self, ds: grain.MapDataset) -> grain.IterDataset:
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+        bins = min(max(self.global_batch_size, 8), 512)
+        return FirstFitPackIterDataset(it, length_struct={"tokens": self.seq_len}, num_packing_bins=bins,
+                                       shuffle_bins=False)
+
+    def _sft_dataset(self) -> grain.IterDataset:
+        train_idx, _ = self._split(len(self.sft_examples))
+        if self.cfg.shuffle:
+            train_idx = train_idx.shuffle(seed=_source_seed(self.seed, "sft"))
+        return self._batch(self._sft_pack(self._sft_examples_ds(train_idx.repeat(None))))
+
+    # public ----------------------------------------------------------------------------------
+    def train_iterator(self) -> DataIterator:
+        return DataIterator(self._train_dataset(), self.signature())
+
+    def eval_batches(self, num_batches: int) -> list[dict[str, np.ndarray]]:
+        """Up to `num_batches` batches (this process's rows) from one in-order pass over the held-out
+        documents of every source; the last batch is padded with empty rows (loss_mask 0)."""
+        if num_batches <= 0:
+            return []
+        if self.mode == "sft":
+            _, val = self._split(len(self.sft_examples))
+            if len(val) == 0:
+                return []
+            packed = self._sft_pack(self._sft_examples_ds(val))
+        else:
+            vals = [self._split(s.documents)[1].map(lambda j, i=i: _tag(i, j)) for i, s in enumerate(self.sources)]
+            vals = [v for v in vals if len(v) > 0]
+            if not vals:
+                return []
+            packed = self._pack(self._documents(grain.MapDataset.concatenate(vals), 0))
+        ds = packed.batch(self.global_batch_size, drop_remainder=False).map(self._finalize)
+        out = []
+        for batch in ds:
+            out.append(batch)
+            if len(out) == num_batches:
+                break
+        return out
+
+    def describe(self) -> dict:
+        """A JSON-able summary for logs: mode, sources, documents, tokens and weights."""
+        d = {"mode": self.mode, "tokenizer": self.tokenizer_info, "seq_len": self.seq_len}
+        if self.mode == "sft":
+            d["examples"] = len(self.sft_examples)
+        else:
+            d["sources"] = {s.name: {"dir": s.directory, "documents": s.documents, "tokens": s.manifest["tokens"],
+                                     "weight": self.weights[s.name]} for s in self.sources}
+        return d
+
+
+# -- construction and validation ----------------------------------------------------------------
+def _check_weights(names: Sequence[str], weights: Mapping[str, float] | None, tokens: Mapping[str, int]) -> dict[str, float]:
+    if weights is None:
+        total = sum(tokens.values())
+        return {n: tokens[n] / total for n in names}
+    unknown = sorted(set(weights) - set(names))
+    missing = sorted(set(names) - set(weights))
+    if unknown or missing:
+        raise DataConfigError(f"data.weights names {sorted(weights)} must match data.sources names {sorted(names)}"
+                              + (f" (unknown: {unknown})" if unknown else "") + (f" (missing: {missing})" if missing else ""))
+    out = {}
+    for n in names:
+        try:
+            w = float(weights[n])
+        except (TypeError, ValueError):
+            raise DataConfigError(f"data.weights[{n!r}] = {weights[n]!r} is not a number") from None
+        if not math.isfinite(w) or w < 0:
+            raise DataConfigError(f"data.weights[{n!r}] = {weights[n]!r}: weights must be finite and >= 0")
+        out[n] = w
+    total = sum(out.values())
+    if total <= 0:
+        raise DataConfigError(f"data.weights {dict(weights)} are all zero: nothing to train on")
+    return {n: w / total for n, w in out.items()}
+
+
+def _open_source(name: str, directory: str, tok: Tokenizer) -> _Source:
+    manifest = load_manifest(directory)
+    mt = manifest["tokenizer"]
+    where = os.path.join(directory, "manifest.json")
+    if mt["vocab_size"] != tok.vocab_size:
+        raise DataConfigError(f"{where}: source {name!r} was tokenized with vocab {mt['vocab_size']} "
+                              f"({mt['path']}), but the run uses vocab {tok.vocab_size} ({tok.path})")
+    if mt["fingerprint"] != tok.fingerprint:
+        raise DataConfigError(f"{where}: source {name!r} was tokenized with tokenizer {mt['fingerprint'][:12]} "
+                              f"({mt['path']}), but the run uses {tok.fingerprint[:12]} ({tok.path}); re-run preprocess")
+    paths = [os.path.join(directory, s["file"]) for s in manifest["shards"]]
+    reader = grain.sources.ArrayRecordDataSource(paths)
+    if len(reader) != manifest["documents"]:
+        raise DataConfigError(f"{directory}: shards hold {len(reader)} documents, manifest says {manifest['documents']}")
+    return _Source(name, directory, manifest, reader)
+
+
+def build_pipeline(seq_len: int, global_batch_size: int, seed: int, process_index: int = 0,
+                   process_count: int = 1, workdir: str | None = None, config: DataConfig | None = None) -> DataPipeline:
+    """Reads gin `data.*` (or `config`), validates everything against the manifests, and returns the
+    pipeline. All checks happen here, before any training step."""
+    cfg = config if config is not None else data_config()
+    if seq_len < 2:
+        raise DataConfigError(f"seq_len must be >= 2, got {seq_len}")
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise DataConfigError(f"process_index {process_index} out of range for {process_count} processes")
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise DataConfigError(f"global batch size {global_batch_size} must be a positive multiple of the "
+                              f"process count {process_count}")
+    if not 0 <= cfg.validation_fraction < 1:
+        raise DataConfigError(f"data.validation_fraction must be in [0, 1), got {cfg.validation_fraction}")
+    if cfg.read_group < 1:
+        raise DataConfigError(f"data.read_group must be >= 1, got {cfg.read_group}")
+    sources, tokenizer = cfg.sources, cfg.tokenizer
+    if cfg.demo:
+        if sources or cfg.sft_files:
+            raise DataConfigError("data.demo = True builds its own sources; do not also set data.sources/sft_files")
+        from meditron_jax.data.demo import prepare_demo
+
+        root = os.path.join(workdir, "demo_data") if workdir else os.path.join(tempfile.gettempdir(), "meditron-jax-demo")
+        demo = prepare_demo(root)
+        sources, tokenizer = demo["sources"], tokenizer or demo["tokenizer"]
+    if sources and cfg.sft_files:
+        raise DataConfigError("data.sources and data.sft_files are mutually exclusive (pretraining vs SFT)")
+    if not sources and not cfg.sft_files:
+        raise DataConfigError("no training data: set data.sources (preprocessed dirs), data.sft_files or data.demo = True")
+    if not tokenizer:
+        raise DataConfigError("data.tokenizer (a SentencePiece tokenizer.model) is required")
+    tok = Tokenizer(tokenizer, cfg.added_tokens)
+    common = dict(cfg=cfg, tok=tok, seq_len=seq_len, global_batch_size=global_batch_size, seed=seed,
+                  process_index=process_index, process_count=process_count)
+    if cfg.sft_files:
+        from meditron_jax.data.sft import load_sft_files
+
+        return DataPipeline(**common, sft_examples=load_sft_files(cfg.sft_files, tok))
+    if not isinstance(sources, Mapping):
+        raise DataConfigError(f"data.sources must be a dict name -> directory, got {sources!r}")
+    opened = [_open_source(str(n), str(d), tok) for n, d in sources.items()]
+    weights = _check_weights([s.name for s in opened], cfg.weights, {s.name: s.manifest["tokens"] for s in opened})
+    return DataPipeline(**common, sources=opened, weights=weights)
