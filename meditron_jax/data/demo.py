@@ -63,15 +63,17 @@ def _guideline(rng, f, drugs) -> str:
 
 def _monograph(rng, f, drugs) -> str:
     d = _pick(rng, f["drugs"])
-    parts = [
-        f"Drug monograph: {d['name']}.",
-        f"{d['name'].capitalize()} is {_a(d['class'])}.",
+    effects = [d["effects"][i] for i in sorted(rng.choice(len(d["effects"]), size=int(rng.integers(1, len(d["effects"]) + 1)), replace=False))]
+    body = [
         f"It is used for {d['use']}.",
         f"The usual adult dose is {d['dose']} {d['route']} {d['frequency']}.",
-        f"Common side effects include {', '.join(d['effects'][:-1]) + ' and ' if len(d['effects']) > 1 else ''}{d['effects'][-1]}.",
+        f"Common side effects include {', '.join(effects[:-1]) + ' and ' if len(effects) > 1 else ''}{effects[-1]}.",
         f"Monitor {d['monitor']} during treatment.",
+        f"Tell patients taking {d['name']} to report {_pick(rng, d['effects'])} early.",
     ]
-    return " ".join(parts)
+    order = rng.permutation(len(body))[: 3 + int(rng.integers(3))]
+    return " ".join([f"Drug monograph: {d['name']}.", f"{d['name'].capitalize()} is {_a(d['class'])}."]
+                    + [body[i] for i in order])
 
 
 def _vignette(rng, f, drugs) -> str:

@@ -29,10 +29,13 @@ iterator state in checkpoints (`checkpoint`, which stores `get_state()` as a JSO
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import gc
 import math
 import os
 import tempfile
+import weakref
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -184,12 +187,24 @@ def _json_state_fix(state: Any) -> Any:
     return state
 
 
+_LIVE_ITERATORS: "weakref.WeakSet[DataIterator]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_iterators() -> None:
+    """Stops prefetch threads before interpreter teardown (grain's finalizers are noisy then)."""
+    for it in list(_LIVE_ITERATORS):
+        it.close()
+    gc.collect()  # free grain's iterators while their modules still exist
+
+
 class DataIterator:
     """`next(it)` -> this process's batch; `get_state()` / `set_state()` for exact resume."""
 
     def __init__(self, dataset: grain.IterDataset, signature: dict):
         self._it = iter(dataset)
         self._signature = signature
+        _LIVE_ITERATORS.add(self)
 
     def __iter__(self):
         return self
@@ -211,7 +226,9 @@ class DataIterator:
         self._it.set_state(_json_state_fix(state["grain"]))
 
     def close(self) -> None:
-        close = getattr(self._it, "close", None)
+        """Stops the prefetch thread; the iterator cannot be used afterwards."""
+        it, self._it = self._it, None
+        close = getattr(it, "close", None)
         if close is not None:
             close()
 
