@@ -169,3 +169,26 @@ def load_hf_dir(directory: str) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
                 raise ConversionError(f"{directory}: {e}") from None
         params[name] = np.stack(parts) if name in STACKED else parts[0]
     return cfg, params
+
+
+def layout_view(name: str, w: np.ndarray, cfg: LlamaConfig) -> np.ndarray:
+    """One HF tensor (one layer's) seen in our layout, sharing memory with `w` (no copy), at
+    the true vocab size (the padded rows/columns are not part of the view).
+
+    Streaming conversion slices blocks out of this view: reading `view[block]` converts a block
+    from HF to ours, writing into `view[block]` of an HF-shaped buffer converts ours to HF.
+    """
+    kind = KEY_TABLE[name][1]
+    expected = hf_shape(name, cfg)
+    if tuple(w.shape) != expected:
+        raise ConversionError(f"{KEY_TABLE[name][0]}: shape {tuple(w.shape)} disagrees with config {expected}")
+    D, H = cfg.hidden_size, cfg.head_dim
+    if kind in ("copy", "vocab_rows"):
+        v = w[...]
+    elif kind in ("linear", "vocab_cols"):
+        v = w.T
+    else:  # [N*H, D].T -> [D, N, H] (q/k/v) or [D, N*H].T -> [N, H, D] (o); copy=False raises
+        shape = {"in_heads": (D, cfg.num_heads, H), "in_kv_heads": (D, cfg.num_kv_heads, H),
+                 "out_heads": (cfg.num_heads, H, D)}[kind]  # instead of silently copying
+        v = np.reshape(w.T, shape, copy=False)
+    return v

@@ -68,6 +68,25 @@ class SafetensorsFile:
         raw = self._mm[self.base + a: self.base + b]
         return raw.view(dtype).reshape(info["shape"])
 
+    def read(self, name: str) -> np.ndarray:
+        """Like `get`, but an owned copy read with pread: nothing stays mapped, so the process's
+        resident memory holds only this tensor (a memory map would keep every touched page)."""
+        info = self.header[name]
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ConversionError(f"{self.path}: unsupported dtype {info['dtype']} for {name}")
+        a, b = info["data_offsets"]
+        out = np.empty(b - a, np.uint8)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.base + a)
+            view, done = memoryview(out), 0
+            while done < out.size:
+                n = f.readinto(view[done:])
+                if not n:
+                    raise ConversionError(f"{self.path}: truncated while reading {name}")
+                done += n
+        return out.view(dtype).reshape(info["shape"])
+
 
 def write_safetensors(path: str, tensors: Iterator[tuple[str, np.ndarray]] | dict, metadata=None):
     """Write tensors to `path`. Accepts a dict or an iterable of (name, array) whose shapes
@@ -90,6 +109,40 @@ def write_safetensors(path: str, tensors: Iterator[tuple[str, np.ndarray]] | dic
             f.write(np.ascontiguousarray(arr).tobytes())
 
 
+class SafetensorsWriter:
+    """Streaming safetensors writer: the header (names, shapes, dtypes) is fixed up front, then
+    tensors are written one at a time in that order, so only one is in memory at once."""
+
+    def __init__(self, path: str, specs: list[tuple[str, tuple[int, ...], np.dtype]], metadata=None):
+        header, offset = {}, 0
+        for name, shape, dtype in specs:
+            nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            header[name] = {"dtype": DTYPE_NAMES[np.dtype(dtype)], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        if metadata:
+            header["__metadata__"] = metadata
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        self.path, self._order, self._specs, self._next = path, [s[0] for s in specs], header, 0
+        self._f = open(path, "wb")
+        self._f.write(struct.pack("<Q", len(blob)))
+        self._f.write(blob)
+
+    def write(self, name: str, arr: np.ndarray):
+        want = self._order[self._next] if self._next < len(self._order) else None
+        spec = self._specs.get(name)
+        if name != want or list(arr.shape) != spec["shape"] or DTYPE_NAMES[np.dtype(arr.dtype)] != spec["dtype"]:
+            raise AssertionError(f"{self.path}: got {name} {arr.shape} {arr.dtype}, expected {want} {spec}")
+        self._f.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
+        self._next += 1
+
+    def close(self):
+        self._f.close()
+        if self._next != len(self._order):
+            raise AssertionError(f"{self.path}: only {self._next} of {len(self._order)} tensors written")
+
+
 def torch_load(path: str) -> dict:
     """Load a PyTorch state dict without executing pickle code (weights_only=True)."""
     try:
@@ -108,6 +161,22 @@ def torch_to_numpy(t) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.contiguous().numpy()
+
+
+def release_pages(t) -> None:
+    """Drop the resident pages of a tensor loaded with `torch.load(mmap=True)` (a private,
+    read-only file mapping: the kernel re-reads them from the file if touched again). Keeps the
+    resident set of a streaming conversion at one tensor instead of the whole file."""
+    import ctypes
+    import mmap
+
+    storage = t.untyped_storage()
+    start, size = storage.data_ptr(), storage.nbytes()
+    page = mmap.PAGESIZE
+    lo, hi = -(-start // page) * page, (start + size) // page * page  # whole pages inside only
+    if hi > lo and hasattr(mmap, "MADV_DONTNEED"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)
 
 
 class HFWeights:
@@ -159,6 +228,12 @@ class HFWeights:
             raise ConversionError(f"{self.directory}: tensor {name} is missing")
         return self._where[name].get(name)
 
+    def read(self, name) -> np.ndarray:
+        """An owned copy of one tensor, leaving nothing mapped (bounded resident memory)."""
+        if name not in self._where:
+            raise ConversionError(f"{self.directory}: tensor {name} is missing")
+        return self._where[name].read(name)
+
 
 class _TorchFile:
     def __init__(self, path):
@@ -173,3 +248,10 @@ class _TorchFile:
 
     def get(self, name):
         return torch_to_numpy(self.sd[name])
+
+    def read(self, name):
+        """An owned copy; the mapped pages of the source tensor are released afterwards."""
+        t = self.sd[name]
+        out = torch_to_numpy(t).copy()
+        release_pages(t)
+        return out

@@ -1,0 +1,126 @@
+"""`meditron-jax import --from hf|meta SRC --out CKPT_DIR [--preset NAME]`: Llama-2 weights ->
+a step-0 checkpoint (`CKPT_DIR/0/{params,meta}`, fp32 parameters, no optimizer state) that
+`train.init_from=CKPT_DIR`, `from_pretrained(CKPT_DIR)` and `export` read.
+
+Owns: choosing the model config (source config, optionally checked against a preset whose
+non-architecture settings are kept; the vocab size always comes from the source), validating
+every source tensor before writing anything, and feeding the tensors block by block to
+`stream.write_checkpoint`. Does not own: the formats (`io.py`, `meta.py`), the layouts
+(`hf.py`), the checkpoint writer (`stream.py`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Iterator
+
+import numpy as np
+
+from meditron_jax import checkpoint as ckpt
+from meditron_jax.config import LlamaConfig, preset
+from meditron_jax.convert import hf
+from meditron_jax.convert.io import ConversionError, HFWeights
+from meditron_jax.convert.stream import StreamedArray, block_indices, block_plan, write_checkpoint
+from meditron_jax.errors import UserError
+from meditron_jax.model import param_shapes
+
+ARCH_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+               "rms_norm_eps", "rope_theta")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--from", dest="source_format", choices=("hf", "meta"), required=True,
+                        help="hf: a Hugging Face LlamaForCausalLM directory (safetensors or "
+                             "pytorch_model*.bin); meta: params.json + consolidated.NN.pth")
+    parser.add_argument("src", help="the source directory")
+    parser.add_argument("--out", required=True, help="checkpoint directory to create (holds step 0)")
+    parser.add_argument("--preset", default=None,
+                        help="model preset whose settings (dtype, context, ...) the checkpoint records; "
+                             "its architecture must match the source, the vocab size comes from the source")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+
+def with_preset(src: LlamaConfig, name: str | None) -> LlamaConfig:
+    if name is None:
+        return src
+    p = preset(name)
+    diff = [f"{f}: source {getattr(src, f)}, preset {getattr(p, f)}" for f in ARCH_FIELDS
+            if getattr(src, f) != getattr(p, f)]
+    if diff:
+        raise UserError(f"--preset {name} does not match the source model ({'; '.join(diff)})")
+    return p.replace(vocab_size=src.vocab_size)
+
+
+def open_source(fmt: str, src: str):
+    """(config, weights) where weights has keys/shape/read in Hugging Face names and layouts."""
+    if fmt == "hf":
+        cfg = hf.read_hf_config(src)
+        return cfg, HFWeights(src)
+    from meditron_jax.convert.meta import MetaWeights
+    w = MetaWeights(src)
+    return w.cfg, w
+
+
+def check_source(cfg: LlamaConfig, weights, src: str, config_name: str) -> None:
+    """Every tensor present with the shape the config implies (before anything is written)."""
+    have = set(weights.keys())
+    for name in hf.KEY_TABLE:
+        for key in hf.hf_names(name, cfg):
+            if key not in have:
+                raise ConversionError(f"{src}: tensor {key} is missing from the weights")
+            shape, want = tuple(weights.shape(key)), hf.hf_shape(name, cfg)
+            if shape != want:
+                raise ConversionError(f"{src}: tensor {key} has shape {shape}, {config_name} implies {want}")
+
+
+def _blocks(name: str, cfg: LlamaConfig, weights, src: str) -> Iterator[tuple[tuple, np.ndarray]]:
+    """Our-layout fp32 blocks of parameter `name`, reading one source tensor at a time."""
+    shape = param_shapes(cfg)[name]
+    stacked = name in hf.STACKED
+    for layer, key in enumerate(hf.hf_names(name, cfg)):
+        try:
+            view = hf.layout_view(name, weights.read(key), cfg)
+        except ConversionError as e:
+            raise ConversionError(f"{src}: {e}") from None
+        for idx in block_indices(name, shape, layer if stacked else None):
+            sub = idx[1:] if stacked else idx
+            full = shape[1:] if stacked else shape
+            dst, srcs, bshape = [], [], []
+            for s, n_full, n_have in zip(sub, full, view.shape):
+                start, stop = s.start or 0, n_full if s.stop is None else s.stop
+                have = max(0, min(stop, n_have) - start)  # rows past the true vocab are padding
+                bshape.append(stop - start)
+                dst.append(slice(0, have))
+                srcs.append(slice(start, start + have))
+            padded = tuple(bshape) != tuple(d.stop for d in dst)
+            block = (np.zeros if padded else np.empty)(bshape, np.float32)
+            block[tuple(dst)] = view[tuple(srcs)]
+            yield idx, block
+        del view
+
+
+def streamed_params(cfg: LlamaConfig, weights, src: str) -> dict[str, StreamedArray]:
+    out = {}
+    for name, shape in param_shapes(cfg).items():
+        out[name] = StreamedArray(shape=shape, dtype=np.dtype(np.float32), chunk_shape=block_plan(name, shape)[2],
+                                  blocks=functools.partial(_blocks, name, cfg, weights, src))
+    return out
+
+
+def import_weights(fmt: str, src: str, out: str, preset_name: str | None = None,
+                   overwrite: bool = False) -> str:
+    """Convert; returns the step directory written (`out/0`)."""
+    src = os.path.abspath(src)
+    src_cfg, weights = open_source(fmt, src)
+    check_source(src_cfg, weights, src, "config.json" if fmt == "hf" else "params.json")
+    cfg = with_preset(src_cfg, preset_name)
+    meta = ckpt.meta_record(cfg, tokenizer=None, source={"format": fmt, "path": src})
+    return write_checkpoint(out, streamed_params(cfg, weights, src), meta, overwrite=overwrite,
+                            desc=f"import {os.path.basename(src)}")
+
+
+def run(args) -> int:
+    step_dir = import_weights(args.source_format, args.src, args.out, args.preset, args.overwrite)
+    print(f"wrote {step_dir}")
+    return 0

@@ -1,0 +1,289 @@
+"""The streaming core of import and export: checkpoint arrays written and read block by block.
+
+Owns:
+- writing a step-0 checkpoint (`params` + `meta`, the layout of `meditron_jax.checkpoint`)
+  without materialising the model: each parameter is an `StreamedArray` leaf whose blocks
+  (one layer, or a slice of one layer / of the vocab) are produced on demand and written
+  straight into its tensorstore array by an Orbax type handler registered for that leaf type.
+  Orbax still writes the tree metadata, the OCDBT manifest and the step metadata, so the result
+  is exactly what `StandardCheckpointer` restores (onto any sharding);
+- reading parameter slices (`[layer]`, `[rows]`) of any checkpoint's `params` item through
+  tensorstore, whatever mesh saved it (Orbax stores global arrays; only chunking differs);
+- output directories: refuse a non-empty one unless overwriting, build under a temporary
+  sibling name and rename at the end, so an interrupted run never leaves output that looks
+  complete;
+- the byte progress bar.
+Does not own: name / layout mapping (`hf.py`, `meta.py`), file formats (`io.py`), the CLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import shutil
+import tempfile
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from etils import epath
+from tqdm import tqdm
+
+from meditron_jax import checkpoint as ckpt
+from meditron_jax.config import LlamaConfig
+from meditron_jax.convert.io import ConversionError
+from meditron_jax.errors import UserError
+from meditron_jax.model import PARAM_AXES, param_shapes
+
+# A block is at most this many bytes (fp32): bounds the memory of both directions, whatever
+# the model size (a 70B MLP layer is 940 MB in fp32, its vocab matrices 1 GiB).
+MAX_BLOCK_BYTES = 256 << 20
+# Which logical axis a layer's parameter is cut along into blocks (first present wins).
+SPLIT_AXES = ("vocab", "mlp", "heads", "kv_heads")
+
+Index = tuple  # of ints / slices into a parameter in our layout
+
+
+def block_plan(name: str, shape: tuple[int, ...], itemsize: int = 4,
+               max_bytes: int = MAX_BLOCK_BYTES) -> tuple[int | None, int, tuple[int, ...]]:
+    """(split axis or None, block length along it, chunk shape) for one parameter.
+
+    Stacked parameters are cut per layer first; a layer (or an unstacked parameter) bigger
+    than `max_bytes` is cut further along its vocab / mlp / heads axis.
+    """
+    axes = PARAM_AXES[name]
+    chunk = [1 if a == "layers" else s for a, s in zip(axes, shape)]
+    split = next((axes.index(a) for a in SPLIT_AXES if a in axes), None)
+    if split is None:
+        return None, 0, tuple(chunk)
+    row_bytes = math.prod(chunk) // shape[split] * itemsize
+    n = max(1, min(shape[split], max_bytes // max(row_bytes, 1)))
+    chunk[split] = n
+    return split, n, tuple(chunk)
+
+
+def block_indices(name: str, shape: tuple[int, ...], layer: int | None = None) -> Iterator[Index]:
+    """The blocks of one layer (stacked) or of the whole parameter, in order."""
+    split, n, _ = block_plan(name, shape)
+    lead = () if layer is None else (layer,)
+    rest = len(shape) - len(lead)
+    if split is None:
+        yield lead + (slice(None),) * rest
+        return
+    for start in range(0, shape[split], n):
+        idx = [slice(None)] * len(shape)
+        idx[split] = slice(start, min(start + n, shape[split]))
+        yield lead + tuple(idx[len(lead):])
+
+
+# ---- output directories -------------------------------------------------------------------
+def staging_dir(out: str, overwrite: bool) -> str:
+    """Check `out` may be written and return a fresh temporary sibling to build it in."""
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"{out} exists and is not a directory")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise UserError(f"output directory {out} exists and is not empty (pass --overwrite to replace it)")
+    parent = os.path.dirname(out)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        return tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
+    except OSError as e:
+        raise UserError(f"cannot create output next to {out}: {e.strerror}") from None
+
+
+def commit_dir(tmp: str, out: str) -> None:
+    """Atomically put the finished `tmp` at `out` (an old `out` is moved aside, then removed)."""
+    out = os.path.abspath(out)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
+    old = None
+    if os.path.exists(out):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+        os.rename(out, os.path.join(old, "x"))
+    os.rename(tmp, out)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def progress(total_bytes: int, desc: str) -> tqdm:
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                disable=None, dynamic_ncols=True)
+
+
+# ---- writing: an Orbax leaf type whose data arrives block by block ------------------------
+@dataclass
+class StreamedArray:
+    """A checkpoint leaf: global shape + dtype, chunk shape, and a generator of
+    (index, block) pairs that together cover the array (produced only while it is written)."""
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunk_shape: tuple[int, ...]
+    blocks: Callable[[], Iterator[tuple[Index, np.ndarray]]]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+
+class _StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
+    """Writes `StreamedArray`s with the tensorstore spec Orbax uses for numpy leaves (so the
+    checkpoint restores like any saved numpy array), one array and one block at a time. At
+    most two blocks are in flight: the next block is computed while the last one compresses
+    and writes."""
+
+    def __init__(self, bar: tqdm | None = None):
+        super().__init__()
+        self.bar = bar
+        self.error: BaseException | None = None
+
+    async def _write_all(self, values, infos, args):
+        try:
+            for value, info, arg in zip(values, infos, args):
+                await info.await_path_creation()
+                use_ocdbt = bool(info.is_ocdbt_checkpoint)
+                spec = ocp.type_handlers.get_json_tspec_write(
+                    info, use_ocdbt=use_ocdbt, global_shape=tuple(value.shape),
+                    local_shape=tuple(value.chunk_shape), dtype=np.dtype(value.dtype),
+                    process_index=0 if use_ocdbt else None, arg=arg)
+                t = await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
+                pending: deque = deque()
+                for idx, block in value.blocks():
+                    pending.append((t[idx].write(block), block.nbytes))
+                    if len(pending) > 1:
+                        fut, n = pending.popleft()
+                        await fut
+                        if self.bar is not None:
+                            self.bar.update(n)
+                    await asyncio.sleep(0)
+                while pending:
+                    fut, n = pending.popleft()
+                    await fut
+                    if self.bar is not None:
+                        self.bar.update(n)
+        except BaseException as e:  # surfaced by write_checkpoint (Orbax wraps it otherwise)
+            self.error = e
+            raise
+
+    async def serialize(self, values, infos, args=None):
+        args = args or [ocp.SaveArgs()] * len(values)
+        return [ocp.future.CommitFutureAwaitingContractedSignals(
+            self._write_all(values, infos, args), name="streamed_array")]
+
+
+class _StreamingStandardHandler(ocp.StandardCheckpointHandler):
+    """`StandardCheckpointHandler` on disk (and by name in the step metadata, so the trainer's
+    composite restore picks the standard handler), but accepting `StreamedArray` leaves."""
+
+    def __init__(self, bar: tqdm | None = None):
+        super().__init__()
+        self.leaf_handler = _StreamedArrayHandler(bar)
+        registry = ocp.type_handlers.create_type_handler_registry((StreamedArray, self.leaf_handler))
+        self._impl = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_ocdbt=True)
+
+    def _validate_save_state(self, item, save_args=None):
+        bad = [k for k, v in item.items() if not isinstance(v, StreamedArray)]
+        if bad:
+            raise TypeError(f"expected StreamedArray leaves, got {bad}")
+        return item
+
+    @classmethod
+    def typestr(cls) -> str:
+        return ocp.StandardCheckpointHandler.typestr()
+
+
+def write_checkpoint(out: str, params: dict[str, StreamedArray], meta: dict, overwrite: bool = False,
+                     desc: str = "import") -> str:
+    """Write `out/0/{params,meta}` (a checkpoints directory holding step 0); returns `out/0`."""
+    tmp = staging_dir(out, overwrite)
+    bar = progress(sum(p.nbytes for p in params.values()), desc)
+    handler = _StreamingStandardHandler(bar)
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add("params", ocp.args.StandardSave, handler)
+    registry.add("meta", ocp.args.JsonSave, ocp.JsonCheckpointHandler())
+    try:
+        try:
+            with ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=registry)) as ckptr:
+                ckptr.save(epath.Path(tmp) / "0", args=ocp.args.Composite(
+                    params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
+        except Exception:
+            err = handler.leaf_handler.error
+            if isinstance(err, UserError):
+                raise err from None
+            raise
+        finally:
+            bar.close()
+        commit_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return os.path.join(os.path.abspath(out), "0")
+
+
+# ---- reading ------------------------------------------------------------------------------
+class CheckpointReader:
+    """The `params` of one checkpoint step, read by slices with tensorstore."""
+
+    def __init__(self, path: str, step: int | None = None):
+        self.root, self.step = ckpt.resolve(path, step)
+        self.meta = ckpt.read_meta(self.root, self.step)
+        self.cfg = LlamaConfig.from_dict(self.meta["model_config"])
+        self.item = os.path.join(self.root, str(self.step), "params")
+        try:
+            with ocp.StandardCheckpointer() as c:
+                md = c.metadata(self.item)
+        except Exception as e:
+            raise ckpt.CheckpointError(f"{self.item}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+        md = getattr(md, "item_metadata", md)
+        self.use_zarr3 = bool(getattr(md, "use_zarr3", False))
+        tree = getattr(md, "tree", md)
+        self.use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(epath.Path(self.item))
+        self._arrays = {}
+        biggest_chunk = 0
+        for name, shape in param_shapes(self.cfg).items():
+            m = tree.get(name) if hasattr(tree, "get") else None
+            if m is None or not hasattr(m, "shape"):
+                raise ckpt.CheckpointError(f"{self.item}: checkpoint has no parameter {name!r}")
+            if tuple(m.shape) != tuple(shape):
+                raise ckpt.CheckpointError(f"{self.item}: {name} has shape {tuple(m.shape)}, the model "
+                                           f"config in its metadata says {tuple(shape)}")
+            self._arrays[name] = getattr(m, "name", None) or name
+            chunk = getattr(getattr(m, "storage", None), "chunk_shape", None) or shape
+            biggest_chunk = max(biggest_chunk, math.prod(chunk) * np.dtype(m.dtype).itemsize)
+        # Keep one decoded chunk cached: a checkpoint saved from one device stores [L, ...]
+        # arrays in few large chunks, and layer-by-layer reads must not decode them L times.
+        self._context = ts.Context({"cache_pool": {"total_bytes_limit": int(biggest_chunk * 1.25)},
+                                    "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000},
+                                    "file_io_concurrency": {"limit": 128}})
+        self._open: dict[str, ts.TensorStore] = {}
+
+    def _store(self, name: str) -> ts.TensorStore:
+        if name not in self._open:
+            info = ocp.type_handlers.ParamInfo(name=self._arrays[name], parent_dir=epath.Path(self.item),
+                                               is_ocdbt_checkpoint=self.use_ocdbt, use_zarr3=self.use_zarr3)
+            spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self.use_ocdbt)
+            spec["recheck_cached_data"] = "open"
+            try:
+                self._open[name] = ts.open(ts.Spec(spec), open=True, read=True, context=self._context).result()
+            except Exception as e:
+                raise ckpt.CheckpointError(f"{self.item}: cannot open {name} ({str(e).splitlines()[0]})") from None
+        return self._open[name]
+
+    def read(self, name: str, index: Index = ()) -> np.ndarray:
+        try:
+            return np.asarray(self._store(name)[index].read().result())
+        except ckpt.CheckpointError:
+            raise
+        except Exception as e:  # missing / corrupt chunk files
+            raise ckpt.CheckpointError(f"{self.item}: cannot read {name} ({str(e).splitlines()[0]})") from None
+
+    def read_async(self, name: str, index: Index = ()):
+        return self._store(name)[index].read()
+
+    def close(self):
+        self._open.clear()
