@@ -91,16 +91,19 @@ def run_mcq(args) -> int:
 
 
 def run_ppl(args) -> int:
+    from meditron_jax import from_pretrained
     from meditron_jax.eval import perplexity
 
-    model, _ = loader.load(args) if args.tokenizer else (None, None)
-    if model is None:
-        from meditron_jax import from_pretrained
-        if not os.path.exists(args.checkpoint):
-            raise loader.LoadError(f"{args.checkpoint}: no such checkpoint or model directory")
-        model = from_pretrained(args.checkpoint, dtype=args.dtype, step=args.step)
+    if not os.path.exists(args.checkpoint):
+        raise loader.LoadError(f"{args.checkpoint}: no such checkpoint or model directory")
+    tok = loader.load_tokenizer(args.tokenizer) if args.tokenizer else None
+    fingerprint = tok.fingerprint if tok else loader.recorded_tokenizer(args.checkpoint, args.step)[1]
+    model = from_pretrained(args.checkpoint, dtype=args.dtype, step=args.step)
+    if tok is not None:
+        loader.check_vocab(tok, model.cfg, args.tokenizer)
     result = perplexity.evaluate_dir(model, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
-                                     max_batches=args.max_batches, progress=True)
+                                     max_batches=args.max_batches, progress=True,
+                                     expected_fingerprint=fingerprint)
     result = {"checkpoint": args.checkpoint, **result}
     text = json.dumps(result)
     if args.out:
