@@ -5,8 +5,7 @@ mesh, with or without optimizer state: only `params` and `meta` are read) into
 - `--to hf`: `config.json` (LlamaForCausalLM, true vocab size), `generation_config.json`,
   safetensors shards of at most `--max-shard-size` (`model.safetensors` when one suffices,
   else `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`) and, with a
-  tokenizer, `tokenizer.model`, `tokenizer_config.json`, `special_tokens_map.json` (and
-  `added_tokens.json`) that `transformers.AutoTokenizer` loads with SentencePiece's ids;
+  tokenizer, the tokenizer files of `tokenizer_files.py`;
 - `--to meta`: `params.json` + `consolidated.00.pth`.
 Every output tensor is assembled from checkpoint blocks read one at a time, so memory stays
 at about one tensor whatever the model size. The output is built under a temporary name and
@@ -31,6 +30,7 @@ import numpy as np
 from meditron_jax.config import LlamaConfig
 from meditron_jax.convert import hf
 from meditron_jax.convert.io import SafetensorsWriter
+from meditron_jax.convert.tokenizer_files import write_tokenizer_files
 from meditron_jax.convert.stream import CheckpointReader, block_indices, commit_dir, progress, staging_dir
 from meditron_jax.errors import UserError
 from meditron_jax.model import param_shapes
@@ -194,42 +194,6 @@ def _added_tokens(values: list[str] | None) -> list[str]:
     return list(values)
 
 
-def export_tokenizer(path: str, added: list[str], cfg: LlamaConfig, out: str) -> None:
-    from meditron_jax.data.tokenizer import Tokenizer
-
-    tok = Tokenizer(path, added)
-    if tok.vocab_size > cfg.vocab_size:
-        raise UserError(f"tokenizer {path} has {tok.base_vocab_size} pieces + {len(added)} added tokens "
-                        f"= {tok.vocab_size}, more than the model's vocab size {cfg.vocab_size}")
-    shutil.copyfile(path, os.path.join(out, "tokenizer.model"))
-    sp = tok.sp
-    piece = lambda i: sp.id_to_piece(i) if i >= 0 else None  # noqa: E731
-    special = {"bos_token": piece(sp.bos_id()), "eos_token": piece(sp.eos_id()), "unk_token": piece(sp.unk_id())}
-    special = {k: v for k, v in special.items() if v is not None}
-    decoder = {}
-    for i in (sp.unk_id(), sp.bos_id(), sp.eos_id()):
-        if i >= 0:
-            decoder[str(i)] = _added_entry(sp.id_to_piece(i), special=True)
-    for i, t in enumerate(added):
-        decoder[str(tok.base_vocab_size + i)] = _added_entry(t, special=True)
-    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-              "legacy": True, "add_prefix_space": None, "clean_up_tokenization_spaces": False,
-              "model_max_length": cfg.max_position_embeddings, "sp_model_kwargs": {},
-              "pad_token": None, "added_tokens_decoder": decoder, **special}
-    if added:
-        config["additional_special_tokens"] = list(added)
-        _write_json(os.path.join(out, "added_tokens.json"),
-                    {t: tok.base_vocab_size + i for i, t in enumerate(added)})
-    _write_json(os.path.join(out, "tokenizer_config.json"), config)
-    _write_json(os.path.join(out, "special_tokens_map.json"),
-                {**special, **({"additional_special_tokens": list(added)} if added else {})})
-
-
-def _added_entry(content: str, special: bool) -> dict:
-    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
-            "single_word": False, "special": special}
-
-
 def _write_json(path: str, obj) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
@@ -255,7 +219,8 @@ def export(checkpoint: str, target: str, out: str, step: int | None = None, dtyp
     try:
         if target == "hf":
             if tokenizer is not None:  # first: a bad tokenizer fails before the long part
-                export_tokenizer(tokenizer, added, reader.cfg, tmp)
+                write_tokenizer_files(tokenizer, added, reader.cfg.vocab_size,
+                                      reader.cfg.max_position_embeddings, tmp)
             export_hf(reader, tmp, dt, max_shard)
         else:
             export_meta(reader, tmp, dt)

@@ -134,7 +134,7 @@ class SafetensorsWriter:
         spec = self._specs.get(name)
         if name != want or list(arr.shape) != spec["shape"] or DTYPE_NAMES[np.dtype(arr.dtype)] != spec["dtype"]:
             raise AssertionError(f"{self.path}: got {name} {arr.shape} {arr.dtype}, expected {want} {spec}")
-        self._f.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
+        self._f.write(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
         self._next += 1
 
     def close(self):

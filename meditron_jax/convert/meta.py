@@ -236,7 +236,7 @@ def write_consolidated(path: str, specs: list[tuple[str, tuple[int, ...], np.dty
             local = f.read(30)
             n, m = struct.unpack("<HH", local[26:30])
             offset = info.header_offset + 30 + n + m
-            data = memoryview(arr).cast("B")
+            data = memoryview(arr.reshape(-1).view(np.uint8))
             done = 0
             while done < len(data):
                 done += os.pwrite(fd, data[done:], offset + done)
