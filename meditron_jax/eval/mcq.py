@@ -105,8 +105,9 @@ class PromptTemplate:
         return f"{self.instruction}\n{body}" if self.instruction else body
 
     def completion(self, item: Item) -> str:
-        """What follows the prompt in a demonstration (and in SFT data): ' ' + gold label."""
-        return f" {item.gold}"
+        """The SFT completion: the gold label. The SFT encoder tokenizes it on its own, so
+        SentencePiece's word-boundary marker makes "...is:" + "B" the same tokens as "...is: B"."""
+        return item.gold
 
     def loglik_text(self, item: Item, label: str) -> str:
         return self.loglik_answer.format(label=label, text=dict(item.options)[label])
