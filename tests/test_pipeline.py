@@ -1,0 +1,202 @@
+"""Pipeline parallelism: the GPipe / circular schedule over `stage` against plain `run_layers`.
+
+The reference is `model.run_layers` on one device; every pipelined configuration must give
+the same activations and the same gradients (w.r.t. the stacked layer params and the input)
+within 1e-5 relative. Each configuration is compiled once (value, grads and HLO together).
+"""
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from meditron_jax import pipeline, sharding
+from meditron_jax.config import LlamaConfig
+from meditron_jax.model import LAYER_KEYS, PARAM_AXES, init_model, params_dict, run_layers
+from meditron_jax.sharding import MeshError
+
+CFG = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=8,
+                  num_heads=4, num_kv_heads=2, max_position_embeddings=64)
+B, T = 16, 16
+RTOL = 1e-5
+
+
+def _inputs():
+    layers = {k: v for k, v in params_dict(init_model(CFG, seed=3)).items() if k in LAYER_KEYS}
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(B, T, CFG.hidden_size)).astype(np.float32))
+    positions = np.tile(np.arange(T, dtype=np.int32), (B, 1))
+    segments = np.ones((B, T), np.int32)
+    positions[::2, 10:] -= 10  # every other row packs two documents
+    segments[::2, 10:] = 2
+    weight = jnp.asarray(rng.normal(size=(B, T, CFG.hidden_size)).astype(np.float32))
+    return layers, x, jnp.asarray(positions), jnp.asarray(segments), weight
+
+
+LAYERS, X, POS, SEG, W = _inputs()
+
+
+def _loss(y):
+    return jnp.sum(jnp.sin(y) * W)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    def f(layers, x):
+        y = run_layers(CFG, layers, x, POS, SEG)
+        return _loss(y), y
+    (loss, y), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(LAYERS, X)
+    return jax.device_get((loss, y, grads))
+
+
+def _rule_shardings(mesh, tree):
+    rules = dict(sharding.DEFAULT_RULES)
+    return {k: sharding.sharding_for(PARAM_AXES[k], v.shape, mesh, rules) for k, v in tree.items()}
+
+
+_RUNS: dict = {}
+
+
+def _run(name, sizes, cfg=CFG, repeats=1, microbatches=None, pipeline_layout=False):
+    """Compile once per configuration; returns (loss, y, (grad_layers, grad_x), hlo, mesh)."""
+    if name in _RUNS:
+        return _RUNS[name]
+    mesh = sharding.make_mesh(sizes)
+    S = sizes["stage"]
+    layers = pipeline.to_pipeline_layout(LAYERS, S, repeats) if pipeline_layout else LAYERS
+    layer_sh = _rule_shardings(mesh, layers)
+    x_sh = sharding.batch_sharding(mesh, 3)
+    with sharding.use_mesh(mesh):
+        def f(layers, x):
+            y = pipeline.pipeline_layers(cfg, layers, x, POS, SEG, mesh=mesh, repeats=repeats,
+                                         microbatches=microbatches, pipeline_layout=pipeline_layout)
+            return _loss(y), y
+        step = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True),
+                       in_shardings=(layer_sh, x_sh))
+        compiled = step.lower(layers, X).compile()
+        (loss, y), (g_layers, g_x) = compiled(jax.device_put(layers, layer_sh), jax.device_put(X, x_sh))
+    for k, g in g_layers.items():  # gradients come back sharded like the params
+        assert g.sharding.is_equivalent_to(layer_sh[k], g.ndim), (name, k, g.sharding)
+    if pipeline_layout:
+        g_layers = pipeline.from_pipeline_layout(g_layers, S, repeats)
+    out = jax.device_get((loss, y, (g_layers, g_x))) + (compiled.as_text(), mesh)
+    _RUNS[name] = out
+    return out
+
+
+def _close(a, b, what):
+    err = np.abs(np.asarray(a) - np.asarray(b)).max()
+    scale = np.abs(np.asarray(b)).max()
+    assert err <= RTOL * scale, f"{what}: max|diff| {err:.3e} > {RTOL} x {scale:.3e}"
+
+
+def _assert_matches(run, ref, name):
+    loss, y, (g_layers, g_x) = run[:3]
+    r_loss, r_y, (r_layers, r_x) = ref
+    _close(loss, r_loss, f"{name} loss")
+    _close(y, r_y, f"{name} activations")
+    _close(g_x, r_x, f"{name} d/dx")
+    for k in LAYER_KEYS:
+        _close(g_layers[k], r_layers[k], f"{name} d/d{k}")
+
+
+MESHES = {
+    "stage2_data2_tensor2": {"data": 2, "stage": 2, "fsdp": 1, "tensor": 2},
+    "stage4_data2": {"data": 2, "stage": 4, "fsdp": 1, "tensor": 1},
+    "stage8": {"data": 1, "stage": 8, "fsdp": 1, "tensor": 1},
+}
+
+
+@pytest.mark.parametrize("name", sorted(MESHES))
+def test_pipeline_matches_run_layers(reference, name):
+    # stage 8 also runs with full remat inside each stage (same numbers, recomputed backward).
+    cfg = CFG.replace(remat="full") if name == "stage8" else CFG
+    run = _run(name, MESHES[name], cfg=cfg)
+    _assert_matches(run, reference, name)
+    hlo = run[3]
+    assert "collective-permute" in hlo
+    # No fsdp on these meshes: nothing may gather the stacked weights across stages (only
+    # the ring permutes and all-reduces: the output broadcast, d/dx, tensor-parallel sums).
+    assert "all-gather" not in hlo and "all-to-all" not in hlo
+
+
+def test_each_device_holds_only_its_stage(reference):
+    for name, sizes in MESHES.items():
+        mesh = sharding.make_mesh(sizes)
+        S = sizes["stage"]
+        placed = jax.device_put(LAYERS, _rule_shardings(mesh, LAYERS))
+        stage_of = {d: int(np.argwhere(mesh.devices == d)[0][1]) for d in mesh.devices.flat}
+        for k, arr in placed.items():
+            full = np.asarray(LAYERS[k])
+            for shard in arr.addressable_shards:
+                assert shard.data.shape[0] == CFG.num_layers // S, (name, k, shard.data.shape)
+                s = stage_of[shard.device]
+                rows = slice(s * CFG.num_layers // S, (s + 1) * CFG.num_layers // S)
+                np.testing.assert_array_equal(np.asarray(shard.data), full[rows][(slice(None),) + shard.index[1:]])
+
+
+def test_circular_repeats_equal_gpipe(reference):
+    sizes = MESHES["stage4_data2"]
+    gpipe = _run("stage4_data2", sizes)
+    # Repeats 2 with the params held in the pipeline layout (what a trainer would keep in memory).
+    circ = _run("stage4_data2_r2", sizes, repeats=2, pipeline_layout=True)
+    for a, b, what in ((circ[0], gpipe[0], "loss"), (circ[1], gpipe[1], "activations"),
+                       (circ[2][1], gpipe[2][1], "d/dx")):
+        _close(a, b, f"repeats=2 vs GPipe {what}")
+    for k in LAYER_KEYS:
+        _close(circ[2][0][k], gpipe[2][0][k], f"repeats=2 vs GPipe d/d{k}")
+    assert "collective-permute" in circ[3]
+    # Canonical params in, permuted inside the step; fsdp + tensor axes alongside, M = S.
+    fsdp = _run("stage2_fsdp2_tensor2_r2", {"data": 1, "stage": 2, "fsdp": 2, "tensor": 2},
+                repeats=2, microbatches=2)
+    _assert_matches(fsdp, reference, "stage2_fsdp2_tensor2_r2")
+
+
+def test_pipeline_layout_permutation():
+    S, R, C = 2, 2, 2
+    L = S * R * C
+    canon = {"w": jnp.arange(L * 3).reshape(L, 3)}
+    perm = pipeline.to_pipeline_layout(canon, S, R)
+    # index s*R*C + r*C + j holds canonical layer (r*S + s)*C + j
+    expect = [(r * S + s) * C + j for s in range(S) for r in range(R) for j in range(C)]
+    np.testing.assert_array_equal(np.asarray(perm["w"][:, 0]) // 3, expect)
+    np.testing.assert_array_equal(pipeline.from_pipeline_layout(perm, S, R)["w"], canon["w"])
+    assert pipeline.to_pipeline_layout(canon, 4, 1) is canon
+
+
+def test_bubble_fraction():
+    assert pipeline.bubble_fraction(1, 4, 1) == 0.0
+    assert pipeline.bubble_fraction(4, 8, 1) == pytest.approx(3 / 11)
+    assert pipeline.bubble_fraction(4, 8, 2) == pytest.approx(3 / 19)
+    assert pipeline.bubble_fraction(8, 16, 5) < pipeline.bubble_fraction(8, 16, 1)
+
+
+def test_gin_settings_and_defaults():
+    gin.clear_config()
+    try:
+        gin.parse_config(["pipeline.microbatches = 12", "pipeline.repeats = 2"])
+        assert pipeline.pipeline_settings() == pipeline.PipelineSettings(12, 2)
+    finally:
+        gin.clear_config()
+    assert pipeline.pipeline_settings() == pipeline.PipelineSettings(None, 1)
+    assert pipeline.check_pipeline(CFG, stages=4) == 8  # default 2 x stages
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(stages=3), "does not divide num_layers=8"),
+    (dict(stages=4, repeats=4), r"4 x pipeline.repeats=4 = 16 does not divide"),
+    (dict(stages=4, repeats=2, microbatches=2), "needs pipeline.microbatches >= mesh.stage"),
+    (dict(stages=2, microbatches=3, batch_size=16), "not divisible by pipeline.microbatches=3"),
+    (dict(stages=2, microbatches=8, batch_size=16, data_parallel=4), "data-parallel size 4"),
+    (dict(stages=2, microbatches=0), "microbatches must be >= 1"),
+])
+def test_bad_pipeline_configs(kwargs, match):
+    with pytest.raises(MeshError, match=match):
+        pipeline.check_pipeline(CFG, **kwargs)
+
+
+def test_pipeline_layers_rejects_bad_batch_before_compiling():
+    mesh = sharding.make_mesh(MESHES["stage4_data2"])
+    with sharding.use_mesh(mesh), pytest.raises(MeshError, match="data-parallel size 2"):
+        pipeline.pipeline_layers(CFG, LAYERS, X, POS, SEG, mesh=mesh, microbatches=16)
