@@ -24,7 +24,7 @@ def test_prepare_demo_is_deterministic_and_idempotent(tmp_path):
         shard = ma["shards"][0]["file"]
         assert (Path(a["sources"][s]) / shard).read_bytes() == (Path(b["sources"][s]) / shard).read_bytes()
     stamp = (tmp_path / "a" / "demo.json").stat().st_mtime_ns
-    assert prepare_demo(tmp_path / "a", documents=small) == a
+    assert prepare_demo(tmp_path / "a", documents=small) == a and a["weights"] == {"guidelines": 0.75, "replay": 0.25}
     assert (tmp_path / "a" / "demo.json").stat().st_mtime_ns == stamp  # not rebuilt
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 

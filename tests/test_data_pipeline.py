@@ -199,7 +199,7 @@ def test_gin_data_configurable(data):
 def test_demo_flag_builds_demo_corpus(tmp_path):
     cfg = DataConfig(demo=True, read_group=32)
     p = build_pipeline(128, 4, seed=0, workdir=str(tmp_path), config=cfg)
-    assert set(p.weights) == {"guidelines", "replay"}
+    assert p.weights == {"guidelines": 0.75, "replay": 0.25}
     assert (tmp_path / "demo_data" / "demo.json").is_file()
     assert p.tokenizer_info["vocab_size"] <= 2048
     it = p.train_iterator()

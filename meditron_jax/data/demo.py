@@ -29,6 +29,7 @@ import numpy as np
 DEMO_VERSION = 1
 DEMO_VOCAB_SIZE = 1024  # <= the `tiny` preset's 2048
 SOURCES = ("guidelines", "replay")
+WEIGHTS = {"guidelines": 0.75, "replay": 0.25}  # token shares, like GAP-Replay's medical-heavy mix
 
 
 def _facts() -> dict:
@@ -144,7 +145,8 @@ def write_jsonl(path: str | os.PathLike, texts: list[str]) -> None:
 def prepare_demo(out_dir: str | os.PathLike, documents: tuple[int, int] = (3000, 1500)) -> dict:
     """Builds (once) the demo corpus, tokenizer and preprocessed sources under `out_dir`.
 
-    Returns {"tokenizer": path, "sources": {"guidelines": dir, "replay": dir}}."""
+    Returns {"tokenizer": path, "sources": {"guidelines": dir, "replay": dir}, "weights": {...}} (the
+    default mixture weights, 3:1 in tokens)."""
     from meditron_jax.data.preprocess import preprocess
     from meditron_jax.data.tokenizer import train_tokenizer
 
@@ -187,4 +189,5 @@ def prepare_demo(out_dir: str | os.PathLike, documents: tuple[int, int] = (3000,
 
 
 def _paths(out: Path) -> dict:
-    return {"tokenizer": str(out / "tokenizer.model"), "sources": {s: str(out / s) for s in SOURCES}}
+    return {"tokenizer": str(out / "tokenizer.model"), "sources": {s: str(out / s) for s in SOURCES},
+            "weights": dict(WEIGHTS)}

@@ -443,7 +443,7 @@ def build_pipeline(seq_len: int, global_batch_size: int, seed: int, process_inde
         raise DataConfigError(f"data.validation_fraction must be in [0, 1), got {cfg.validation_fraction}")
     if cfg.read_group < 1:
         raise DataConfigError(f"data.read_group must be >= 1, got {cfg.read_group}")
-    sources, tokenizer = cfg.sources, cfg.tokenizer
+    sources, tokenizer, weights = cfg.sources, cfg.tokenizer, cfg.weights
     if cfg.demo:
         if sources or cfg.sft_files:
             raise DataConfigError("data.demo = True builds its own sources; do not also set data.sources/sft_files")
@@ -452,6 +452,7 @@ def build_pipeline(seq_len: int, global_batch_size: int, seed: int, process_inde
         root = os.path.join(workdir, "demo_data") if workdir else os.path.join(tempfile.gettempdir(), "meditron-jax-demo")
         demo = prepare_demo(root)
         sources, tokenizer = demo["sources"], tokenizer or demo["tokenizer"]
+        weights = weights if weights is not None else demo["weights"]
     if sources and cfg.sft_files:
         raise DataConfigError("data.sources and data.sft_files are mutually exclusive (pretraining vs SFT)")
     if not sources and not cfg.sft_files:
@@ -468,5 +469,5 @@ def build_pipeline(seq_len: int, global_batch_size: int, seed: int, process_inde
     if not isinstance(sources, Mapping):
         raise DataConfigError(f"data.sources must be a dict name -> directory, got {sources!r}")
     opened = [_open_source(str(n), str(d), tok) for n, d in sources.items()]
-    weights = _check_weights([s.name for s in opened], cfg.weights, {s.name: s.manifest["tokens"] for s in opened})
+    weights = _check_weights([s.name for s in opened], weights, {s.name: s.manifest["tokens"] for s in opened})
     return DataPipeline(**common, sources=opened, weights=weights)

@@ -15,6 +15,7 @@ Does not own: mixing, shuffling or packing (`data.pipeline`), SFT formats (`data
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import multiprocessing
 import os
@@ -135,7 +136,7 @@ def _encode_chunk(job: tuple[str, int, bytes, str, str]) -> tuple[np.ndarray, np
     assert tok is not None
     ids = tok.encode_batch(texts, bos=True, eos=True)
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter((t for x in ids for t in x), dtype=dtype, count=int(lengths.sum()))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
     return lengths, flat, empty, len(chunk)
 
 
