@@ -56,9 +56,6 @@ from meditron_jax.data.tokenizer import Tokenizer
 from meditron_jax.errors import UserError
 
 STATE_FORMAT = "meditron-jax/data-iterator/v1"
-SPLIT_SEED = 0x6D656469  # fixed: the held-out documents do not move with train.seed
-
-
 class DataConfigError(UserError):
     """Inconsistent data configuration (weights, sources, tokenizer vs manifests, saved state)."""
 
@@ -139,6 +136,19 @@ class _Unbatch(FlatMapTransform):
 
     def flat_map(self, element):
         return element
+
+
+class _TrainDocIndex:
+    """Training index j -> document index, skipping documents stride-1, 2*stride-1, ... (n_val of them)."""
+
+    def __init__(self, stride: int, n_val: int):
+        self.stride, self.n_val = stride, n_val
+
+    def __call__(self, j) -> int:
+        j, per = int(j), self.stride - 1
+        if j < per * self.n_val:
+            return (j // per) * self.stride + j % per
+        return j + self.n_val
 
 
 def _tag(source: int, index) -> tuple[int, int]:
@@ -288,12 +298,18 @@ class DataPipeline:
         return sig
 
     def _split(self, n: int) -> tuple[grain.MapDataset, grain.MapDataset]:
-        """(train indices, held-out indices) of n documents: a fixed permutation, first n_val held out."""
+        """(train document indices, held-out document indices) of n documents.
+
+        Every `stride`-th document is held out (spread over the whole file, whatever its order),
+        n_val of them; the split ignores the seed, so validation never moves between runs."""
         n_val = 0
         if self.cfg.validation_fraction > 0 and n >= 2:
-            n_val = min(n - 1, self.cfg.max_validation_documents, max(1, round(n * self.cfg.validation_fraction)))
-        perm = grain.MapDataset.range(n).shuffle(seed=SPLIT_SEED)
-        return perm[n_val:], perm[:n_val]
+            n_val = min(n // 2, self.cfg.max_validation_documents, max(1, round(n * self.cfg.validation_fraction)))
+        if n_val == 0:
+            return grain.MapDataset.range(n), grain.MapDataset.range(0)
+        stride = n // n_val
+        return (grain.MapDataset.range(n - n_val).map(_TrainDocIndex(stride, n_val)),
+                grain.MapDataset.range(stride - 1, stride * n_val, stride))
 
     # pretraining ---------------------------------------------------------------------------
     def _documents(self, index_ds: grain.MapDataset, threads: int) -> grain.IterDataset:
@@ -439,8 +455,8 @@ def build_pipeline(seq_len: int, global_batch_size: int, seed: int, process_inde
     if global_batch_size <= 0 or global_batch_size % process_count:
         raise DataConfigError(f"global batch size {global_batch_size} must be a positive multiple of the "
                               f"process count {process_count}")
-    if not 0 <= cfg.validation_fraction < 1:
-        raise DataConfigError(f"data.validation_fraction must be in [0, 1), got {cfg.validation_fraction}")
+    if not 0 <= cfg.validation_fraction <= 0.5:
+        raise DataConfigError(f"data.validation_fraction must be in [0, 0.5], got {cfg.validation_fraction}")
     if cfg.read_group < 1:
         raise DataConfigError(f"data.read_group must be >= 1, got {cfg.read_group}")
     sources, tokenizer, weights = cfg.sources, cfg.tokenizer, cfg.weights
