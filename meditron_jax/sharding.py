@@ -138,7 +138,7 @@ def use_mesh(mesh: Mesh, rules: dict | None = None):
     rules = dict(DEFAULT_RULES) if rules is None else rules
     _ACTIVE.append((mesh, rules))
     try:
-        with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else mesh:
+        with jax.set_mesh(mesh):
             yield mesh
     finally:
         _ACTIVE.pop()
@@ -203,3 +203,21 @@ def global_batch(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax
 
 def data_parallel_size(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def tree_shardings(abstract_tree, axes_by_name: dict, mesh: Mesh, rules: dict, zero1: bool = False):
+    """Shardings for a train-state-like tree: a leaf under a dict key named like a parameter
+    (e.g. params/q_proj, opt_state/.../mu/q_proj) with that parameter's rank gets the
+    parameter's sharding (plus ZeRO-1 over `data` outside `params` when asked); everything
+    else (counters, scalars) is replicated."""
+    def leaf(path, x):
+        names = [getattr(k, "key", None) for k in path]
+        name = next((n for n in reversed(names) if n in axes_by_name), None)
+        shape = getattr(x, "shape", ())
+        if name is None or len(shape) != len(axes_by_name[name]):
+            return replicated(mesh)
+        s = sharding_for(axes_by_name[name], shape, mesh, rules)
+        if zero1 and names and names[0] != "params":
+            s = zero1_sharding(s, shape)
+        return s
+    return jax.tree_util.tree_map_with_path(leaf, abstract_tree)

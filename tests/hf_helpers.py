@@ -24,4 +24,4 @@ def make_hf_model(cfg: LlamaConfig, seed: int = 0):
 
 def hf_state_dict_numpy(model) -> dict[str, np.ndarray]:
     from meditron_jax.convert.io import torch_to_numpy
-    return {k: torch_to_numpy(v) for k, v in model.state_dict().items()}
+    return {k: torch_to_numpy(v).copy() for k, v in model.state_dict().items()}  # no aliasing of torch memory

@@ -1,0 +1,118 @@
+"""Training metrics: FLOPs accounting, MFU, and the writers (metrics.jsonl, TensorBoard,
+wandb, progress bar).
+
+Owns: the one FLOPs formula used by `mfu` and the benchmarks, the device peak table, and
+writing metrics (only process 0 writes). Does not own: computing loss or gradients.
+
+FLOPs convention (per trained token, forward + backward = 3 x forward):
+    6 x (non-embedding parameters + lm_head parameters)          matmuls with weights
+  + 6 x layers x seq_len x hidden                                 attention scores + values
+The attention term is 12 x L x T x D for full attention (QK^T and AV, 2 FLOPs per MAC, x3 for
+the backward), halved for causal masking, as in the PaLM / MaxText accounting. The embedding
+lookup costs no FLOPs; remat recomputation is not counted (it is overhead, not model FLOPs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+
+from meditron_jax.config import LlamaConfig
+
+# Dense bf16 peak FLOP/s per device (vendor spec sheets, no sparsity).
+PEAK_FLOPS_BF16 = {
+    "A100": 312e12, "H100": 989e12, "H200": 989e12, "B200": 2250e12,
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12,
+}
+
+
+def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
+    non_embedding = cfg.num_params(include_embedding=False)  # includes lm_head
+    return 6.0 * non_embedding + 6.0 * cfg.num_layers * seq_len * cfg.hidden_size
+
+
+def device_peak_flops(device=None) -> float | None:
+    """Peak bf16 FLOP/s of `device` (default: the first device), or None when unknown (CPU)."""
+    device = device or jax.devices()[0]
+    kind = getattr(device, "device_kind", "")
+    for name, peak in PEAK_FLOPS_BF16.items():
+        if name.lower() in kind.lower():
+            return peak
+    return None
+
+
+class MetricsWriter:
+    """metrics.jsonl (+ TensorBoard events, + wandb if enabled and installed, + a tqdm bar)."""
+
+    def __init__(self, workdir: str, total_steps: int, start_step: int = 0, enabled: bool | None = None,
+                 tensorboard: bool = True, wandb_project: str | None = None, progress: bool = True,
+                 config: dict | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = self._wandb = self._bar = None
+        if not self.enabled:
+            return
+        self._file = open(self.path, "a")
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:
+                pass
+        if wandb_project:
+            try:
+                import wandb
+                self._wandb = wandb.init(project=wandb_project, config=config or {}, dir=workdir, resume="allow")
+            except ImportError:
+                print("wandb not installed; skipping wandb logging", flush=True)
+        if progress:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                             mininterval=1.0)
+
+    def write(self, step: int, metrics: dict):
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: (float(v) if not isinstance(v, (int, str)) else v)
+                                        for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(f"train/{k}" if not k.startswith("eval") else k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(record, step=step)
+        if self._bar is not None and "loss" in record:
+            self._bar.set_postfix(loss=f"{record['loss']:.4f}",
+                                  tok_s=f"{record.get('tokens_per_sec', 0):.0f}", refresh=False)
+
+    def advance(self, n: int = 1):
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close(self):
+        if not self.enabled:
+            return
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._bar is not None:
+            self._bar.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+class StepTimer:
+    """Wall time between logged steps (the loop syncs only at log steps)."""
+
+    def __init__(self):
+        self.t = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        dt, self.t = now - self.t, now
+        return dt
