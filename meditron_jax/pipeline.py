@@ -47,12 +47,15 @@ from meditron_jax.sharding import MeshError, constrain
 class PipelineSettings:
     microbatches: int | None = None  # None: 2 x stages
     repeats: int = 1  # > 1: circular (interleaved) schedule
+    stage_remat: bool = False  # keep only each tick's chunk input for the backward pass
 
 
 @gin.configurable("pipeline")
-def pipeline_settings(microbatches: int | None = None, repeats: int = 1) -> PipelineSettings:
-    """gin: `pipeline.microbatches` (None = 2 x stages), `pipeline.repeats` (1 = plain GPipe)."""
-    return PipelineSettings(microbatches=microbatches, repeats=repeats)
+def pipeline_settings(microbatches: int | None = None, repeats: int = 1,
+                      stage_remat: bool = False) -> PipelineSettings:
+    """gin: `pipeline.microbatches` (None = 2 x stages), `pipeline.repeats` (1 = plain GPipe),
+    `pipeline.stage_remat` (recompute each chunk in the backward pass, see `pipeline_layers`)."""
+    return PipelineSettings(microbatches=microbatches, repeats=repeats, stage_remat=stage_remat)
 
 
 def bubble_fraction(stages: int, microbatches: int, repeats: int = 1) -> float:
@@ -162,8 +165,11 @@ def _manual_stage_rules():
     data / fsdp / tensor layout exactly as outside the pipeline.
     """
     outer = sharding.active()
+    if outer is None:  # no active mesh: `constrain` stays a no-op inside as well
+        yield
+        return
     rules = {}
-    for k, v in (dict(sharding.DEFAULT_RULES) if outer is None else outer[1]).items():
+    for k, v in outer[1].items():
         names = () if v is None else (v,) if isinstance(v, str) else tuple(v)
         names = tuple(n for n in names if n != "stage")  # manual here: not constrainable
         rules[k] = names or None
@@ -178,10 +184,16 @@ def _constrain_layers(layers: dict) -> dict:
     return {k: constrain(a, PARAM_AXES[k]) if k in PARAM_AXES else a for k, a in layers.items()}
 
 
-def _stage_program(cfg: LlamaConfig, S: int, M: int, R: int):
+def _stage_program(cfg: LlamaConfig, S: int, M: int, R: int, stage_remat: bool):
     """The per-stage body for shard_map (manual over `stage`)."""
     ticks = M * R + S - 1
     ring = [(j, (j + 1) % S) for j in range(S)]
+
+    def run_chunk(chunk, inp, pos, seg):
+        return run_layers(cfg, chunk, inp, pos, seg)
+
+    if stage_remat:
+        run_chunk = jax.checkpoint(run_chunk, policy=jax.checkpoint_policies.nothing_saveable)
 
     def program(layers, x_mb, pos_mb, seg_mb):
         with _manual_stage_rules():
@@ -200,7 +212,7 @@ def _stage_program(cfg: LlamaConfig, S: int, M: int, R: int):
             r = jnp.clip(i // M, 0, R - 1)
             inp = jnp.where(first, loop[m], state)
             chunk = jax.tree.map(lambda a: a[r], chunks)
-            y = run_layers(cfg, chunk, inp, pos_mb[m], seg_mb[m])
+            y = run_chunk(chunk, inp, pos_mb[m], seg_mb[m])
             y = constrain(y, ("batch", "length", "embed"))
             recv = jax.lax.ppermute(y, "stage", ring)
             # On stage 0, `recv` is the last stage's output of flat index t - (S-1): file it
@@ -222,7 +234,7 @@ def _stage_program(cfg: LlamaConfig, S: int, M: int, R: int):
 
 def pipeline_layers(cfg: LlamaConfig, layers: dict, x, positions, segment_ids, *, mesh: Mesh,
                     microbatches: int | None = None, repeats: int = 1,
-                    pipeline_layout: bool = False):
+                    pipeline_layout: bool = False, stage_remat: bool = False):
     """Same result as `model.run_layers(cfg, layers, x, positions, segment_ids)`, pipelined.
 
     layers: stacked per-layer params, leading axis L (sharded over `stage` by the `layers`
@@ -233,6 +245,10 @@ def pipeline_layers(cfg: LlamaConfig, layers: dict, x, positions, segment_ids, *
     mesh: the mesh whose `stage` axis carries the pipeline (stage 1 runs `run_layers`).
     The whole batch is split here into `microbatches` strided micro-batches (default
     2 x stages); B / microbatches must divide over data x fsdp.
+    stage_remat: save only each tick's chunk input for the backward pass and recompute the
+      chunk (with cfg.remat applying inside the recomputation). Activation memory per stage
+      drops from M*R ticks x C layers of residuals to M*R chunk inputs plus one chunk's
+      residuals, for one extra forward pass of the stage. Same numbers either way.
     """
     S = mesh.shape["stage"]
     B = x.shape[0]
@@ -251,7 +267,7 @@ def pipeline_layers(cfg: LlamaConfig, layers: dict, x, positions, segment_ids, *
     pos_mb = constrain(_split_microbatches(positions, M), (None, "batch", "length"))
     seg_mb = constrain(_split_microbatches(segment_ids, M), (None, "batch", "length"))
     layer_specs = jax.tree.map(lambda _: P("stage"), layers)
-    run = jax.shard_map(_stage_program(cfg, S, M, repeats), mesh=mesh,
+    run = jax.shard_map(_stage_program(cfg, S, M, repeats, stage_remat), mesh=mesh,
                         in_specs=(layer_specs, P(), P(), P()), out_specs=P(),
                         axis_names={"stage"})
     out = run(layers, x_mb, pos_mb, seg_mb)

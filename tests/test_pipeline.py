@@ -58,7 +58,8 @@ def _rule_shardings(mesh, tree):
 _RUNS: dict = {}
 
 
-def _run(name, sizes, cfg=CFG, repeats=1, microbatches=None, pipeline_layout=False):
+def _run(name, sizes, cfg=CFG, repeats=1, microbatches=None, pipeline_layout=False,
+         stage_remat=False):
     """Compile once per configuration; returns (loss, y, (grad_layers, grad_x), hlo, mesh)."""
     if name in _RUNS:
         return _RUNS[name]
@@ -70,7 +71,8 @@ def _run(name, sizes, cfg=CFG, repeats=1, microbatches=None, pipeline_layout=Fal
     with sharding.use_mesh(mesh):
         def f(layers, x):
             y = pipeline.pipeline_layers(cfg, layers, x, POS, SEG, mesh=mesh, repeats=repeats,
-                                         microbatches=microbatches, pipeline_layout=pipeline_layout)
+                                         microbatches=microbatches, pipeline_layout=pipeline_layout,
+                                         stage_remat=stage_remat)
             return _loss(y), y
         step = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True),
                        in_shardings=(layer_sh, x_sh))
@@ -110,9 +112,11 @@ MESHES = {
 
 @pytest.mark.parametrize("name", sorted(MESHES))
 def test_pipeline_matches_run_layers(reference, name):
-    # stage 8 also runs with full remat inside each stage (same numbers, recomputed backward).
-    cfg = CFG.replace(remat="full") if name == "stage8" else CFG
-    run = _run(name, MESHES[name], cfg=cfg)
+    # Remat must not change the numbers: stage 8 runs with full per-layer remat inside each
+    # stage, (stage 2, data 2, tensor 2) with per-layer "dots" remat and whole-chunk remat.
+    cfg = {"stage8": CFG.replace(remat="full"),
+           "stage2_data2_tensor2": CFG.replace(remat="dots")}.get(name, CFG)
+    run = _run(name, MESHES[name], cfg=cfg, stage_remat=name == "stage2_data2_tensor2")
     _assert_matches(run, reference, name)
     hlo = run[3]
     assert "collective-permute" in hlo
