@@ -136,9 +136,18 @@ def test_scores_match_transformers(env, tmp_path, scoring):
     items = tasks.read_medqa(str(tmp_path / "q.jsonl"))
     t = PromptTemplate.for_task("medqa")
     tok, hf = env["tok"], env["hf"]
+    # shared prefix (each seed's instruction + demonstrations run once into a KV cache) and plain rows
     summary, records = mcq.evaluate(env["model"], tok, items, items, t, shots=2, seeds=[1234, 32],
                                     scoring=scoring, batch_size=4, length_bucket=128)
-    assert len(records) == 14 and len({r["prompt_tokens"] for r in records}) > 3  # unequal lengths in a batch
+    assert len(records) == 14
+    if scoring == "top_token":
+        _, plain = mcq.evaluate(env["model"], tok, items, items, t, shots=2, seeds=[1234, 32],
+                                scoring=scoring, batch_size=4, length_bucket=128, share_prefix=False)
+        for a, b in zip(records, plain):
+            assert a["id"] == b["id"] and a["prediction"] == b["prediction"]
+            np.testing.assert_allclose(list(a["scores"].values()), list(b["scores"].values()), atol=2e-5)
+        records = records + plain
+    assert len({r["prompt_tokens"] for r in records}) > 3  # unequal lengths in a batch
     first = mcq.label_first_tokens(tok, ["A", "B", "C", "D"])
     worst = 0.0
     for r in records:

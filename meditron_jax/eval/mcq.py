@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from meditron_jax import model as model_lib
 from meditron_jax.errors import UserError
 from meditron_jax.eval.tasks import Item, TaskDataError, check_task
 
@@ -152,57 +153,157 @@ def _round_up(n: int, m: int) -> int:
     return max(m, int(math.ceil(n / m) * m))
 
 
-def _gather_logprobs(graphdef, state, tokens, lengths, qpos, qids):
-    """tokens [B,T], lengths [B], qpos [B,C], qids [B,C,J] -> (log-probs [B,C,J], argmax [B,C])."""
-    model = nnx.merge(graphdef, state)
-    T = tokens.shape[1]
-    seg = (jnp.arange(T)[None, :] < lengths[:, None]).astype(jnp.int32)  # 0 = right padding
-    h = model.hidden(tokens, segment_ids=seg)  # [B,T,D]
+def _hidden_with_cache(model, tokens, positions, segment_ids, cache):
+    """`Llama.decode` up to the final norm: hidden states [B,T,D] (no lm_head over every position)."""
+    cfg = model.cfg
+    idx = cache["index"]
+    seg = jax.lax.dynamic_update_slice_in_dim(cache["segment"], segment_ids.astype(jnp.int32), idx, axis=1)
+    x = model_lib.embed(cfg, model.embed_tokens[...], tokens)
+
+    def body(carry, inp):
+        p, ck, cv = inp
+        y, (nk, nv) = model_lib.decoder_layer(cfg, p, carry, positions, segment_ids,
+                                              cache={"k": ck, "v": cv, "segment": seg, "index": idx})
+        return y, (nk, nv)
+
+    layers = {k: getattr(model, k)[...] for k in model_lib.LAYER_KEYS}
+    x, (ks, vs) = jax.lax.scan(body, x, (layers, cache["k"], cache["v"]))
+    h = model_lib.rms_norm(x, model.norm[...], cfg.rms_norm_eps, jnp.dtype(cfg.dtype))
+    return h, {"k": ks, "v": vs, "segment": seg, "index": idx + tokens.shape[1]}
+
+
+def _select(model, h, qpos, qids):
     hq = jnp.take_along_axis(h, qpos[:, :, None], axis=1)  # [B,C,D]: only the positions asked for
     logits = model.logits(hq)  # [B,C,V] fp32, true vocab
     logp = jax.nn.log_softmax(logits, axis=-1)
     return jnp.take_along_axis(logp, qids, axis=-1), jnp.argmax(logits, axis=-1)
 
 
-class Scorer:
-    """Batched, jitted log-prob queries. Rows are sorted by length and padded to a length bucket,
-    so one compile serves every batch of that bucket."""
+def _gather_logprobs(graphdef, state, tokens, lengths, qpos, qids):
+    """tokens [B,T], lengths [B], qpos [B,C], qids [B,C,J] -> (log-probs [B,C,J], argmax [B,C])."""
+    model = nnx.merge(graphdef, state)
+    T = tokens.shape[1]
+    seg = (jnp.arange(T)[None, :] < lengths[:, None]).astype(jnp.int32)  # 0 = right padding
+    return _select(model, model.hidden(tokens, segment_ids=seg), qpos, qids)
 
-    def __init__(self, model, batch_size: int = 8, length_bucket: int = 64):
+
+def _prefill_prefix(graphdef, cache_len, state, tokens, length):
+    """A shared prefix [1,Pb] (real tokens: the first `length`) -> its KV cache (batch 1)."""
+    model = nnx.merge(graphdef, state)
+    Pb = tokens.shape[1]
+    seg = (jnp.arange(Pb) < length).astype(jnp.int32)[None]  # padding slots: segment 0, never attended
+    _, cache = _hidden_with_cache(model, tokens, jnp.arange(Pb)[None], seg, model.init_cache(1, cache_len))
+    return cache
+
+
+def _suffix_logprobs(graphdef, state, cache, prefix_len, tokens, lengths, qpos, qids):
+    """Suffixes [B,T] after a cached prefix of true length prefix_len; qpos index the suffix."""
+    model = nnx.merge(graphdef, state)
+    B, T = tokens.shape
+    L, _, S, K, H = cache["k"].shape
+    batched = {"k": jnp.broadcast_to(cache["k"], (L, B, S, K, H)), "v": jnp.broadcast_to(cache["v"], (L, B, S, K, H)),
+               "segment": jnp.broadcast_to(cache["segment"], (B, S)), "index": cache["index"]}
+    seg = (jnp.arange(T)[None, :] < lengths[:, None]).astype(jnp.int32)
+    positions = prefix_len + jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    h, _ = _hidden_with_cache(model, tokens, positions, seg, batched)
+    return _select(model, h, qpos, qids)
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    first = np.asarray(seqs[0])
+    n = len(first)
+    for s in seqs[1:]:
+        m = min(n, len(s))
+        diff = np.nonzero(first[:m] != np.asarray(s[:m]))[0]
+        n = int(diff[0]) if len(diff) else m
+    return n
+
+
+class Scorer:
+    """Batched, jitted log-prob queries.
+
+    Rows are sorted by length and padded to a length bucket, so one compile serves every batch
+    of that bucket. Rows given the same group key (e.g. one seed's prompts, which share the
+    instruction and demonstrations) have their longest common token prefix run once into a KV
+    cache; only the suffixes are then run, in batches, against that cache (same numbers, a
+    fraction of the work for k-shot prompts).
+    """
+
+    def __init__(self, model, batch_size: int = 8, length_bucket: int = 64, max_length: int | None = None,
+                 min_shared_prefix: int = 32):
         self.graphdef, self.state = nnx.split(model)
         self.batch_size, self.length_bucket = batch_size, length_bucket
         self.vocab_size = model.cfg.vocab_size
-        self._fn = jax.jit(functools.partial(_gather_logprobs, self.graphdef))
+        self.min_shared_prefix = min_shared_prefix
+        max_length = max_length or model.cfg.max_position_embeddings
+        # bucketed prefix + bucketed suffix < max_length + 2 buckets
+        self.cache_len = _round_up(max_length, length_bucket) + 2 * length_bucket
+        self._plain = jax.jit(functools.partial(_gather_logprobs, self.graphdef))
+        self._prefill = jax.jit(functools.partial(_prefill_prefix, self.graphdef, self.cache_len))
+        self._suffix = jax.jit(functools.partial(_suffix_logprobs, self.graphdef))
 
-    def __call__(self, rows: list[Row], progress: bool = False, desc: str = "scoring"
+    def __call__(self, rows: list[Row], progress: bool = False, desc: str = "scoring", groups=None
                  ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per row: (log-probs [C, J] for its own C and J, argmax token ids [C])."""
         from tqdm import tqdm
 
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i].tokens))
-        out: list = [None] * len(rows)
+        jobs, plain = [], []  # (shared prefix length, row indices)
+        by_group: dict = {}
+        for i, g in enumerate(groups if groups is not None else [None] * len(rows)):
+            by_group.setdefault(g, []).append(i)
+        for g, idx in by_group.items():
+            P = 0
+            if g is not None and len(idx) > 1:
+                P = min(_common_prefix([rows[i].tokens for i in idx]), min(min(rows[i].query_pos) for i in idx))
+            if P >= self.min_shared_prefix:
+                jobs.append((P, idx))
+            else:
+                plain += idx
+        if plain:
+            jobs.append((0, plain))
         B = self.batch_size
-        batches = [order[s:s + B] for s in range(0, len(order), B)]
-        for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
-            batch = [rows[i] for i in idx]
-            T = _round_up(max(len(r.tokens) for r in batch), self.length_bucket)
-            C = _round_up(max(len(r.query_pos) for r in batch), 1 if all(len(r.query_pos) == 1 for r in batch) else 8)
-            J = max(len(q) for r in batch for q in r.query_ids)
-            tokens = np.zeros((B, T), np.int32)
-            lengths = np.ones((B,), np.int32)
-            qpos = np.zeros((B, C), np.int32)
-            qids = np.zeros((B, C, J), np.int32)
-            for b, r in enumerate(batch):
-                tokens[b, :len(r.tokens)] = r.tokens
-                lengths[b] = len(r.tokens)
-                qpos[b, :len(r.query_pos)] = r.query_pos
-                for c, ids in enumerate(r.query_ids):
-                    qids[b, c, :len(ids)] = ids
-            logp, top = jax.device_get(self._fn(self.state, tokens, lengths, qpos, qids))
-            for b, (i, r) in enumerate(zip(idx, batch)):
-                C_r = len(r.query_pos)
-                out[i] = (np.stack([logp[b, c, :len(r.query_ids[c])] for c in range(C_r)]), top[b, :C_r])
+        out: list = [None] * len(rows)
+        bar = tqdm(total=sum(math.ceil(len(idx) / B) for _, idx in jobs), desc=desc, disable=not progress,
+                   unit="batch")
+        for P, idx in jobs:
+            cache = None
+            if P:
+                Pb = _round_up(P, self.length_bucket)
+                prefix = np.zeros((1, Pb), np.int32)
+                prefix[0, :P] = rows[idx[0]].tokens[:P]
+                cache = self._prefill(self.state, prefix, np.int32(P))
+            order = sorted(idx, key=lambda i: -len(rows[i].tokens))
+            for s in range(0, len(order), B):
+                batch_idx = order[s:s + B]
+                self._run_batch(rows, batch_idx, P, cache, out)
+                bar.update(1)
+        bar.close()
         return out
+
+    def _run_batch(self, rows, batch_idx, P, cache, out):
+        B = self.batch_size
+        batch = [rows[i] for i in batch_idx]
+        T = _round_up(max(len(r.tokens) - P for r in batch), self.length_bucket)
+        C = _round_up(max(len(r.query_pos) for r in batch), 1 if all(len(r.query_pos) == 1 for r in batch) else 16)
+        J = max(len(q) for r in batch for q in r.query_ids)
+        tokens = np.zeros((B, T), np.int32)
+        lengths = np.ones((B,), np.int32)
+        qpos = np.zeros((B, C), np.int32)
+        qids = np.zeros((B, C, J), np.int32)
+        for b, r in enumerate(batch):
+            tokens[b, :len(r.tokens) - P] = r.tokens[P:]
+            lengths[b] = len(r.tokens) - P
+            qpos[b, :len(r.query_pos)] = np.asarray(r.query_pos) - P
+            for c, ids in enumerate(r.query_ids):
+                qids[b, c, :len(ids)] = ids
+        if P:
+            res = self._suffix(self.state, cache, np.int32(P), tokens, lengths, qpos, qids)
+        else:
+            res = self._plain(self.state, tokens, lengths, qpos, qids)
+        logp, top = jax.device_get(res)
+        for b, (i, r) in enumerate(zip(batch_idx, batch)):
+            C_r = len(r.query_pos)
+            out[i] = (np.stack([logp[b, c, :len(r.query_ids[c])] for c in range(C_r)]), top[b, :C_r])
 
 
 # -- evaluation ------------------------------------------------------------------------------
@@ -245,9 +346,10 @@ def _fit_prompt(tokenizer, template, item, demos, max_len: int, reserve: int) ->
 
 def evaluate(model, tokenizer, items: list[Item], pool: list[Item], template: PromptTemplate, *,
              shots: int, seeds=DEFAULT_SEEDS, scoring: str = "top_token", max_length: int | None = None,
-             batch_size: int = 8, length_bucket: int = 64, progress: bool = False, scorer: Scorer | None = None
-             ) -> tuple[dict, list[dict]]:
-    """Score `items` for every seed. Returns (summary, per-item records)."""
+             batch_size: int = 8, length_bucket: int = 64, progress: bool = False, scorer: Scorer | None = None,
+             share_prefix: bool = True) -> tuple[dict, list[dict]]:
+    """Score `items` for every seed. Returns (summary, per-item records). `share_prefix`: run each
+    seed's common prompt prefix (instruction + demonstrations) once into a KV cache."""
     if scoring not in SCORINGS:
         raise EvalError(f"unknown scoring {scoring!r}; known: {', '.join(SCORINGS)}")
     if shots < 0:
@@ -256,19 +358,21 @@ def evaluate(model, tokenizer, items: list[Item], pool: list[Item], template: Pr
         raise EvalError(f"--shots {shots} but the few-shot pool holds only {len(pool)} items")
     seeds = list(seeds) if shots > 0 else list(seeds)[:1]
     max_length = max_length or model.cfg.max_position_embeddings
-    scorer = scorer or Scorer(model, batch_size=batch_size, length_bucket=length_bucket)
+    scorer = scorer or Scorer(model, batch_size=batch_size, length_bucket=length_bucket, max_length=max_length)
     labels_all = sorted({lab for it in items for lab in it.labels})
     first = label_first_tokens(tokenizer, labels_all) if scoring == "top_token" else None
 
-    rows, meta = [], []  # meta[i] = (seed, item, prompt, labels of this row / option label)
+    rows, meta, groups = [], [], []  # meta[i] = (seed, item, prompt, option label or None)
     for seed in seeds:
         order = demo_order(pool, seed) if shots else None
         for item in items:
             demos = demos_for(item, pool, order, shots) if shots else []
+            group = (seed, tuple(d.id for d in demos)) if share_prefix else None
             if scoring == "top_token":
                 p = _fit_prompt(tokenizer, template, item, demos, max_length, 1)
                 rows.append(Row(p.ids, [len(p.ids) - 1], [[first[lab] for lab in item.labels]]))
                 meta.append((seed, item, p, None))
+                groups.append(group + (p.dropped, p.truncated) if group else None)
             else:
                 conts = {lab: tokenizer.encode(template.loglik_text(item, lab)) for lab in item.labels}
                 p = _fit_prompt(tokenizer, template, item, demos, max_length, max(len(c) for c in conts.values()))
@@ -276,7 +380,8 @@ def evaluate(model, tokenizer, items: list[Item], pool: list[Item], template: Pr
                     n = len(p.ids)
                     rows.append(Row(p.ids + cont, list(range(n - 1, n - 1 + len(cont))), [[t] for t in cont]))
                     meta.append((seed, item, p, lab))
-    results = scorer(rows, progress=progress, desc=f"{scoring} x{len(rows)}")
+                    groups.append(group + (p.dropped, p.truncated) if group else None)
+    results = scorer(rows, progress=progress, desc=f"{scoring} x{len(rows)}", groups=groups)
 
     per_item: dict[tuple, dict] = {}
     for (seed, item, p, lab), (logp, top) in zip(meta, results):
