@@ -246,3 +246,18 @@ def _other_vocab_tokenizer(tmp_path):
     d = tmp_path / "tok2"
     d.mkdir(exist_ok=True)
     return train_tiny_tokenizer(str(d), vocab_size=500)
+
+
+def test_hf_tokenizer_dir_brings_added_tokens(env, tmp_path):
+    from meditron_jax.eval import loader
+    import shutil
+    shutil.copy(env["tok_path"], tmp_path / "tokenizer.model")
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"<|im_end|>": 601, "<|im_start|>": 600}))
+    tok = loader.load_tokenizer(str(tmp_path))
+    assert tok.vocab_size == 602 and tok.encode("<|im_start|>x")[0] == 600
+    assert loader.load_tokenizer(str(tmp_path / "tokenizer.model")).vocab_size == 602
+    with pytest.raises(loader.LoadError, match="602 tokens but the checkpoint's vocab is 600"):
+        loader.check_vocab(tok, env["cfg"], "tok")
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"<x>": 605}))
+    with pytest.raises(loader.LoadError, match="do not follow the base vocab 600"):
+        loader.load_tokenizer(str(tmp_path))

@@ -97,7 +97,7 @@ def run_ppl(args) -> int:
     if not os.path.exists(args.checkpoint):
         raise loader.LoadError(f"{args.checkpoint}: no such checkpoint or model directory")
     tok = loader.load_tokenizer(args.tokenizer) if args.tokenizer else None
-    fingerprint = tok.fingerprint if tok else loader.recorded_tokenizer(args.checkpoint, args.step)[1]
+    fingerprint = tok.fingerprint if tok else loader.recorded_tokenizer(args.checkpoint, args.step).get("fingerprint")
     model = from_pretrained(args.checkpoint, dtype=args.dtype, step=args.step)
     if tok is not None:
         loader.check_vocab(tok, model.cfg, args.tokenizer)

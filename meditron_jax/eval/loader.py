@@ -8,6 +8,7 @@ tokenization (`meditron_jax.data.tokenizer`).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -23,53 +24,87 @@ def add_model_arguments(parser, tokenizer_required: bool = False):
                         help="meditron-jax workdir / checkpoint dir, or a Hugging Face model dir")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     parser.add_argument("--tokenizer", default=None,
-                        help="SentencePiece .model (default: the one the checkpoint recorded, or the HF dir's)")
+                        help="SentencePiece .model or an HF tokenizer dir (adds its added tokens); default: "
+                             "the one the checkpoint recorded, or the HF model dir's own")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="compute dtype (default: the checkpoint's config)")
 
 
-def recorded_tokenizer(checkpoint: str, step: int | None = None) -> tuple[str | None, str | None]:
-    """(path, fingerprint) the checkpoint records, or (None, None)."""
+def hf_added_tokens(directory: str, base_vocab: int) -> list[str]:
+    """Tokens an HF tokenizer dir adds after the SentencePiece vocab (added_tokens.json or
+    tokenizer_config.json's added_tokens_decoder), in id order; ids must run on from base_vocab."""
+    by_id = {}
+    path = os.path.join(directory, "added_tokens.json")
+    cfg_path = os.path.join(directory, "tokenizer_config.json")
+    try:
+        if os.path.isfile(path):
+            with open(path) as f:
+                by_id = {int(i): t for t, i in json.load(f).items()}
+        elif os.path.isfile(cfg_path):
+            with open(cfg_path) as f:
+                dec = json.load(f).get("added_tokens_decoder") or {}
+            by_id = {int(i): v["content"] for i, v in dec.items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise LoadError(f"{directory}: unreadable added-token file ({e})") from None
+    extra = sorted(i for i in by_id if i >= base_vocab)
+    if extra != list(range(base_vocab, base_vocab + len(extra))):
+        raise LoadError(f"{directory}: added token ids {extra[:5]}... do not follow the base vocab {base_vocab}")
+    return [by_id[i] for i in extra]
+
+
+def recorded_tokenizer(checkpoint: str, step: int | None = None) -> dict:
+    """What the checkpoint says about its tokenizer: {path, fingerprint, added_tokens} (maybe empty).
+    For an HF dir: its tokenizer.model (added tokens are read when it is loaded)."""
     if os.path.isfile(os.path.join(checkpoint, "config.json")):  # Hugging Face directory
         path = os.path.join(checkpoint, "tokenizer.model")
-        return (path if os.path.isfile(path) else None), None
+        return {"path": path} if os.path.isfile(path) else {}
     try:
         from meditron_jax.checkpoint import read_meta
     except ImportError:
-        return None, None
+        return {}
     tok = read_meta(checkpoint, step).get("tokenizer") or {}
-    if isinstance(tok, str):
-        return tok, None
-    return tok.get("path"), tok.get("fingerprint")
+    return {"path": tok} if isinstance(tok, str) else dict(tok)
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, added_tokens=None):
+    """A SentencePiece .model file, or an HF tokenizer dir (tokenizer.model + its added tokens)."""
     from meditron_jax.data.tokenizer import Tokenizer
 
+    directory = None
+    if os.path.isdir(path):
+        directory, path = path, os.path.join(path, "tokenizer.model")
+    elif os.path.isfile(path) and added_tokens is None:
+        directory = os.path.dirname(os.path.abspath(path))  # tokenizer.model inside an HF dir
+        if not os.path.isfile(os.path.join(directory, "added_tokens.json")) and not os.path.isfile(
+                os.path.join(directory, "tokenizer_config.json")):
+            directory = None
     if not os.path.isfile(path):
         raise LoadError(f"{path}: tokenizer file not found")
-    return Tokenizer(path)
+    if added_tokens is None and directory is not None:
+        added_tokens = hf_added_tokens(directory, Tokenizer(path).base_vocab_size)
+    return Tokenizer(path, tuple(added_tokens or ()))
 
 
 def resolve_tokenizer(checkpoint: str, tokenizer: str | None, step: int | None = None):
-    rec_path, rec_fp = recorded_tokenizer(checkpoint, step)
-    path = tokenizer or rec_path
+    rec = recorded_tokenizer(checkpoint, step)
+    path = tokenizer or rec.get("path")
     if path is None:
         raise LoadError(f"{checkpoint} records no tokenizer; pass --tokenizer FILE.model")
-    if tokenizer is None and not os.path.isfile(path):
+    if tokenizer is None and not os.path.exists(path):
         raise LoadError(f"{checkpoint} records tokenizer {path}, which does not exist here; pass --tokenizer")
-    tok = load_tokenizer(path)
+    tok = load_tokenizer(path, rec.get("added_tokens") or None)
     fp = getattr(tok, "fingerprint", None)
-    if rec_fp and fp and rec_fp != fp:
-        print(f"warning: tokenizer {path} (fingerprint {fp}) is not the one {checkpoint} was trained with "
-              f"({rec_fp})", file=sys.stderr)
+    if rec.get("fingerprint") and fp and rec["fingerprint"] != fp:
+        print(f"warning: tokenizer {path} (fingerprint {fp[:12]}) is not the one {checkpoint} was trained with "
+              f"({rec['fingerprint'][:12]})", file=sys.stderr)
     return tok
 
 
 def check_vocab(tokenizer, cfg, tokenizer_name: str = "tokenizer"):
     if tokenizer.vocab_size != cfg.vocab_size:
         raise LoadError(f"{tokenizer_name} has {tokenizer.vocab_size} tokens but the checkpoint's vocab is "
-                        f"{cfg.vocab_size}; pass the tokenizer the model was trained with")
+                        f"{cfg.vocab_size}; pass the tokenizer the model was trained with (an HF dir brings "
+                        "its added tokens, e.g. Meditron's 17)")
 
 
 def load(args):
