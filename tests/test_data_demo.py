@@ -37,3 +37,14 @@ def test_generated_text_is_varied_and_licensed():
     assert len(set(generate_documents("replay", 200))) > 150
     note = resources.files("meditron_jax").joinpath("demo/LICENSE.md").read_text()
     assert "written for" in note and "Apache-2.0" in note
+
+
+def test_concurrent_builders_agree(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    small = (120, 80)
+    with ThreadPoolExecutor(3) as ex:
+        results = list(ex.map(lambda _: prepare_demo(tmp_path / "shared", documents=small), range(3)))
+    assert results[0] == results[1] == results[2]
+    assert Tokenizer(results[0]["tokenizer"]).vocab_size <= 2048
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shared"]

@@ -151,11 +151,8 @@ def prepare_demo(out_dir: str | os.PathLike, documents: tuple[int, int] = (3000,
     from meditron_jax.data.tokenizer import train_tokenizer
 
     out = Path(out_dir)
-    marker = out / "demo.json"
-    if marker.is_file():
-        info = json.loads(marker.read_text())
-        if info.get("version") == DEMO_VERSION and info.get("documents") == list(documents):
-            return _paths(out)
+    if _finished(out, documents):
+        return _paths(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -176,16 +173,26 @@ def prepare_demo(out_dir: str | os.PathLike, documents: tuple[int, int] = (3000,
             (tmp / src / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
         (tmp / "demo.json").write_text(json.dumps({"version": DEMO_VERSION, "documents": list(documents),
                                                    "licence": "see meditron_jax/demo/LICENSE.md"}) + "\n")
+        if _finished(out, documents):  # another process finished first: use its build
+            return _paths(out)
         if out.exists():  # an outdated build
             shutil.rmtree(out, ignore_errors=True)
         try:
             os.rename(tmp, out)
-        except OSError:  # another process finished first: use its build
-            if not marker.is_file():
+        except OSError:  # another process renamed its build in between: use it
+            if not _finished(out, documents):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return _paths(out)
+
+
+def _finished(out: Path, documents) -> bool:
+    try:
+        info = json.loads((out / "demo.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return info.get("version") == DEMO_VERSION and info.get("documents") == list(documents)
 
 
 def _paths(out: Path) -> dict:

@@ -466,6 +466,13 @@ def build_pipeline(seq_len: int, global_batch_size: int, seed: int, process_inde
         from meditron_jax.data.demo import prepare_demo
 
         root = os.path.join(workdir, "demo_data") if workdir else os.path.join(tempfile.gettempdir(), "meditron-jax-demo")
+        import jax  # in a real multi-process run, process 0 builds the demo and the others wait
+
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            if jax.process_index() == 0:
+                prepare_demo(root)
+            multihost_utils.sync_global_devices("meditron_jax.data.demo")
         demo = prepare_demo(root)
         sources, tokenizer = demo["sources"], tokenizer or demo["tokenizer"]
         weights = weights if weights is not None else demo["weights"]

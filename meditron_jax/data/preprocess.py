@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -140,6 +141,14 @@ def _encode_chunk(job: tuple[str, int, bytes, str, str]) -> tuple[np.ndarray, np
     return lengths, flat, empty, len(chunk)
 
 
+def _start_method() -> str:
+    """fork is fast (no re-import of the main module) but unsafe once the process has threads
+    (JAX runtime, grain prefetch); then use forkserver."""
+    if os.name != "posix":
+        return "spawn"
+    return "fork" if threading.active_count() == 1 else "forkserver"
+
+
 # -- output -------------------------------------------------------------------------------------
 class _ShardWriter:
     """Writes documents into `tokens-00000.arrayrecord`, ... rolling over every `shard_tokens`."""
@@ -234,7 +243,7 @@ def _run(inputs, tok, tmp: Path, text_key, workers, dtype, progress, chunk_bytes
             _init_worker(tok.path, tok.added_tokens)
             results = map(_encode_chunk, jobs)
         else:
-            ctx = multiprocessing.get_context("spawn" if os.name != "posix" else "forkserver")
+            ctx = multiprocessing.get_context(_start_method())
             pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tok.path, tok.added_tokens))
             results = pool.imap(_encode_chunk, jobs, chunksize=1)
         for lengths, flat, n_empty, nbytes in results:
@@ -247,10 +256,14 @@ def _run(inputs, tok, tmp: Path, text_key, workers, dtype, progress, chunk_bytes
             elapsed = max(time.perf_counter() - start, 1e-9)
             bar.update(nbytes)
             bar.set_postfix_str(f"{docs / elapsed:,.0f} docs/s, {tokens / elapsed:,.0f} tok/s", refresh=False)
+        if pool is not None:  # finished: let the workers exit on their own
+            pool.close()
+            pool.join()
+            pool = None
     finally:
         bar.close()
         writer.close()
-        if pool is not None:
+        if pool is not None:  # an error: stop the workers now
             pool.terminate()
             pool.join()
     if docs == 0:
