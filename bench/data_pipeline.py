@@ -45,7 +45,7 @@ def bench_preprocess(tok_path: str, inputs: list[str], workers: int, tmp: Path) 
     """Wall-clock rates, and CPU work: raw SentencePiece's CPU seconds (all its threads) against the
     1-worker preprocess run's (read + parse + encode + write, all in this process). The CPU ratio
     does not depend on how busy a shared machine is; with N idle cores both rates scale ~N-fold."""
-    texts = [t for f in inputs for _, t in iter_jsonl_texts(f)]
+    texts = [t for f in inputs for t in iter_jsonl_texts(f)]
     tok = Tokenizer(tok_path)
     sp = tok.sp
     sp.encode(texts[:100], num_threads=workers)

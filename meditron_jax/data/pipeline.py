@@ -220,6 +220,8 @@ class DataIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
+        if self._it is None:
+            raise RuntimeError("this data iterator was closed")
         return next(self._it)
 
     def get_state(self) -> dict:

@@ -112,12 +112,11 @@ def parse_jsonl_chunk(path: str, first_line: int, chunk: bytes, text_key: str) -
     return texts, empty
 
 
-def iter_jsonl_texts(path: str, text_key: str = "text") -> Iterator[tuple[int, str]]:
-    """(line number, text) of each non-empty document of a JSONL file (for small inputs)."""
+def iter_jsonl_texts(path: str, text_key: str = "text") -> Iterator[str]:
+    """The text of each non-empty document of a JSONL file, in order (errors name file and line)."""
     for p, first, chunk in read_chunks(str(path)):
         texts, _ = parse_jsonl_chunk(p, first, chunk, text_key)
-        for t in texts:
-            yield first, t
+        yield from texts
 
 
 # -- workers ------------------------------------------------------------------------------------

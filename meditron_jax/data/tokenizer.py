@@ -179,7 +179,7 @@ def train_tokenizer(
         if not os.path.isfile(f):
             raise UserError(f"input file {f} does not exist")
         if text_key is not None or f.endswith((".jsonl", ".jsonl.gz", ".json")):
-            for _, text in iter_jsonl_texts(f, text_key or "text"):
+            for text in iter_jsonl_texts(f, text_key or "text"):
                 sentences.extend(line for line in text.split("\n") if line.strip())
         else:
             try:
