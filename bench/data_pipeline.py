@@ -112,17 +112,18 @@ def bench_packing(tok_path: str, tmp: Path, seq_len: int, global_batch: int, bat
     it = build_pipeline(seq_len, global_batch, seed=0, config=cfg).train_iterator()
     for _ in range(3):
         next(it)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     real = 0.0
     for _ in range(batches):
         b = next(it)
         real += float((b["segment_ids"] > 0).sum())
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     it.close()
     n = batches * global_batch * seq_len
     return {"seq_len": seq_len, "global_batch": global_batch, "batches": batches, "weights": weights,
             "mean_doc_tokens": {n_: m for n_, (_, m) in GAP_REPLAY.items()},
-            "packed_tokens_per_s": round(n / dt), "padding_fraction": round(1 - real / n, 5)}
+            "packed_tokens_per_s": round(n / dt), "packed_tokens_per_cpu_s": round(n / cpu),
+            "padding_fraction": round(1 - real / n, 5), "load_average_1min": round(os.getloadavg()[0], 2)}
 
 
 def main(argv=None) -> int:
