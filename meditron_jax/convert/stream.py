@@ -293,7 +293,8 @@ class CheckpointReader:
     def _store(self, name: str) -> ts.TensorStore:
         if name not in self._open:
             info = ocp.type_handlers.ParamInfo(name=self._arrays[name], parent_dir=epath.Path(self.item),
-                                               is_ocdbt_checkpoint=self.use_ocdbt, use_zarr3=self.use_zarr3)
+                                               is_ocdbt_checkpoint=self.use_ocdbt, use_zarr3=self.use_zarr3,
+                                               ts_context=self._context)
             spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self.use_ocdbt)
             spec["recheck_cached_data"] = "open"
             try:
