@@ -66,6 +66,9 @@ def run_mcq(args) -> int:
         raise tasks.TaskDataError("medmcqa needs --cop-base 0|1 (the Hugging Face copy is 0-based, "
                                   "the original files 1-based)")
     seeds = _parse_seeds(args.seeds)
+    for path in (args.out, args.records):  # fail before the (long) evaluation, not after it
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise loader.LoadError(f"{path}: directory {os.path.dirname(os.path.abspath(path))} does not exist")
     prompts = mcq.load_prompts(args.prompts)
     template = mcq.PromptTemplate.for_task(task, prompts)
     kw = dict(cop_base=args.cop_base or 0, context_joiner=template.context_joiner, subjects=list(template.subjects))

@@ -228,6 +228,8 @@ def run(args) -> int:
     from meditron_jax.eval import loader
 
     prompts = args.prompt if args.prompt else read_prompts(args.prompt_file)
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise GenerateError(f"{args.out}: directory {os.path.dirname(os.path.abspath(args.out))} does not exist")
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     model, tok = loader.load(args)
     ids = [tok.encode(p, bos=True) for p in prompts]
