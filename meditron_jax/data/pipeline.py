@@ -117,7 +117,7 @@ class _ReadDocuments:
         self._readers = readers
         self._dtypes = dtypes
 
-    def __call__(self, pairs: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+    def __call__(self, pairs: Sequence[tuple[int, int]]) -> list[dict[str, np.ndarray]]:
         by_source: dict[int, list[int]] = {}
         for k, (s, _) in enumerate(pairs):
             by_source.setdefault(s, []).append(k)
