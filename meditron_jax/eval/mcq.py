@@ -362,16 +362,16 @@ def evaluate(model, tokenizer, items: list[Item], pool: list[Item], template: Pr
     labels_all = sorted({lab for it in items for lab in it.labels})
     first = label_first_tokens(tokenizer, labels_all) if scoring == "top_token" else None
 
-    rows, meta, groups = [], [], []  # meta[i] = (seed, item, prompt, option label or None)
+    rows, meta, groups = [], [], []  # meta[i] = (seed, item index, item, prompt, option label or None)
     for seed in seeds:
         order = demo_order(pool, seed) if shots else None
-        for item in items:
+        for k, item in enumerate(items):
             demos = demos_for(item, pool, order, shots) if shots else []
             group = (seed, tuple(d.id for d in demos)) if share_prefix else None
             if scoring == "top_token":
                 p = _fit_prompt(tokenizer, template, item, demos, max_length, 1)
                 rows.append(Row(p.ids, [len(p.ids) - 1], [[first[lab] for lab in item.labels]]))
-                meta.append((seed, item, p, None))
+                meta.append((seed, k, item, p, None))
                 groups.append(group + (p.dropped, p.truncated) if group else None)
             else:
                 conts = {lab: tokenizer.encode(template.loglik_text(item, lab)) for lab in item.labels}
@@ -379,13 +379,13 @@ def evaluate(model, tokenizer, items: list[Item], pool: list[Item], template: Pr
                 for lab, cont in conts.items():
                     n = len(p.ids)
                     rows.append(Row(p.ids + cont, list(range(n - 1, n - 1 + len(cont))), [[t] for t in cont]))
-                    meta.append((seed, item, p, lab))
+                    meta.append((seed, k, item, p, lab))
                     groups.append(group + (p.dropped, p.truncated) if group else None)
     results = scorer(rows, progress=progress, desc=f"{scoring} x{len(rows)}", groups=groups)
 
     per_item: dict[tuple, dict] = {}
-    for (seed, item, p, lab), (logp, top) in zip(meta, results):
-        rec = per_item.setdefault((seed, item.id), {
+    for (seed, k, item, p, lab), (logp, top) in zip(meta, results):
+        rec = per_item.setdefault((seed, k), {
             "seed": seed, "id": item.id, "gold": item.gold, "scores": {}, "prompt_tokens": len(p.ids),
             "demos": p.n_demos, "demos_dropped": p.dropped, "truncated_tokens": p.truncated,
             **({"subject": item.subject} if item.subject else {})})
