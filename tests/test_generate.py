@@ -60,6 +60,7 @@ def test_greedy_matches_transformers_single_and_batch(env):
     batch = gen.generate(prompts, NEW, eos_id=None)  # unequal lengths, left padded
     assert batch == _hf_greedy(hf, prompts, NEW)
     assert batch == [gen.generate([p], NEW, eos_id=None)[0] for p in prompts]
+    assert gen.generate(prompts, NEW, eos_id=None, batch_size=2) == batch  # chunks + a padding row
 
 
 def test_kv_cache_equals_recomputation(env):
