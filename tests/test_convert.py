@@ -317,6 +317,25 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, hf_dir, imported, kind):
     assert not _leftovers(tmp_path)
 
 
+def test_error_mid_stream_leaves_nothing(tmp_path, capfd, hf_dir, monkeypatch):
+    """A read failing after validation (e.g. a disk error) mid-import: one line, exit 2, and the
+    partial checkpoint (writes still in flight included) is removed."""
+    from meditron_jax.convert import io as cio
+    read = cio.HFWeights.read
+
+    def failing(self, name):
+        if "layers.1.mlp" in name:
+            raise cio.ConversionError(f"{self.directory}: simulated read failure of {name}")
+        return read(self, name)
+
+    monkeypatch.setattr(cio.HFWeights, "read", failing)
+    capfd.readouterr()
+    assert main(["import", "--from", "hf", str(hf_dir), "--out", str(tmp_path / "out")]) == 2
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "simulated read failure" in err.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists() and not _leftovers(tmp_path)
+
+
 def test_cli_subprocess(tmp_path, hf_dir):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, "-m", "meditron_jax", "import", "--from", "hf", str(hf_dir),

@@ -80,10 +80,12 @@ def _blocks(name: str, cfg: LlamaConfig, weights, src: str) -> Iterator[tuple[tu
     shape = param_shapes(cfg)[name]
     stacked = name in hf.STACKED
     for layer, key in enumerate(hf.hf_names(name, cfg)):
+        w = weights.read(key)  # its errors name the file
         try:
-            view = hf.layout_view(name, weights.read(key), cfg)
+            view = hf.layout_view(name, w, cfg)
         except ConversionError as e:
             raise ConversionError(f"{src}: {e}") from None
+        del w
         for idx in block_indices(name, shape, layer if stacked else None):
             sub = idx[1:] if stacked else idx
             full = shape[1:] if stacked else shape

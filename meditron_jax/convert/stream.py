@@ -169,6 +169,14 @@ class _StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
         self.error: BaseException | None = None
 
     async def _write_all(self, values, infos, args):
+        pending: deque = deque()
+
+        async def finish_one():
+            fut, n = pending.popleft()
+            await fut
+            if self.bar is not None:
+                self.bar.update(n)
+
         try:
             for value, info, arg in zip(values, infos, args):
                 await info.await_path_creation()
@@ -180,21 +188,23 @@ class _StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
                 if "compressor" in spec.get("metadata", {}):  # zarr v2 (Orbax's default format)
                     spec["metadata"]["compressor"] = dict(IMPORT_COMPRESSOR)
                 t = await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
-                pending: deque = deque()
                 for idx, block in value.blocks():
                     pending.append((t[idx].write(block), block.nbytes))
                     if len(pending) >= IN_FLIGHT:
-                        fut, n = pending.popleft()
-                        await fut
-                        if self.bar is not None:
-                            self.bar.update(n)
+                        await finish_one()
                     await asyncio.sleep(0)
                 while pending:
-                    fut, n = pending.popleft()
+                    await finish_one()
+        except UserError as e:
+            # A bad source tensor: stop, let the writes in flight land in the temporary
+            # directory (deleted by write_checkpoint, which raises this as the one-line error).
+            self.error = e
+            for fut, _ in pending:
+                try:
                     await fut
-                    if self.bar is not None:
-                        self.bar.update(n)
-        except BaseException as e:  # surfaced by write_checkpoint (Orbax wraps it otherwise)
+                except Exception:  # noqa: BLE001 - the first error is the one reported
+                    pass
+        except BaseException as e:
             self.error = e
             raise
 
@@ -239,13 +249,10 @@ def write_checkpoint(out: str, params: dict[str, StreamedArray], meta: dict, ove
             with ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=registry)) as ckptr:
                 ckptr.save(epath.Path(tmp) / "0", args=ocp.args.Composite(
                     params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
-        except Exception:
-            err = handler.leaf_handler.error
-            if isinstance(err, UserError):
-                raise err from None
-            raise
         finally:
             bar.close()
+        if isinstance(handler.leaf_handler.error, UserError):
+            raise handler.leaf_handler.error
         commit_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
