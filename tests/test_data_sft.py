@@ -113,3 +113,13 @@ def test_long_examples_keep_their_end(tok):
     cut = _truncate(arr, 64)
     assert len(cut) == 64 and cut[-1, 1] == tok.eos_id
     assert cut[:, 1][cut[:, 2] == 1].tolist() == tok.encode("amlodipine") + [tok.eos_id]
+
+
+def test_missing_or_empty_sft_file_is_a_user_error(tmp_path):
+    cfg = DataConfig(sft_files=(str(tmp_path / "nope.jsonl"),), tokenizer=trained_tokenizer_path())
+    with pytest.raises(SFTDataError, match="nope.jsonl does not exist"):
+        build_pipeline(64, 2, seed=0, config=cfg)
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    cfg = DataConfig(sft_files=(str(tmp_path / "empty.jsonl"),), tokenizer=trained_tokenizer_path())
+    with pytest.raises(SFTDataError, match="empty.jsonl has no examples"):
+        build_pipeline(64, 2, seed=0, config=cfg)
