@@ -10,7 +10,8 @@ and restoring onto any mesh (Orbax reshards to the target shardings given).
 Does not own: what the train state contains (train.py), conversion (convert/).
 
 Saves are asynchronous; Orbax writes into a temporary directory and renames it when the
-save commits, so a listed step is always complete.
+save commits, so a listed step is always complete; the manager deletes leftover temporary
+directories of interrupted saves when it opens (`cleanup_tmp_directories`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ ITEMS = ("params", "opt_state", "data", "meta")
 
 class CheckpointError(UserError):
     """A checkpoint the user pointed at is missing, unreadable or does not fit the model."""
+
+
+class CheckpointUnreadable(CheckpointError):
+    """Torn or corrupted checkpoint files (a resume falls back to an older step)."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """A readable checkpoint whose shapes disagree with the model config (a configuration error)."""
 
 
 @gin.configurable("checkpoint")
@@ -122,28 +131,29 @@ def restore_params(path: str, abstract_params: Any, step: int | None = None):
     """Restore the params item onto the shardings of `abstract_params` (ShapeDtypeStructs)."""
     root, step = resolve(path, step)
     step_dir = os.path.join(root, str(step), "params")
-    _check_shapes(step_dir, abstract_params)
+    check_shapes(step_dir, abstract_params)
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(step_dir, abstract_params)
 
 
-def _check_shapes(item_dir: str, abstract: Any):
+def check_shapes(item_dir: str, abstract: Any):
+    """Compares the stored shapes of a PyTree item with `abstract`, reading only metadata."""
     try:
         with ocp.StandardCheckpointer() as ckptr:
             stored = ckptr.metadata(item_dir)
         stored = getattr(stored, "item_metadata", stored)
         stored = getattr(stored, "tree", stored)
     except Exception as e:  # unreadable metadata
-        raise CheckpointError(f"{item_dir}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointUnreadable(f"{item_dir}: unreadable checkpoint ({type(e).__name__}: {e})") from None
     want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(abstract)}
     have = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(stored)
             if hasattr(v, "shape")}
     missing = sorted(set(want) - set(have))
     if missing:
-        raise CheckpointError(f"{item_dir}: checkpoint lacks {missing[:3]}")
+        raise CheckpointMismatch(f"{item_dir}: checkpoint lacks {missing[:3]}")
     for k, shape in want.items():
         if tuple(shape) != have[k]:
-            raise CheckpointError(f"{item_dir}: {k} has shape {have[k]} in the checkpoint, "
+            raise CheckpointMismatch(f"{item_dir}: {k} has shape {have[k]} in the checkpoint, "
                                   f"the model config expects {tuple(shape)}")
 
 

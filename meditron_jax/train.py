@@ -7,8 +7,18 @@ checkpoint cadence and graceful preemption. Does not own: the step's math (train
 layouts (sharding.py), the data pipeline (data/) or the checkpoint format (checkpoint.py).
 
 Exit status: 0 finished; 2 a user error (one line on stderr); 3 stopped after
-`train.max_bad_steps` consecutive non-finite steps; 75 preempted by SIGTERM/SIGINT after
-saving a checkpoint (rerun the same command to resume). A second signal aborts at once (130).
+`train.max_bad_steps` consecutive non-finite steps (or a non-finite state about to be saved:
+it never is); 75 preempted by SIGTERM/SIGINT after saving a checkpoint (rerun the same
+command to resume). A second signal aborts at once (130). When another process of a
+multi-host run dies, the JAX coordination service terminates the survivors within
+`--heartbeat_timeout_s` (+ a few seconds) with a non-zero status (SIGABRT).
+
+Resume (docs/reliability.md): the newest checkpoint that restores is used; an unreadable newer
+one is named in a warning and moved to `WORKDIR/checkpoints_unreadable/`. If checkpoints exist
+but none restores, the run refuses to start unless `--restart-from-scratch`. On resume,
+`metrics.jsonl` records beyond the restored step (written by the interrupted run after its last
+checkpoint, or a torn last line) move to `metrics.dropped.jsonl`, so `metrics.jsonl` holds
+each step once and equals an uninterrupted run's record for record (timings aside).
 """
 
 from __future__ import annotations
@@ -60,6 +70,7 @@ class TrainConfig:
     poison_steps: tuple = ()
     wandb_project: str | None = None
     progress: bool = True
+    tensorboard: bool = True
 
 
 @gin.configurable("train")
@@ -68,11 +79,12 @@ def train_config(steps: int = gin.REQUIRED, micro_batch_size: int = gin.REQUIRED
                  checkpoint_every: int = 1000, log_every: int = 10, init_from: str | None = None,
                  eval_every: int = 0, eval_batches: int = 4, max_bad_steps: int = 10,
                  spike_threshold: float | None = None, loss_chunk: int | None = None,
-                 poison_steps=(), wandb_project: str | None = None, progress: bool = True) -> TrainConfig:
+                 poison_steps=(), wandb_project: str | None = None, progress: bool = True,
+                 tensorboard: bool = True) -> TrainConfig:
     """gin `train.*`. `poison_steps` (tests only) makes those steps' loss NaN (fault injection)."""
     return TrainConfig(steps, micro_batch_size, global_batch_size, seq_len, seed, checkpoint_every, log_every,
                        init_from, eval_every, eval_batches, max_bad_steps, spike_threshold, loss_chunk,
-                       tuple(poison_steps), wandb_project, progress)
+                       tuple(poison_steps), wandb_project, progress, tensorboard)
 
 
 # ---------------------------------------------------------------------------------------
@@ -109,6 +121,12 @@ def _gin_call(fn):
 
 def validate(tc: TrainConfig, cfg: LlamaConfig, sizes: dict, workdir: str):
     """Every user-caused inconsistency, before any compile or write. One line each."""
+    validate_shapes(tc, cfg, sizes)
+    check_workdir(workdir)
+
+
+def validate_shapes(tc: TrainConfig, cfg: LlamaConfig, sizes: dict):
+    """Batch, mesh and model sizes agree (also used by `plan`)."""
     dp = sizes["data"] * sizes["fsdp"]
     if tc.steps < 1:
         raise UserError(f"train.steps must be >= 1, got {tc.steps}")
@@ -131,7 +149,6 @@ def validate(tc: TrainConfig, cfg: LlamaConfig, sizes: dict, workdir: str):
                         f"{cfg.max_position_embeddings}")
     if tc.loss_chunk and tc.seq_len % tc.loss_chunk:
         raise UserError(f"train.seq_len {tc.seq_len} is not divisible by train.loss_chunk {tc.loss_chunk}")
-    check_workdir(workdir)
 
 
 def check_workdir(workdir: str, needed_bytes: int = 0):
@@ -152,10 +169,17 @@ def check_workdir(workdir: str, needed_bytes: int = 0):
 # ---------------------------------------------------------------------------------------
 # multi-host
 
-def init_distributed(coordinator_address=None, num_processes=None, process_id=None, timeout_s=300):
-    """jax.distributed.initialize from flags, or auto-detected (SLURM, Open MPI), or not at all."""
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+def init_distributed(coordinator_address=None, num_processes=None, process_id=None, timeout_s=300,
+                     heartbeat_timeout_s=60, shutdown_timeout_s=30):
+    """jax.distributed.initialize from flags, or auto-detected (SLURM, Open MPI), or not at all.
+
+    A process that stops sending heartbeats for `heartbeat_timeout_s` is declared dead and the
+    coordination service terminates every other process (instead of leaving them blocked in a
+    collective forever); at exit a process waits at most `shutdown_timeout_s` for the others.
+    """
+    # CPU collectives across processes go through gloo (only affects the CPU backend). Must not
+    # touch the backend here: jax.distributed.initialize has to come before any device query.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs = {}
     if coordinator_address:
         if num_processes is None or process_id is None:
@@ -165,7 +189,8 @@ def init_distributed(coordinator_address=None, num_processes=None, process_id=No
     elif not (int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1):
         return
     try:
-        jax.distributed.initialize(initialization_timeout=timeout_s, **kwargs)
+        jax.distributed.initialize(initialization_timeout=timeout_s, heartbeat_timeout_seconds=heartbeat_timeout_s,
+                                   shutdown_timeout_seconds=shutdown_timeout_s, **kwargs)
     except Exception as e:
         raise UserError(f"cannot join the JAX cluster ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
     if num_processes is not None and jax.process_count() != num_processes:
@@ -180,13 +205,21 @@ class _Preemption:
 
     def __init__(self):
         self.requested = False
+        self._previous = {}
 
     def install(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handler)
+            self._previous[sig] = signal.signal(sig, self._handler)
+
+    def uninstall(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
     def _handler(self, signum, frame):
         if self.requested:
+            print(f"\nreceived {signal.Signals(signum).name} again: aborting now (the newest committed "
+                  "checkpoint is kept)", file=sys.stderr, flush=True)
             os._exit(130)
         self.requested = True
         print(f"\nreceived {signal.Signals(signum).name}: checkpointing after this step "
@@ -200,17 +233,16 @@ def layers_fn_for(cfg: LlamaConfig, mesh):
     return pipeline.layers_fn(mesh)
 
 
-def build_state(cfg, tc, tx, mesh, rules, zero1, workdir, manager):
+def build_state(cfg, tc, tx, mesh, rules, zero1, workdir, manager, restart_from_scratch=False):
     """Returns (state, start_step, data_state, state_shardings)."""
     abstract_params = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in param_shapes(cfg).items()}
     abstract_state = jax.eval_shape(lambda p: init_state(p, tx), abstract_params)
     state_sh = state_shardings(cfg, tx, mesh, rules, zero1)
-    steps = manager.all_steps()
-    if steps:
-        step = max(steps)
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              abstract_state, state_sh)
-        state, data_state = restore_train_state(manager, step, target, workdir)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract_state, state_sh)
+    resumed = restore_newest_readable(manager, target, workdir, restart_from_scratch)
+    if resumed is not None:
+        state, step, data_state = resumed
         return state, step, data_state, state_sh
     init = jax.jit(lambda p: init_state(p, tx), out_shardings=state_sh)
     if tc.init_from:
@@ -250,25 +282,121 @@ def nnx_params(cfg: LlamaConfig, seed):
     return Llama(cfg, rngs=nnx.Rngs(params=jax.random.key(seed))).params()
 
 
-def restore_train_state(manager, step, target, workdir):
+def restore_train_state(manager, step, target):
+    """(state, data iterator state) of checkpoint `step`; raises whatever Orbax raises."""
     import orbax.checkpoint as ocp
-    try:
-        restored = manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(target["params"]),
-            opt_state=ocp.args.StandardRestore(target["opt_state"]),
-            data=ocp.args.JsonRestore()))
-    except Exception as e:
-        raise UserError(f"{workdir}: cannot restore checkpoint step {step} "
-                        f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+    restored = manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(target["params"]),
+        opt_state=ocp.args.StandardRestore(target["opt_state"]),
+        data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+    if restored["data"] is None:
+        raise ValueError("the data iterator state is missing")
+    bad_streak = int((restored["meta"] or {}).get("bad_streak", 0))
     state = {"params": restored["params"], "opt_state": restored["opt_state"],
-             "step": jnp.asarray(step, jnp.int32), "bad_streak": jnp.zeros((), jnp.int32)}
+             "step": jnp.asarray(step, jnp.int32), "bad_streak": jnp.asarray(bad_streak, jnp.int32)}
     return state, restored["data"]
 
 
+def restore_newest_readable(manager, target, workdir, restart_from_scratch=False):
+    """(state, step, data state) from the newest checkpoint that restores, or None for a fresh start.
+
+    Only committed steps are candidates (Orbax renames a save's temporary directory when it
+    commits; leftovers are removed when the manager opens). A step that does not restore is
+    named in a warning and skipped; skipped steps are moved to WORKDIR/checkpoints_unreadable/
+    so later saves at those steps don't collide. Checkpoints that all fail refuse the start
+    unless `restart_from_scratch`. A readable checkpoint whose shapes disagree with the model
+    config is a configuration error, never skipped.
+    """
+    steps = sorted(manager.all_steps(), reverse=True)
+    root = ckpt.checkpoint_dir(workdir)
+    skipped = []
+    for step in steps:
+        try:
+            ckpt.check_shapes(os.path.join(root, str(step), "params"), target["params"])
+            state, data_state = restore_train_state(manager, step, target)
+        except ckpt.CheckpointMismatch as e:
+            raise UserError(f"cannot resume from {workdir}: {e}") from None
+        except Exception as e:  # torn or corrupted files: try the previous checkpoint
+            reason = " ".join(str(e).split(" See full TensorStore details")[0].split())[:200]
+            _warn(f"checkpoint step {step} in {root} is unreadable, skipping it ({type(e).__name__}: {reason})")
+            skipped.append(step)
+            continue
+        if skipped:
+            _warn(f"resuming from step {step}, not from the newest step {skipped[0]} (unreadable steps "
+                  f"{sorted(skipped)} moved to {_quarantine_dir(workdir)})")
+            _quarantine(manager, workdir, skipped)
+        return state, step, data_state
+    if steps and not restart_from_scratch:
+        raise UserError(f"{root}: none of the checkpoints {sorted(steps)} can be restored; refusing to start "
+                        f"from scratch (pass --restart-from-scratch to start over; they are then moved to "
+                        f"{_quarantine_dir(workdir)})")
+    if steps:
+        _warn(f"--restart-from-scratch: no readable checkpoint; starting at step 0, unreadable steps "
+              f"{sorted(steps)} moved to {_quarantine_dir(workdir)}")
+        _quarantine(manager, workdir, steps)
+    return None
+
+
+def _warn(msg: str):
+    if jax.process_index() == 0:
+        print(f"meditron-jax train: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _quarantine_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints_unreadable")
+
+
+def _quarantine(manager, workdir, steps):
+    """Moves unreadable step directories aside (never deletes what this run did not write)."""
+    if jax.process_index() == 0:
+        dest_root = _quarantine_dir(workdir)
+        os.makedirs(dest_root, exist_ok=True)
+        for step in steps:
+            dest = os.path.join(dest_root, str(step))
+            n = 1
+            while os.path.exists(dest):
+                dest, n = os.path.join(dest_root, f"{step}.{n}"), n + 1
+            os.rename(os.path.join(ckpt.checkpoint_dir(workdir), str(step)), dest)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("meditron_jax_quarantine")
+    manager.reload()
+
+
+def truncate_metrics(workdir: str, step: int) -> int:
+    """Keeps metrics.jsonl records with step <= `step` (the restored step); later ones (written
+    after the last checkpoint of an interrupted run, re-logged by this run) and a torn last line
+    are appended to metrics.dropped.jsonl. Returns the number of records moved."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    keep, drop = [], []
+    with open(path) as f:
+        for line in f:
+            try:
+                ok = line.endswith("\n") and int(json.loads(line)["step"]) <= step
+            except (ValueError, KeyError, TypeError):
+                ok = False
+            (keep if ok else drop).append(line)
+    if drop:
+        with open(os.path.join(workdir, "metrics.dropped.jsonl"), "a") as f:
+            f.writelines(x if x.endswith("\n") else x + "\n" for x in drop)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+    return len(drop)
+
+
+def _all_finite(tree):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, num_processes=None,
-          process_id=None) -> int:
+          process_id=None, restart_from_scratch=False, heartbeat_timeout_s=60, shutdown_timeout_s=30) -> int:
     """Run (or resume) training in `workdir`; returns the exit status documented above."""
-    init_distributed(coordinator_address, num_processes, process_id)
+    init_distributed(coordinator_address, num_processes, process_id, heartbeat_timeout_s=heartbeat_timeout_s,
+                     shutdown_timeout_s=shutdown_timeout_s)
     parse_gin(list(gin_files), list(gin_params))
     tc = _gin_call(train_config)
     cfg = _gin_call(model_config)
@@ -292,86 +420,100 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
     num_micro = tc.global_batch_size // (tc.micro_batch_size * dp)
     tx = make_optimizer(oc, tc.steps)
     lr_schedule = schedule(oc, tc.steps)
-    manager = ckpt.make_manager(workdir)
+    manager = ckpt.make_manager(workdir)  # removes temporary directories of interrupted saves
     is_main = jax.process_index() == 0
-
-    with sharding.use_mesh(mesh, rules):
-        layers_fn = layers_fn_for(cfg, mesh)
-        state, start, data_state, state_sh = build_state(cfg, tc, tx, mesh, rules, zero1, workdir, manager)
-        it = data.train_iterator()
-        if data_state is not None:
-            it.set_state(data_state)
-        if is_main:
-            with open(os.path.join(workdir, "config.gin"), "w") as f:
-                f.write(gin.operative_config_str())
-        step_fn = make_train_step(cfg, tx, lr_schedule, num_micro, layers_fn, tc.loss_chunk, tc.spike_threshold)
-        jitted = jit_train_step(step_fn, state_sh, mesh)
-        eval_fn = jax.jit(make_eval_step(cfg, layers_fn, tc.loss_chunk),
-                          in_shardings=(state_sh["params"], _batch_shardings(mesh)),
-                          out_shardings=sharding.replicated(mesh))
-        meta = ckpt.meta_record(cfg, gin.operative_config_str(), tok, train={"seq_len": tc.seq_len})
-        peak = device_peak_flops()
-        fpt = flops_per_token(cfg, tc.seq_len)
-        writer = MetricsWriter(workdir, tc.steps, start, tensorboard=True, wandb_project=tc.wandb_project,
-                               progress=tc.progress and is_main, config={"model": cfg.to_dict()})
-        preempt = _Preemption()
-        preempt.install()
-        if start >= tc.steps:
-            print(f"workdir {workdir} already at step {start} >= train.steps {tc.steps}; nothing to do",
-                  file=sys.stderr)
-        timer = StepTimer()
-        tokens_since, steps_since = 0.0, 0
-        step = start
-        exit_code = 0
-        pending = []
-        while step < tc.steps:
-            batch = sharding.global_batch(next(it), mesh)
-            poison = jnp.asarray(step + 1 in tc.poison_steps)
-            state, metrics = jitted(state, batch, poison)
-            step += 1
-            steps_since += 1
-            pending.append(metrics)
-            writer.advance()
-            log_now = step % tc.log_every == 0 or step == tc.steps
-            ckpt_now = step % tc.checkpoint_every == 0 or step == tc.steps
-            stop = _agree(preempt.requested)
-            if log_now or ckpt_now or stop or tc.max_bad_steps:
-                # one host sync per logged step; per step only the tiny bad-streak counter
-                bad_streak = int(state["bad_streak"])
-            if log_now:
-                fetched = jax.device_get(pending)
-                dt = timer.lap()
-                tokens = float(sum(m["tokens"] for m in fetched))
-                for i, m in enumerate(fetched):
-                    record = {k: float(v) for k, v in m.items()}
-                    if i == len(fetched) - 1:
-                        record["step_time"] = dt / len(fetched)
-                        record["tokens_per_sec"] = tc.global_batch_size * tc.seq_len * len(fetched) / dt
-                        if peak:
-                            record["mfu"] = record["tokens_per_sec"] * fpt / (peak * jax.device_count())
-                    writer.write(step - len(fetched) + i + 1, record)
-                pending = []
-            if tc.eval_every and step % tc.eval_every == 0:
-                _evaluate(eval_fn, state["params"], data, tc, mesh, writer, step)
-            if bad_streak >= tc.max_bad_steps > 0:
-                writer.close()
+    preempt = _Preemption()
+    preempt.install()
+    try:
+        with sharding.use_mesh(mesh, rules):
+            layers_fn = layers_fn_for(cfg, mesh)
+            state, start, data_state, state_sh = build_state(cfg, tc, tx, mesh, rules, zero1, workdir, manager,
+                                                             restart_from_scratch)
+            it = data.train_iterator()
+            if data_state is not None:
+                it.set_state(data_state)
+            if is_main:
+                truncate_metrics(workdir, start)
+                with open(os.path.join(workdir, "config.gin"), "w") as f:
+                    f.write(gin.operative_config_str())
+            step_fn = make_train_step(cfg, tx, lr_schedule, num_micro, layers_fn, tc.loss_chunk,
+                                      tc.spike_threshold)
+            jitted = jit_train_step(step_fn, state_sh, mesh)
+            eval_fn = jax.jit(make_eval_step(cfg, layers_fn, tc.loss_chunk),
+                              in_shardings=(state_sh["params"], _batch_shardings(mesh)),
+                              out_shardings=sharding.replicated(mesh))
+            finite_fn = jax.jit(_all_finite, out_shardings=sharding.replicated(mesh))
+            meta = ckpt.meta_record(cfg, gin.operative_config_str(), tok, train={"seq_len": tc.seq_len})
+            writer = MetricsWriter(workdir, tc.steps, start, tensorboard=tc.tensorboard,
+                                   wandb_project=tc.wandb_project, progress=tc.progress and is_main,
+                                   config={"model": cfg.to_dict()})
+            if start >= tc.steps:
+                print(f"workdir {workdir} already at step {start} >= train.steps {tc.steps}; nothing to do",
+                      file=sys.stderr)
+            try:
+                step, exit_code = _loop(tc, cfg, state, start, it, data, mesh, jitted, eval_fn, finite_fn,
+                                        manager, meta, writer, preempt)
+            finally:
                 manager.wait_until_finished()
-                print(f"meditron-jax train: error: {bad_streak} consecutive steps with a non-finite loss or "
-                      f"gradient norm (train.max_bad_steps={tc.max_bad_steps}); stopped at step {step}, "
-                      f"last good checkpoint kept", file=sys.stderr)
-                return EXIT_BAD_STEPS
-            if ckpt_now or stop:
-                ckpt.save(manager, step, state["params"], state["opt_state"], it.get_state(), meta)
-            if stop:
-                exit_code = EXIT_PREEMPTED
-                break
-        manager.wait_until_finished()
-        manager.close()
-        writer.close()
+                manager.close()
+                writer.close()
+    finally:
+        preempt.uninstall()
     if exit_code == EXIT_PREEMPTED and is_main:
         print(f"preempted: checkpoint at step {step} committed; rerun the same command to resume",
               file=sys.stderr)
     return exit_code
+
+
+def _loop(tc, cfg, state, start, it, data, mesh, jitted, eval_fn, finite_fn, manager, meta, writer, preempt):
+    """The step loop; returns (last step, exit status). Metrics are flushed before every save, so
+    every step up to a committed checkpoint is in metrics.jsonl."""
+    peak = device_peak_flops()
+    fpt = flops_per_token(cfg, tc.seq_len)
+    timer = StepTimer()
+    step = start
+    pending = []
+    while step < tc.steps:
+        batch = sharding.global_batch(next(it), mesh)
+        poison = jnp.asarray(step + 1 in tc.poison_steps)
+        state, metrics = jitted(state, batch, poison)
+        step += 1
+        pending.append(metrics)
+        writer.advance()
+        stop = _agree(preempt.requested)
+        ckpt_now = step % tc.checkpoint_every == 0 or step == tc.steps or stop
+        log_now = step % tc.log_every == 0 or ckpt_now
+        # per step only the tiny bad-streak counter syncs with the host
+        bad_streak = int(state["bad_streak"]) if (log_now or tc.max_bad_steps) else 0
+        if log_now:
+            fetched = jax.device_get(pending)
+            dt = timer.lap()
+            for i, m in enumerate(fetched):
+                record = {k: float(v) for k, v in m.items()}
+                if i == len(fetched) - 1:
+                    record["step_time"] = dt / len(fetched)
+                    record["tokens_per_sec"] = tc.global_batch_size * tc.seq_len * len(fetched) / dt
+                    if peak:
+                        record["mfu"] = record["tokens_per_sec"] * fpt / (peak * jax.device_count())
+                writer.write(step - len(fetched) + i + 1, record)
+            pending = []
+        if tc.eval_every and step % tc.eval_every == 0:
+            _evaluate(eval_fn, state["params"], data, tc, mesh, writer, step)
+        if bad_streak >= tc.max_bad_steps > 0:
+            print(f"meditron-jax train: error: {bad_streak} consecutive steps with a non-finite loss or "
+                  f"gradient norm (train.max_bad_steps={tc.max_bad_steps}); stopped at step {step}, "
+                  f"last good checkpoint kept", file=sys.stderr)
+            return step, EXIT_BAD_STEPS
+        if ckpt_now:
+            if not bool(finite_fn({"params": state["params"], "opt_state": state["opt_state"]})):
+                print(f"meditron-jax train: error: the train state at step {step} is not finite; not saving "
+                      "it, last good checkpoint kept", file=sys.stderr)
+                return step, EXIT_BAD_STEPS
+            ckpt.save(manager, step, state["params"], state["opt_state"], it.get_state(),
+                      {**meta, "step": step, "bad_streak": bad_streak})
+        if stop:
+            return step, EXIT_PREEMPTED
+    return step, 0
 
 
 def _agree(flag: bool) -> bool:
@@ -403,9 +545,16 @@ def add_arguments(p):
     p.add_argument("--coordinator_address", default=None, help="host:port of process 0 (multi-host)")
     p.add_argument("--num_processes", type=int, default=None)
     p.add_argument("--process_id", type=int, default=None)
+    p.add_argument("--heartbeat_timeout_s", type=int, default=60,
+                   help="multi-host: a process silent this long is declared dead and the others stop")
+    p.add_argument("--shutdown_timeout_s", type=int, default=30,
+                   help="multi-host: how long a finishing process waits for the others at exit")
+    p.add_argument("--restart-from-scratch", dest="restart_from_scratch", action="store_true",
+                   help="start at step 0 when the workdir has checkpoints but none can be restored "
+                        "(they are moved to WORKDIR/checkpoints_unreadable/)")
 
 
 def run(args) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)
     return train(args.workdir, args.gin_file, args.gin_param, args.coordinator_address, args.num_processes,
-                 args.process_id)
+                 args.process_id, args.restart_from_scratch, args.heartbeat_timeout_s, args.shutdown_timeout_s)

@@ -1,0 +1,329 @@
+"""Fault injection on real training subprocesses: SIGKILL at seeded random points, SIGTERM /
+SIGINT preemption, a second signal, corrupted and unreadable checkpoints, NaN injection, and a
+two-process run that loses a process. Every interrupted run is compared bitwise with one
+uninterrupted run (metrics.jsonl: loss, grad_norm, lr, skipped, tokens per step).
+
+The runs are the README's tiny model on the built-in demo corpus, cut to 16 steps of 4 x 64
+tokens on one CPU device; the demo corpus is built once and copied into each workdir, and the
+subprocesses share the persistent compilation cache of tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from meditron_jax import checkpoint as ckpt
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / ".jax_cache"
+STEPS, EVERY = 16, 3
+BASE = [f"train.steps={STEPS}", "train.seq_len=64", "train.global_batch_size=4", "train.micro_batch_size=2",
+        f"train.checkpoint_every={EVERY}", "train.log_every=1", "train.progress=False", "train.eval_every=0",
+        "train.tensorboard=False"]
+KEYS = ("loss", "grad_norm", "lr", "skipped", "tokens")
+KILL_SEED = 8
+TIMEOUT = 400  # generous: CI machines are shared
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+def _env(devices: int = 1) -> dict:
+    env = dict(os.environ)
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               JAX_COMPILATION_CACHE_DIR=str(CACHE), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               PYTHONUNBUFFERED="1")
+    return env
+
+
+def launch(workdir: Path, log: Path, params=(), args=(), devices: int = 1) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "meditron_jax", "train", "--gin_file", "configs/tiny.gin",
+           "--workdir", str(workdir), *args]
+    for p in [*BASE, *params]:
+        cmd += ["--gin_param", p]
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, cwd=REPO, env=_env(devices), stdout=f, stderr=subprocess.STDOUT)
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: float = TIMEOUT) -> tuple[int, str]:
+    try:
+        rc = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"run did not finish in {timeout}s:\n{log.read_text()[-3000:]}") from None
+    return rc, log.read_text()
+
+
+def records(workdir: Path) -> list[dict]:
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines(keepends=True):
+        if line.endswith("\n"):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+    return out
+
+
+def trajectory(workdir: Path) -> list[tuple]:
+    return [(r["step"], *(r[k] for k in KEYS)) for r in records(workdir) if "loss" in r]
+
+
+def max_step(workdir: Path) -> int:
+    return max((r["step"] for r in records(workdir)), default=0)
+
+
+def wait_for_step(proc, workdir: Path, log: Path, step: int, timeout: float = TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while max_step(workdir) < step:
+        if proc.poll() is not None:
+            raise AssertionError(f"run exited ({proc.returncode}) before step {step}:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"no step {step} after {timeout}s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.01)
+
+
+def new_workdir(root: Path, demo: Path) -> Path:
+    root.mkdir(parents=True)
+    shutil.copytree(demo, root / "demo_data")
+    return root
+
+
+def check_checkpoint_dir(workdir: Path) -> int:
+    """Every step directory restores; returns how many temporary (uncommitted) saves lie there."""
+    root = Path(ckpt.checkpoint_dir(str(workdir)))
+    partial = 0
+    for entry in (root.iterdir() if root.exists() else []):
+        if "orbax-checkpoint-tmp" in entry.name:
+            partial += 1
+            continue
+        assert entry.name.isdigit(), f"unexpected entry {entry}"
+        for item in ("params", "opt_state", "data", "meta"):
+            assert (entry / item / "commit_success.txt").exists(), f"{entry}/{item} is not committed"
+        _, params = ckpt.load_params(str(workdir), int(entry.name))
+        assert all(np.isfinite(v).all() for v in params.values())
+        json.loads((entry / "data" / "metadata").read_text())
+    return partial
+
+
+def error_lines(output: str) -> list[str]:
+    return [ln for ln in output.splitlines() if ": error:" in ln]
+
+
+# -- fixtures -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    from meditron_jax.data.demo import prepare_demo
+
+    out = tmp_path_factory.mktemp("demo") / "demo_data"
+    prepare_demo(out)
+    shutil.rmtree(out / "raw")
+    return out
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, demo):
+    """The uninterrupted run: (workdir, trajectory)."""
+    root = tmp_path_factory.mktemp("baseline")
+    w = new_workdir(root / "w", demo)
+    rc, out = finish(launch(w, root / "log.txt"), root / "log.txt")
+    assert rc == 0, out[-3000:]
+    traj = trajectory(w)
+    assert [t[0] for t in traj] == list(range(1, STEPS + 1))
+    assert all(t[4] == 0 for t in traj) and np.isfinite([t[1] for t in traj]).all()
+    return w, traj
+
+
+# -- tests ----------------------------------------------------------------------------------------
+
+def test_sigkill_at_random_points_resumes_bitwise(tmp_path, demo, baseline):
+    """>= 5 seeded SIGKILLs (some land mid-step, some mid-async-save), then a clean finish:
+    the loss trajectory equals the uninterrupted run's bit for bit, every step logged once."""
+    rng = np.random.default_rng(KILL_SEED)
+    targets = sorted(int(t) for t in rng.choice(np.arange(1, 12), size=5, replace=False))
+    delays = rng.uniform(0.0, 0.3, size=5)
+    w = new_workdir(tmp_path / "w", demo)
+    kills, mid_save = [], 0
+    for i, (target, delay) in enumerate(zip(targets, delays)):
+        target = max(target, max_step(w) + 1)  # each restart must make progress
+        log = tmp_path / f"log{i}.txt"
+        proc = launch(w, log)
+        wait_for_step(proc, w, log, target)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(60) == -signal.SIGKILL, log.read_text()[-2000:]
+        kills.append((target, round(float(delay), 3), max_step(w)))
+        mid_save += check_checkpoint_dir(w) > 0
+    rc, out = finish(launch(w, tmp_path / "final.txt"), tmp_path / "final.txt")
+    assert rc == 0, out[-3000:]
+    assert check_checkpoint_dir(w) == 0, "temporary checkpoint directories were not cleaned up"
+    assert trajectory(w) == baseline[1]
+    print(f"kill points (target step, delay s, last logged step): {kills}; {mid_save} left an uncommitted save")
+
+
+def test_sigterm_sigint_and_second_signal(tmp_path, demo, baseline):
+    w = new_workdir(tmp_path / "w", demo)
+    # SIGTERM: finish the step, checkpoint it, exit 75
+    proc = launch(w, tmp_path / "a.txt")
+    wait_for_step(proc, w, tmp_path / "a.txt", 4)
+    proc.send_signal(signal.SIGTERM)
+    rc, out = finish(proc, tmp_path / "a.txt")
+    k1 = max_step(w)
+    assert rc == 75, out[-3000:]
+    assert f"checkpoint at step {k1} committed" in out
+    assert max(ckpt.complete_steps(ckpt.checkpoint_dir(str(w)))) == k1
+    # SIGINT on the resumed run: it continued at k1 + 1
+    proc = launch(w, tmp_path / "b.txt")
+    wait_for_step(proc, w, tmp_path / "b.txt", k1 + 2)
+    proc.send_signal(signal.SIGINT)
+    rc, out = finish(proc, tmp_path / "b.txt")
+    k2 = max_step(w)
+    assert rc == 75, out[-3000:]
+    assert max(ckpt.complete_steps(ckpt.checkpoint_dir(str(w)))) == k2
+    assert trajectory(w) == baseline[1][:k2]
+    # a second signal aborts at once (130), losing at most the steps since the last checkpoint;
+    # it must arrive after the first one's handler ran (else Python sees one), and before that
+    # run's own exit, hence a retry if the first signal's checkpoint-and-exit won the race
+    for attempt in range(3):
+        log = tmp_path / f"c{attempt}.txt"
+        proc = launch(w, log)
+        wait_for_step(proc, w, log, max_step(w) + 2)
+        proc.send_signal(signal.SIGTERM)
+        while "received SIGTERM" not in log.read_text() and proc.poll() is None:
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        rc, out = finish(proc, log, timeout=60)
+        check_checkpoint_dir(w)
+        if rc != 75:
+            break
+    assert rc == 130 and "aborting now" in out and time.monotonic() - t0 < 30, out[-3000:]
+    rc, out = finish(launch(w, tmp_path / "d.txt"), tmp_path / "d.txt")
+    assert rc == 0, out[-3000:]
+    assert trajectory(w) == baseline[1]
+
+
+def test_corrupt_and_unreadable_checkpoints(tmp_path, baseline):
+    w = tmp_path / "w"
+    shutil.copytree(baseline[0], w)
+    root = Path(ckpt.checkpoint_dir(str(w)))
+    steps = ckpt.complete_steps(str(root))
+    newest, previous = steps[-1], steps[-2]
+
+    def truncate_biggest(step: int):
+        f = max((p for p in (root / str(step) / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+        with open(f, "r+b") as fh:
+            fh.truncate(f.stat().st_size // 3)
+
+    truncate_biggest(newest)
+    rc, out = finish(launch(w, tmp_path / "a.txt"), tmp_path / "a.txt")
+    assert rc == 0, out[-3000:]
+    assert f"warning: checkpoint step {newest} " in out and f"resuming from step {previous}" in out
+    assert (w / "checkpoints_unreadable" / str(newest)).is_dir()
+    assert trajectory(w) == baseline[1]
+    assert check_checkpoint_dir(w) == 0
+
+    # none readable: refuse (one line, exit 2, nothing touched) ...
+    for s in ckpt.complete_steps(str(root)):
+        truncate_biggest(s)
+    before = {p: p.read_bytes() for p in [w / "metrics.jsonl", w / "config.gin"]}
+    listing = sorted(os.listdir(root))
+    rc, out = finish(launch(w, tmp_path / "b.txt"), tmp_path / "b.txt")
+    assert rc == 2, out[-3000:]
+    errs = error_lines(out)
+    assert len(errs) == 1 and "none of the checkpoints" in errs[0] and "--restart-from-scratch" in errs[0], out
+    assert "Traceback" not in out
+    assert {p: p.read_bytes() for p in before} == before and sorted(os.listdir(root)) == listing
+    # ... unless told to start over: the unreadable steps are kept aside, the run equals the baseline
+    rc, out = finish(launch(w, tmp_path / "c.txt", args=["--restart-from-scratch"]), tmp_path / "c.txt")
+    assert rc == 0, out[-3000:]
+    assert trajectory(w) == baseline[1]
+    assert len(os.listdir(w / "checkpoints_unreadable")) == 1 + len(listing)
+
+
+def test_nan_injection_skips_and_stops(tmp_path, demo, baseline):
+    """A poisoned step is skipped (counted, schedule not advanced); K poisoned steps in a row stop
+    the run with exit 3 and the last good checkpoint intact."""
+    w = new_workdir(tmp_path / "w", demo)
+    rc, out = finish(launch(w, tmp_path / "log.txt", params=["train.poison_steps=(4, 7, 8)",
+                                                             "train.max_bad_steps=2"]), tmp_path / "log.txt")
+    assert rc == 3, out[-3000:]
+    assert "2 consecutive steps with a non-finite loss" in out and "last good checkpoint kept" in out
+    traj = {t[0]: t for t in trajectory(w)}
+    base = {t[0]: t for t in baseline[1]}
+    assert sorted(traj) == list(range(1, 9))
+    assert [s for s, t in traj.items() if t[4] == 1] == [4, 7, 8]
+    assert all(np.isnan(traj[s][1]) for s in (4, 7, 8))
+    assert [traj[s] for s in (1, 2, 3)] == [base[s] for s in (1, 2, 3)]
+    assert traj[5][3] == base[4][3]  # the skipped update did not advance the lr schedule
+    assert traj[5][1] != base[5][1] and np.isfinite(traj[6][1])
+    assert ckpt.complete_steps(ckpt.checkpoint_dir(str(w))) == [3, 6]
+    assert check_checkpoint_dir(w) == 0
+    meta = json.loads((w / "checkpoints" / "6" / "meta" / "metadata").read_text())
+    assert meta["bad_streak"] == 0 and meta["step"] == 6
+
+
+def test_all_finite_guard():
+    import jax.numpy as jnp
+
+    from meditron_jax.train import _all_finite
+
+    good = {"a": jnp.ones((2, 3)), "b": {"count": jnp.asarray(3, jnp.int32), "mu": jnp.zeros(4)}}
+    assert bool(_all_finite(good))
+    bad = {**good, "b": {**good["b"], "mu": jnp.asarray([0.0, jnp.inf, 0.0, 0.0])}}
+    assert not bool(_all_finite(bad))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_run_survivor_exits(tmp_path, demo):
+    """Kill one of two processes mid-training: the other exits non-zero within the bound."""
+    w = new_workdir(tmp_path / "w", demo)
+    port = _free_port()
+    procs, logs = [], []
+    for i in range(2):
+        logs.append(tmp_path / f"p{i}.txt")
+        procs.append(launch(w, logs[i], devices=4,
+                            params=["train.steps=1000", "train.global_batch_size=8", "train.micro_batch_size=1",
+                                    "train.checkpoint_every=1000"],
+                            args=["--coordinator_address", f"localhost:{port}", "--num_processes", "2",
+                                  "--process_id", str(i), "--heartbeat_timeout_s", "20",
+                                  "--shutdown_timeout_s", "10"]))
+    try:
+        wait_for_step(procs[0], w, logs[0], 2)
+        procs[1].send_signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        try:
+            rc = procs[0].wait(120)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the surviving process still runs 120 s after its peer died") from None
+        elapsed = time.monotonic() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    out = logs[0].read_text()
+    assert rc != 0
+    assert "another task died" in out or "coordination service" in out, out[-3000:]
+    print(f"survivor exited with {rc} after {elapsed:.1f} s")
