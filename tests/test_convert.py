@@ -252,6 +252,12 @@ def test_tokenizer_files_match_sentencepiece(tmp_path, imported):
         assert at(s, add_special_tokens=False)["input_ids"] == ours.encode(s), s
     assert at("hi")["input_ids"] == ours.encode("hi", bos=True)
     assert [at.convert_tokens_to_ids(t) for t in added] == [400, 401, 402]
+    # importing that directory records its tokenizer (with the added tokens); export reuses it
+    assert main(["import", "--from", "hf", str(out), "--out", str(tmp_path / "ck")]) == 0
+    assert ckpt.read_meta(str(tmp_path / "ck"))["tokenizer"]["fingerprint"] == ours.fingerprint
+    assert main(["export", str(tmp_path / "ck"), "--to", "hf", "--out", str(tmp_path / "again")]) == 0
+    at2 = transformers.AutoTokenizer.from_pretrained(tmp_path / "again")
+    assert all(at2(s, add_special_tokens=False)["input_ids"] == ours.encode(s) for s in samples)
     # more added tokens than the model's vocab has room for
     assert main(["export", str(imported), "--to", "hf", "--out", str(tmp_path / "x"), "--tokenizer", model,
                  "--added-tokens", *[f"<t{i}>" for i in range(200)]]) == 2

@@ -4,7 +4,8 @@ a step-0 checkpoint (`CKPT_DIR/0/{params,meta}`, fp32 parameters, no optimizer s
 
 Owns: choosing the model config (source config, optionally checked against a preset whose
 non-architecture settings are kept; the vocab size always comes from the source), validating
-every source tensor before writing anything, and feeding the tensors block by block to
+every source tensor before writing anything, recording the source's `tokenizer.model` (which
+`export` then writes by default), and feeding the tensors block by block to
 `stream.write_checkpoint`. Does not own: the formats (`io.py`, `meta.py`), the layouts
 (`hf.py`), the checkpoint writer (`stream.py`).
 """
@@ -12,6 +13,7 @@ every source tensor before writing anything, and feeding the tensors block by bl
 from __future__ import annotations
 
 import functools
+import json
 import os
 from typing import Iterator
 
@@ -111,6 +113,29 @@ def streamed_params(cfg: LlamaConfig, weights, src: str) -> dict[str, StreamedAr
     return out
 
 
+def source_tokenizer(src: str) -> dict | None:
+    """The record of `SRC/tokenizer.model` (+ `added_tokens.json` when its ids follow the base
+    vocab), as `data.tokenizer.Tokenizer.info()` gives it; None when there is none."""
+    path = os.path.join(src, "tokenizer.model")
+    if not os.path.isfile(path):
+        return None
+    from meditron_jax.data.tokenizer import Tokenizer
+
+    added: list[str] = []
+    added_path = os.path.join(src, "added_tokens.json")
+    try:
+        base = Tokenizer(path)
+        if os.path.isfile(added_path):
+            with open(added_path) as f:
+                ids = json.load(f)
+            order = sorted(ids, key=ids.get)
+            if [ids[t] for t in order] == list(range(base.base_vocab_size, base.base_vocab_size + len(order))):
+                added = order
+        return Tokenizer(path, added).info()
+    except (UserError, OSError, ValueError, AttributeError):
+        return None  # not a usable SentencePiece model: record nothing rather than fail the import
+
+
 def import_weights(fmt: str, src: str, out: str, preset_name: str | None = None,
                    overwrite: bool = False) -> str:
     """Convert; returns the step directory written (`out/0`)."""
@@ -118,7 +143,7 @@ def import_weights(fmt: str, src: str, out: str, preset_name: str | None = None,
     src_cfg, weights = open_source(fmt, src)
     check_source(src_cfg, weights, src, "config.json" if fmt == "hf" else "params.json")
     cfg = with_preset(src_cfg, preset_name)
-    meta = ckpt.meta_record(cfg, tokenizer=None, source={"format": fmt, "path": src})
+    meta = ckpt.meta_record(cfg, tokenizer=source_tokenizer(src), source={"format": fmt, "path": src})
     return write_checkpoint(out, streamed_params(cfg, weights, src), meta, overwrite=overwrite,
                             desc=f"import {os.path.basename(src)}")
 
