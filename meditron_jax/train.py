@@ -99,10 +99,42 @@ def parse_gin(gin_files, gin_params):
             raise UserError(f"gin file not found: {f}")
     _register_configurables()
     try:
+        for f in gin_files:
+            _refuse_gin_imports(f)
         gin.parse_config_files_and_bindings(gin_files, gin_params, skip_unknown=False)
     except (ValueError, KeyError, TypeError, SyntaxError, IOError) as e:
         msg = " ".join(str(e).split())
         raise UserError(f"gin: {msg}") from None
+
+
+def _refuse_gin_imports(path: str, seen=None):
+    """Gin files are configuration: values are literals (gin uses `ast.literal_eval`), and the
+    `import` statements gin would execute (running a module's code) are refused here, in the
+    file and in everything it includes."""
+    from gin import config_parser
+
+    class _Delegate(config_parser.ParserDelegate):
+        def configurable_reference(self, scoped_name, evaluate):
+            return None
+
+        def macro(self, name):
+            return None
+
+    full = next((c for c in (path, os.path.join(REPO_ROOT, path), os.path.join(os.getcwd(), path))
+                 if os.path.isfile(c)), None)
+    seen = set() if seen is None else seen
+    if full is None or os.path.realpath(full) in seen:
+        return  # gin itself reports a missing include
+    seen.add(os.path.realpath(full))
+    with open(full) as fh:
+        for st in config_parser.ConfigParser(fh, _Delegate()):
+            if isinstance(st, config_parser.ImportStatement) and not st.module.startswith("__gin__."):
+                raise UserError(f"{path} line {st.location.line_num}: `{st.format()}` is not allowed: gin files "
+                                "are configuration, they may not import Python code")
+            if isinstance(st, config_parser.IncludeStatement):
+                _refuse_gin_imports(st.filename, seen)
+                if not os.path.isabs(st.filename):
+                    _refuse_gin_imports(os.path.join(os.path.dirname(full), st.filename), seen)
 
 
 def _register_configurables():
@@ -113,10 +145,20 @@ def _register_configurables():
 def _gin_call(fn):
     try:
         return fn()
+    except UserError as e:  # gin appends "\n  In call to configurable ..." to errors raised inside
+        raise _one_line(e) from None
     except RuntimeError as e:  # gin: required parameter not supplied
         if "Required" in str(e) or "REQUIRED" in str(e):
             raise UserError("gin: " + " ".join(str(e).split())) from None
         raise
+
+
+def _one_line(e: UserError) -> UserError:
+    msg = str(e).split("\n  In call to configurable")[0]
+    try:
+        return type(e)(msg)
+    except TypeError:
+        return UserError(msg)
 
 
 def validate(tc: TrainConfig, cfg: LlamaConfig, sizes: dict, workdir: str):
@@ -162,8 +204,11 @@ def check_workdir(workdir: str, needed_bytes: int = 0):
         raise UserError(f"workdir {workdir} is not writable ({e.strerror})") from None
     free = shutil.disk_usage(workdir).free
     if needed_bytes and free < needed_bytes:
-        raise UserError(f"workdir {workdir} has {free / 2**30:.1f} GiB free, one checkpoint needs "
-                        f"{needed_bytes / 2**30:.1f} GiB")
+        raise UserError(f"workdir {workdir} has {_size(free)} free, one checkpoint needs {_size(needed_bytes)}")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 # ---------------------------------------------------------------------------------------
@@ -186,6 +231,8 @@ def init_distributed(coordinator_address=None, num_processes=None, process_id=No
             raise UserError("--coordinator_address needs --num_processes and --process_id")
         kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
                       process_id=process_id)
+        if process_id != 0:  # XLA aborts the process (no exception) when the coordinator never answers
+            _wait_for_coordinator(coordinator_address, timeout_s)
     elif not (int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1):
         return
     try:
@@ -195,6 +242,25 @@ def init_distributed(coordinator_address=None, num_processes=None, process_id=No
         raise UserError(f"cannot join the JAX cluster ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
     if num_processes is not None and jax.process_count() != num_processes:
         raise UserError(f"--num_processes {num_processes} disagrees with the cluster's {jax.process_count()}")
+
+
+def _wait_for_coordinator(address: str, timeout_s: float):
+    """Polls until the coordinator accepts TCP connections; a UserError after `timeout_s`."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--coordinator_address {address!r} is not HOST:PORT")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+            return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise UserError(f"cannot reach the coordinator {address} within --init_timeout_s {timeout_s} "
+                                f"({e.strerror or e})") from None
+            time.sleep(0.5)
 
 
 # ---------------------------------------------------------------------------------------
@@ -393,16 +459,17 @@ def _all_finite(tree):
 
 
 def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, num_processes=None,
-          process_id=None, restart_from_scratch=False, heartbeat_timeout_s=60, shutdown_timeout_s=30) -> int:
+          process_id=None, restart_from_scratch=False, heartbeat_timeout_s=60, shutdown_timeout_s=30,
+          init_timeout_s=300) -> int:
     """Run (or resume) training in `workdir`; returns the exit status documented above."""
-    init_distributed(coordinator_address, num_processes, process_id, heartbeat_timeout_s=heartbeat_timeout_s,
-                     shutdown_timeout_s=shutdown_timeout_s)
+    init_distributed(coordinator_address, num_processes, process_id, timeout_s=init_timeout_s,
+                     heartbeat_timeout_s=heartbeat_timeout_s, shutdown_timeout_s=shutdown_timeout_s)
     parse_gin(list(gin_files), list(gin_params))
     tc = _gin_call(train_config)
     cfg = _gin_call(model_config)
     oc = _gin_call(optimizer_config)
-    sizes = sharding.mesh_shape()
-    rules, zero1 = sharding.logical_rules()
+    sizes = _gin_call(sharding.mesh_shape)
+    rules, zero1 = _gin_call(sharding.logical_rules)
     validate(tc, cfg, sizes, workdir)
 
     from meditron_jax.data.pipeline import build_pipeline
@@ -545,6 +612,8 @@ def add_arguments(p):
     p.add_argument("--coordinator_address", default=None, help="host:port of process 0 (multi-host)")
     p.add_argument("--num_processes", type=int, default=None)
     p.add_argument("--process_id", type=int, default=None)
+    p.add_argument("--init_timeout_s", type=int, default=300,
+                   help="multi-host: how long to wait for every process to join before giving up")
     p.add_argument("--heartbeat_timeout_s", type=int, default=60,
                    help="multi-host: a process silent this long is declared dead and the others stop")
     p.add_argument("--shutdown_timeout_s", type=int, default=30,
@@ -557,4 +626,5 @@ def add_arguments(p):
 def run(args) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)
     return train(args.workdir, args.gin_file, args.gin_param, args.coordinator_address, args.num_processes,
-                 args.process_id, args.restart_from_scratch, args.heartbeat_timeout_s, args.shutdown_timeout_s)
+                 args.process_id, args.restart_from_scratch, args.heartbeat_timeout_s, args.shutdown_timeout_s,
+                 args.init_timeout_s)
