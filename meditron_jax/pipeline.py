@@ -184,8 +184,19 @@ def _constrain_layers(layers: dict) -> dict:
     return {k: constrain(a, PARAM_AXES[k]) if k in PARAM_AXES else a for k, a in layers.items()}
 
 
-def _stage_program(cfg: LlamaConfig, S: int, M: int, R: int, stage_remat: bool):
-    """The per-stage body for shard_map (manual over `stage`)."""
+def _boundary_dtype(dtype):
+    """dtype of the two reductions over `stage` (output broadcast, d/dx).
+
+    Both only add zeros, so any dtype gives the same numbers. XLA:CPU aborts compiling a
+    bfloat16 all-reduce emitted from a partially manual shard_map (its AllReducePromotion
+    pass meets a `copy` in the reducer that JAX's lowering leaves there), so on CPU they
+    run in float32; accelerators keep the compute dtype (half the bytes on the wire).
+    """
+    return jnp.float32 if jax.default_backend() == "cpu" else dtype
+
+
+def _stage_program(cfg: LlamaConfig, S: int, M: int, R: int, stage_remat: bool, dtype):
+    """The per-stage body for shard_map (manual over `stage`); activations in `dtype`."""
     ticks = M * R + S - 1
     ring = [(j, (j + 1) % S) for j in range(S)]
 
@@ -223,11 +234,14 @@ def _stage_program(cfg: LlamaConfig, S: int, M: int, R: int, stage_remat: bool):
             loop = loop.at[slot].set(jnp.where(keep, recv, loop[slot]))
             return (recv, loop), None
 
-        carry = (jnp.zeros_like(x_mb[0]), x_mb)  # both become stage-varying in the loop
-        carry = jax.tree.map(lambda a: jax.lax.pcast(a, ("stage",), to="varying"), carry)
+        # Both carries become stage-varying in the loop. Cast after marking x varying, so
+        # that d/dx is summed over `stage` in the boundary dtype.
+        x_mb = jax.lax.pcast(x_mb, ("stage",), to="varying").astype(dtype)
+        carry = (jnp.zeros_like(x_mb[0]), x_mb)
         (_, loop), _ = jax.lax.scan(tick, carry, jnp.arange(ticks))
         # Only stage 0's buffer holds the result: broadcast it to every stage.
-        return jax.lax.psum(jnp.where(first, loop, jnp.zeros_like(loop)), "stage")
+        out = jnp.where(first, loop, jnp.zeros_like(loop)).astype(_boundary_dtype(dtype))
+        return jax.lax.psum(out, "stage").astype(dtype)
 
     return program
 
@@ -263,11 +277,13 @@ def pipeline_layers(cfg: LlamaConfig, layers: dict, x, positions, segment_ids, *
     if not pipeline_layout:
         layers = _constrain_layers(to_pipeline_layout(layers, S, repeats))
 
-    x_mb = constrain(_split_microbatches(x, M), (None, "batch", "length", "embed"))
+    dtype = x.dtype
+    x_mb = _split_microbatches(x, M).astype(_boundary_dtype(dtype))
+    x_mb = constrain(x_mb, (None, "batch", "length", "embed"))
     pos_mb = constrain(_split_microbatches(positions, M), (None, "batch", "length"))
     seg_mb = constrain(_split_microbatches(segment_ids, M), (None, "batch", "length"))
     layer_specs = jax.tree.map(lambda _: P("stage"), layers)
-    run = jax.shard_map(_stage_program(cfg, S, M, repeats, stage_remat), mesh=mesh,
+    run = jax.shard_map(_stage_program(cfg, S, M, repeats, stage_remat, dtype), mesh=mesh,
                         in_specs=(layer_specs, P(), P(), P()), out_specs=P(),
                         axis_names={"stage"})
     out = run(layers, x_mb, pos_mb, seg_mb)

@@ -59,7 +59,7 @@ _RUNS: dict = {}
 
 
 def _run(name, sizes, cfg=CFG, repeats=1, microbatches=None, pipeline_layout=False,
-         stage_remat=False):
+         stage_remat=False, x_dtype=jnp.float32):
     """Compile once per configuration; returns (loss, y, (grad_layers, grad_x), hlo, mesh)."""
     if name in _RUNS:
         return _RUNS[name]
@@ -76,8 +76,9 @@ def _run(name, sizes, cfg=CFG, repeats=1, microbatches=None, pipeline_layout=Fal
             return _loss(y), y
         step = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True),
                        in_shardings=(layer_sh, x_sh))
-        compiled = step.lower(layers, X).compile()
-        (loss, y), (g_layers, g_x) = compiled(jax.device_put(layers, layer_sh), jax.device_put(X, x_sh))
+        x = X.astype(x_dtype)
+        compiled = step.lower(layers, x).compile()
+        (loss, y), (g_layers, g_x) = compiled(jax.device_put(layers, layer_sh), jax.device_put(x, x_sh))
     for k, g in g_layers.items():  # gradients come back sharded like the params
         assert g.sharding.is_equivalent_to(layer_sh[k], g.ndim), (name, k, g.sharding)
     if pipeline_layout:
@@ -155,6 +156,22 @@ def test_circular_repeats_equal_gpipe(reference):
     fsdp = _run("stage2_fsdp2_tensor2_r2", {"data": 1, "stage": 2, "fsdp": 2, "tensor": 2},
                 repeats=2, microbatches=2)
     _assert_matches(fsdp, reference, "stage2_fsdp2_tensor2_r2")
+
+
+def test_bfloat16_compute(reference):
+    # bf16 activations: compiles on CPU (the stage reductions avoid XLA:CPU's bf16 all-reduce
+    # promotion) and lands within bf16 noise of the fp32 reference: one bf16 rounding is
+    # 2^-8 ~ 4e-3, and 8 layers forward + backward measure ~1-3.5% of each tensor's max for
+    # run_layers in bf16 itself, so 6e-2 passes noise but no wiring error.
+    run = _run("stage4_tensor2_bf16", {"data": 1, "stage": 4, "fsdp": 1, "tensor": 2},
+               cfg=CFG.replace(dtype="bfloat16"), x_dtype=jnp.bfloat16)
+    (g_layers, g_x), (r_layers, r_x) = run[2], reference[2]
+    assert run[1].dtype == g_x.dtype == jnp.bfloat16
+    pairs = [(run[1], reference[1], "activations"), (g_x, r_x, "d/dx")]
+    pairs += [(g_layers[k], r_layers[k], f"d/d{k}") for k in LAYER_KEYS]
+    for a, b, what in pairs:
+        err = np.abs(np.asarray(a, np.float32) - b).max()
+        assert err <= 6e-2 * np.abs(b).max(), f"bf16 {what}: {err:.3e}"
 
 
 def test_pipeline_layout_permutation():
