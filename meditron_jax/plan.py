@@ -107,9 +107,6 @@ def plan(gin_files, gin_params, devices: int | None = None) -> dict:
     opt_b = per_device_bytes(state_in["opt_state"])
     mem = compiled.memory_analysis()
     temp_b = int(getattr(mem, "temp_size_in_bytes", 0) or 0) if mem is not None else 0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
-    xla_flops = float(cost.get("flops", 0.0)) if isinstance(cost, dict) else 0.0
     model_flops = flops_per_token(cfg, T) * G * T
     n_params = cfg.num_params()
     shard_ways = sizes["stage"] * sizes["tensor"] * sizes["fsdp"]
@@ -124,7 +121,6 @@ def plan(gin_files, gin_params, devices: int | None = None) -> dict:
         },
         "floor_gib_16_bytes_per_param": 16 * n_params / shard_ways / gib,
         "model_flops_per_step": model_flops,
-        "xla_flops_per_step_per_device": xla_flops,
         "lower_seconds": t1 - t0, "compile_seconds": t2 - t1,
     }
     if sizes["stage"] > 1:
