@@ -72,8 +72,7 @@ def main():
     rows = [Row(p, [len(p) - 1], [labels]) for p in prompts]
 
     # ours: a first pass compiles one program per length bucket; the second pass is timed
-    scorer = Scorer(ours_model, batch_size=args.batch_size, length_bucket=args.length_bucket,
-                    max_length=args.max_len)
+    scorer = Scorer(ours_model, batch_size=args.batch_size, length_bucket=args.length_bucket)
     timings = {}
     for name, groups in (("ours", [0] * len(rows)), ("ours_plain", None)):
         t0 = time.perf_counter()

@@ -187,7 +187,7 @@ def _gather_logprobs(graphdef, state, tokens, lengths, qpos, qids):
     return _select(model, model.hidden(tokens, segment_ids=seg), qpos, qids)
 
 
-def _prefill_prefix(graphdef, cache_len, state, tokens, length):
+def _prefill_prefix(graphdef, state, tokens, length, cache_len):
     """A shared prefix [1,Pb] (real tokens: the first `length`) -> its KV cache (batch 1)."""
     model = nnx.merge(graphdef, state)
     Pb = tokens.shape[1]
@@ -229,17 +229,13 @@ class Scorer:
     fraction of the work for k-shot prompts).
     """
 
-    def __init__(self, model, batch_size: int = 8, length_bucket: int = 64, max_length: int | None = None,
-                 min_shared_prefix: int = 32):
+    def __init__(self, model, batch_size: int = 8, length_bucket: int = 64, min_shared_prefix: int = 32):
         self.graphdef, self.state = nnx.split(model)
         self.batch_size, self.length_bucket = batch_size, length_bucket
         self.vocab_size = model.cfg.vocab_size
         self.min_shared_prefix = min_shared_prefix
-        max_length = max_length or model.cfg.max_position_embeddings
-        # bucketed prefix + bucketed suffix < max_length + 2 buckets
-        self.cache_len = _round_up(max_length, length_bucket) + 2 * length_bucket
         self._plain = jax.jit(functools.partial(_gather_logprobs, self.graphdef))
-        self._prefill = jax.jit(functools.partial(_prefill_prefix, self.graphdef, self.cache_len))
+        self._prefill = jax.jit(functools.partial(_prefill_prefix, self.graphdef), static_argnames="cache_len")
         self._suffix = jax.jit(functools.partial(_suffix_logprobs, self.graphdef))
 
     def __call__(self, rows: list[Row], progress: bool = False, desc: str = "scoring", groups=None
@@ -262,6 +258,9 @@ class Scorer:
         if plain:
             jobs.append((0, plain))
         B = self.batch_size
+        # one cache size per call (one compile per suffix bucket): bucketed prefix + bucketed
+        # suffix < longest row + 2 buckets
+        cache_len = _round_up(max(len(r.tokens) for r in rows), self.length_bucket) + 2 * self.length_bucket
         out: list = [None] * len(rows)
         bar = tqdm(total=sum(math.ceil(len(idx) / B) for _, idx in jobs), desc=desc, disable=not progress,
                    unit="batch")
@@ -271,7 +270,7 @@ class Scorer:
                 Pb = _round_up(P, self.length_bucket)
                 prefix = np.zeros((1, Pb), np.int32)
                 prefix[0, :P] = rows[idx[0]].tokens[:P]
-                cache = self._prefill(self.state, prefix, np.int32(P))
+                cache = self._prefill(self.state, prefix, np.int32(P), cache_len=cache_len)
             order = sorted(idx, key=lambda i: -len(rows[i].tokens))
             for s in range(0, len(order), B):
                 batch_idx = order[s:s + B]
@@ -358,7 +357,7 @@ def evaluate(model, tokenizer, items: list[Item], pool: list[Item], template: Pr
         raise EvalError(f"--shots {shots} but the few-shot pool holds only {len(pool)} items")
     seeds = list(seeds) if shots > 0 else list(seeds)[:1]
     max_length = max_length or model.cfg.max_position_embeddings
-    scorer = scorer or Scorer(model, batch_size=batch_size, length_bucket=length_bucket, max_length=max_length)
+    scorer = scorer or Scorer(model, batch_size=batch_size, length_bucket=length_bucket)
     labels_all = sorted({lab for it in items for lab in it.labels})
     first = label_first_tokens(tokenizer, labels_all) if scoring == "top_token" else None
 
