@@ -165,7 +165,7 @@ def export_meta(reader: CheckpointReader, out: str, dtype: np.dtype) -> None:
     def produce(key):
         name, layer = source[key]
         w = hf_tensor(reader, name, layer, dtype)
-        heads = meta._rows_heads(name, cfg)
+        heads = meta.rope_rows_heads(name, cfg)
         return meta.hf_to_meta_rows(w, heads) if heads is not None else w
 
     total = sum(int(np.prod(s)) * dtype.itemsize for _, s, _ in specs)

@@ -71,7 +71,8 @@ def hf_to_meta_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(n_heads, 2, h // 2, d).transpose(0, 2, 1, 3).reshape(rows, d))
 
 
-def _rows_heads(name: str, cfg: LlamaConfig) -> int | None:
+def rope_rows_heads(name: str, cfg: LlamaConfig) -> int | None:
+    """Number of heads whose rows `meta_to_hf_rows` permutes for parameter `name`, else None."""
     return {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}.get(name)
 
 
@@ -189,7 +190,7 @@ class MetaWeights:
             w = np.concatenate([torch_to_numpy(t) for t in tensors], axis=split)
         for t in tensors:
             release_pages(t)
-        heads = _rows_heads(name, self.cfg)
+        heads = rope_rows_heads(name, self.cfg)
         if heads is not None and w.ndim == 2 and w.shape[0] % (2 * heads) == 0:
             w = meta_to_hf_rows(w, heads)
         return w

@@ -188,8 +188,9 @@ class _StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
                 if "compressor" in spec.get("metadata", {}):  # zarr v2 (Orbax's default format)
                     spec["metadata"]["compressor"] = dict(IMPORT_COMPRESSOR)
                 t = await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
-                for idx, block in value.blocks():
-                    pending.append((t[idx].write(block), block.nbytes))
+                for idx, block in value.blocks():  # a fresh array each time, never modified: no copy
+                    write = t[idx].write(block, can_reference_source_data_indefinitely=True)
+                    pending.append((write, block.nbytes))
                     if len(pending) >= IN_FLIGHT:
                         await finish_one()
                     await asyncio.sleep(0)
