@@ -54,8 +54,8 @@ def plan(gin_files, gin_params, devices: int | None = None) -> dict:
     from meditron_jax.errors import UserError
     from meditron_jax.metrics import flops_per_token
     from meditron_jax.optim import make_optimizer, optimizer_config, schedule
-    from meditron_jax.train import (_gin_call, jit_train_step, layers_fn_for, parse_gin, state_shardings,
-                                    train_config, validate_shapes)
+    from meditron_jax.train import (_gin_call, accumulation_steps, jit_train_step, layers_fn_for, parse_gin,
+                                    state_shardings, train_config, validate_shapes)
     from meditron_jax.train_step import BATCH_KEYS, make_train_step
 
     parse_gin(list(gin_files), list(gin_params))
@@ -68,7 +68,7 @@ def plan(gin_files, gin_params, devices: int | None = None) -> dict:
     validate_shapes(tc, cfg, sizes)
     mesh = sharding.make_mesh(sizes, jax.devices()[:n])
     dp = sharding.data_parallel_size(mesh)
-    num_micro = tc.global_batch_size // (tc.micro_batch_size * dp)
+    num_micro = accumulation_steps(tc, cfg, sizes)
     tx = make_optimizer(oc, tc.steps)
 
     with sharding.use_mesh(mesh, rules):

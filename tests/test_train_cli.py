@@ -84,3 +84,14 @@ def test_plan_memory_shrinks_with_tensor_parallelism(capsys):
         assert r["per_device_gib"]["params"] > 0 and r["model_flops_per_step"] > 0 and r["compile_seconds"] > 0
     assert tp["per_device_gib"]["params"] < 0.6 * dp["per_device_gib"]["params"]
     assert tp["per_device_gib"]["optimizer_state"] < 0.6 * dp["per_device_gib"]["optimizer_state"]
+
+
+def test_pipeline_run_matches_and_restores_without_stages(tmp_path, demo_dir, uninterrupted):
+    """(data 2, stage 2, tensor 2) trains like (data 8); its checkpoint resumes with stage 1."""
+    w = _workdir(tmp_path, demo_dir, "run")
+    assert _train(w, "train.steps=4", "train.checkpoint_every=4",
+                  mesh=("mesh.data=2", "mesh.stage=2", "mesh.tensor=2")) == 0
+    assert _train(w, "train.steps=6", "train.checkpoint_every=4") == 0
+    ref, got = _losses(uninterrupted), _losses(w)
+    assert sorted(got) == list(range(1, 7))
+    np.testing.assert_allclose([got[s] for s in range(1, 7)], [ref[s] for s in range(1, 7)], rtol=1e-5)
