@@ -5,6 +5,7 @@ import os
 import random
 
 from meditron_jax.config import LlamaConfig
+from meditron_jax.data.tokenizer import train_tokenizer
 
 WORDS = ("patient fever cough aspirin insulin heart lung kidney liver blood pressure dose drug therapy "
          "trial study cells mice tumor risk outcome sepsis asthma diabetes cancer children women").split()
@@ -22,22 +23,11 @@ def corpus_lines(n=1500, seed=0):
     return lines
 
 
-def train_tiny_tokenizer(directory, vocab_size=400):
+def train_tiny_tokenizer(directory, vocab_size=600):
+    """A BPE tokenizer whose pieces include ▁A..▁E, ▁yes, ▁no, ▁maybe (distinct label first tokens)."""
     text = os.path.join(directory, "corpus.txt")
     with open(text, "w") as f:
         f.write("\n".join(corpus_lines()) + "\n")
-    try:
-        import meditron_jax.data.preprocess  # noqa: F401  (train_tokenizer needs it)
-    except ImportError:  # until the data module lands: the same Llama-2-like settings, directly
-        import sentencepiece as spm
-        prefix = os.path.join(directory, "tiny")
-        spm.SentencePieceTrainer.train(
-            input=text, model_prefix=prefix, model_type="bpe", vocab_size=vocab_size, byte_fallback=True,
-            split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
-            normalization_rule_name="identity", add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2,
-            pad_id=-1, num_threads=1, minloglevel=2)
-        return prefix + ".model"
-    from meditron_jax.data.tokenizer import train_tokenizer
     return train_tokenizer([text], vocab_size, os.path.join(directory, "tiny"))
 
 
