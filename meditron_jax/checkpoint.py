@@ -103,11 +103,19 @@ def resolve(path: str, step: int | None = None) -> tuple[str, int]:
 
 
 def complete_steps(root: str) -> list[int]:
-    """Committed steps: integer-named dirs (Orbax renames temporaries only when a save commits)."""
+    """Committed steps: integer-named dirs (Orbax renames temporaries only when a save commits)
+    that are still whole (see `is_complete`)."""
     if not os.path.isdir(root):
         return []
-    return sorted(int(d) for d in os.listdir(root)
-                  if d.isdigit() and os.path.isdir(os.path.join(root, d, "params")))
+    return sorted(int(d) for d in os.listdir(root) if d.isdigit() and is_complete(os.path.join(root, d)))
+
+
+def is_complete(step_dir: str) -> bool:
+    """A committed step carries Orbax's commit marker, its metadata and a committed params item.
+    An integer-named directory without them is what an interrupted deletion (the keep-last-K
+    garbage collection, killed mid-`rmtree`) leaves behind: never a candidate for restoring."""
+    return all(os.path.exists(os.path.join(step_dir, *f)) for f in
+               (("commit_success.txt",), ("_CHECKPOINT_METADATA",), ("params", "commit_success.txt")))
 
 
 def read_meta(path: str, step: int | None = None) -> dict:
