@@ -172,10 +172,7 @@ def validate_shapes(tc: TrainConfig, cfg: LlamaConfig, sizes: dict):
     dp = sizes["data"] * sizes["fsdp"]
     if tc.steps < 1:
         raise UserError(f"train.steps must be >= 1, got {tc.steps}")
-    if tc.global_batch_size % (tc.micro_batch_size * dp):
-        raise UserError(f"train.global_batch_size {tc.global_batch_size} is not divisible by "
-                        f"micro_batch_size {tc.micro_batch_size} x data-parallel size {dp} "
-                        f"(mesh.data {sizes['data']} x mesh.fsdp {sizes['fsdp']})")
+    accumulation_steps(tc, cfg, sizes)
     if tc.global_batch_size % jax.process_count():
         raise UserError(f"train.global_batch_size {tc.global_batch_size} is not divisible by the "
                         f"{jax.process_count()} processes")
@@ -293,10 +290,36 @@ class _Preemption:
 
 
 def layers_fn_for(cfg: LlamaConfig, mesh):
+    """The decoder stack: `run_layers`, or the pipeline schedule when mesh.stage > 1."""
     if mesh.shape["stage"] == 1:
         return run_layers
     from meditron_jax import pipeline
-    return pipeline.layers_fn(mesh)
+    s = pipeline.pipeline_settings()
+    return functools.partial(pipeline.pipeline_layers, mesh=mesh, microbatches=s.microbatches,
+                             repeats=s.repeats, stage_remat=s.stage_remat)
+
+
+def accumulation_steps(tc: TrainConfig, cfg: LlamaConfig, sizes: dict) -> int:
+    """Gradient-accumulation steps per global batch (validated; one line on error).
+
+    Megatron semantics: `train.micro_batch_size` sequences per data-parallel rank form one
+    micro-batch. Without pipelining each accumulation step runs one micro-batch; with
+    mesh.stage > 1 each accumulation step feeds `pipeline.microbatches` micro-batches through
+    the pipeline, so global = micro x (data x fsdp) x pipeline.microbatches x accumulation.
+    """
+    dp = sizes["data"] * sizes["fsdp"]
+    per_step = tc.micro_batch_size * dp
+    if sizes["stage"] > 1:
+        from meditron_jax import pipeline
+        s = pipeline.pipeline_settings()
+        M = pipeline.check_pipeline(cfg, sizes["stage"], None, dp, s.microbatches, s.repeats)
+        per_step *= M
+    if tc.global_batch_size % per_step:
+        what = f" x pipeline.microbatches {per_step // (tc.micro_batch_size * dp)}" if sizes["stage"] > 1 else ""
+        raise UserError(f"train.global_batch_size {tc.global_batch_size} is not divisible by "
+                        f"micro_batch_size {tc.micro_batch_size} x data-parallel size {dp} "
+                        f"(mesh.data {sizes['data']} x mesh.fsdp {sizes['fsdp']}){what}")
+    return tc.global_batch_size // per_step
 
 
 def build_state(cfg, tc, tx, mesh, rules, zero1, workdir, manager, restart_from_scratch=False):
@@ -489,7 +512,7 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
 
     mesh = sharding.make_mesh(sizes)
     dp = sharding.data_parallel_size(mesh)
-    num_micro = tc.global_batch_size // (tc.micro_batch_size * dp)
+    num_micro = accumulation_steps(tc, cfg, sizes)
     tx = make_optimizer(oc, tc.steps)
     lr_schedule = schedule(oc, tc.steps)
     manager = ckpt.make_manager(workdir)  # removes temporary directories of interrupted saves
