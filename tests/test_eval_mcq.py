@@ -1,7 +1,6 @@
 """k-shot exam evaluation: readers, prompts, demonstrations, scoring vs transformers, CLI."""
 
 import json
-import os
 
 import numpy as np
 import pytest
