@@ -20,6 +20,9 @@ CFG = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_laye
                   num_heads=4, num_kv_heads=2, max_position_embeddings=64)
 B, T = 16, 16
 RTOL = 1e-5
+# LLVM -O0 for these tiny programs: ~2.5x faster compiles on CPU. It changes no HLO pass, so
+# the partitioned program (collectives included) is the one a default compile produces.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def _inputs():
@@ -46,7 +49,8 @@ def reference():
     def f(layers, x):
         y = run_layers(CFG, layers, x, POS, SEG)
         return _loss(y), y
-    (loss, y), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(LAYERS, X)
+    step = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
+    (loss, y), grads = step.lower(LAYERS, X).compile(compiler_options=FAST_COMPILE)(LAYERS, X)
     return jax.device_get((loss, y, grads))
 
 
@@ -77,7 +81,7 @@ def _run(name, sizes, cfg=CFG, repeats=1, microbatches=None, pipeline_layout=Fal
         step = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True),
                        in_shardings=(layer_sh, x_sh))
         x = X.astype(x_dtype)
-        compiled = step.lower(layers, x).compile()
+        compiled = step.lower(layers, x).compile(compiler_options=FAST_COMPILE)
         (loss, y), (g_layers, g_x) = compiled(jax.device_put(layers, layer_sh), jax.device_put(x, x_sh))
     for k, g in g_layers.items():  # gradients come back sharded like the params
         assert g.sharding.is_equivalent_to(layer_sh[k], g.ndim), (name, k, g.sharding)
