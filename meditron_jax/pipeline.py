@@ -87,21 +87,21 @@ def check_pipeline(cfg: LlamaConfig, stages: int, batch_size: int | None = None,
     if repeats < 1:
         raise MeshError(f"pipeline.repeats must be >= 1, got {repeats}")
     if L % (stages * repeats):
-        raise MeshError(f"mesh.stage={stages} x pipeline.repeats={repeats} = {stages * repeats} "
-                        f"does not divide num_layers={L}")
+        raise MeshError(f"mesh.stage {stages} x pipeline.repeats {repeats} = {stages * repeats} "
+                        f"does not divide num_layers {L}")
     M = 2 * stages if microbatches is None else microbatches
     if M < 1:
         raise MeshError(f"pipeline.microbatches must be >= 1, got {M}")
     if repeats > 1 and M < stages:
-        raise MeshError(f"pipeline.repeats={repeats} needs pipeline.microbatches >= mesh.stage, "
-                        f"got microbatches={M} < stage={stages}")
+        raise MeshError(f"pipeline.repeats {repeats} needs pipeline.microbatches >= mesh.stage, "
+                        f"got pipeline.microbatches {M} < mesh.stage {stages}")
     if batch_size is not None:
         if batch_size % M:
             raise MeshError(f"batch of {batch_size} sequences is not divisible by "
-                            f"pipeline.microbatches={M}")
+                            f"pipeline.microbatches {M}")
         if (batch_size // M) % data_parallel:
             raise MeshError(f"micro-batch of {batch_size // M} sequences (batch {batch_size} / "
-                            f"pipeline.microbatches={M}) is not divisible by the data-parallel "
+                            f"pipeline.microbatches {M}) is not divisible by the data-parallel "
                             f"size {data_parallel} (mesh data x fsdp)")
     return M
 

@@ -209,10 +209,10 @@ def test_gin_settings_and_defaults():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(stages=3), "does not divide num_layers=8"),
-    (dict(stages=4, repeats=4), r"4 x pipeline.repeats=4 = 16 does not divide"),
+    (dict(stages=3), "does not divide num_layers 8"),
+    (dict(stages=4, repeats=4), r"mesh.stage 4 x pipeline.repeats 4 = 16 does not divide"),
     (dict(stages=4, repeats=2, microbatches=2), "needs pipeline.microbatches >= mesh.stage"),
-    (dict(stages=2, microbatches=3, batch_size=16), "not divisible by pipeline.microbatches=3"),
+    (dict(stages=2, microbatches=3, batch_size=16), "not divisible by pipeline.microbatches 3"),
     (dict(stages=2, microbatches=8, batch_size=16, data_parallel=4), "data-parallel size 4"),
     (dict(stages=2, microbatches=0), "microbatches must be >= 1"),
 ])
