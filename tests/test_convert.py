@@ -419,3 +419,12 @@ def test_trainer_pipeline_checkpoint_exports_like_dp(trained_dp):
     pp = _train_and_export(tmp, tmp / "init", "pp", {"data": 1, "stage": 2, "fsdp": 2, "tensor": 2})
     for k in exported:
         np.testing.assert_allclose(pp[k], exported[k], atol=3e-4, err_msg=k)
+
+
+def test_export_without_recorded_tokenizer(tmp_path, imported):
+    """--no-tokenizer: weights only; --added-tokens without a tokenizer is refused."""
+    assert main(["export", str(imported), "--to", "hf", "--out", str(tmp_path / "o"), "--no-tokenizer"]) == 0
+    assert not (tmp_path / "o" / "tokenizer.json").exists()
+    assert main(["export", str(imported), "--to", "hf", "--out", str(tmp_path / "p"), "--added-tokens", "<x>"]) == 2
+    assert main(["export", str(imported), "--to", "hf", "--out", str(tmp_path / "q"), "--max-shard-size", "lots"]) == 2
+    assert not (tmp_path / "p").exists() and not (tmp_path / "q").exists()

@@ -51,6 +51,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tokenizer", default=None,
                         help="SentencePiece tokenizer.model to export with --to hf "
                              "(default: the one the checkpoint records, if that file exists)")
+    parser.add_argument("--no-tokenizer", action="store_true",
+                        help="write no tokenizer files, even when the checkpoint records a tokenizer")
     parser.add_argument("--added-tokens", nargs="*", default=None,
                         help="tokens appended after the SentencePiece vocab (ids base, base+1, ...), "
                              "or one .json file holding a list of them")
@@ -203,13 +205,13 @@ def _write_json(path: str, obj) -> None:
 
 def export(checkpoint: str, target: str, out: str, step: int | None = None, dtype: str = "bfloat16",
            max_shard_size: str = "5GB", tokenizer: str | None = None, added_tokens: list[str] | None = None,
-           overwrite: bool = False) -> str:
+           overwrite: bool = False, use_recorded_tokenizer: bool = True) -> str:
     reader = CheckpointReader(checkpoint, step)
     dt = DTYPES[dtype]
     max_shard = parse_size(max_shard_size)
     added = _added_tokens(added_tokens)
     recorded = reader.meta.get("tokenizer") or {}
-    if tokenizer is None and recorded.get("path") and os.path.isfile(recorded["path"]):
+    if use_recorded_tokenizer and tokenizer is None and recorded.get("path") and os.path.isfile(recorded["path"]):
         tokenizer = recorded["path"]
         added = added or list(recorded.get("added_tokens") or [])
     if tokenizer is not None and not os.path.isfile(tokenizer):
@@ -238,6 +240,7 @@ def run(args) -> int:
     keep_freed_memory()
     out = export(args.checkpoint, args.target, args.out, step=args.step, dtype=args.dtype,
                  max_shard_size=args.max_shard_size, tokenizer=args.tokenizer,
-                 added_tokens=args.added_tokens, overwrite=args.overwrite)
+                 added_tokens=args.added_tokens, overwrite=args.overwrite,
+                 use_recorded_tokenizer=not args.no_tokenizer)
     print(f"wrote {out}")
     return 0

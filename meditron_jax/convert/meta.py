@@ -133,8 +133,8 @@ class MetaWeights:
         if not files:
             raise ConversionError(f"{directory}: no consolidated.*.pth files")
         if ranks != list(range(len(files))):
-            raise ConversionError(f"{directory}: model-parallel files must be consolidated.00..{len(files) - 1:02d}.pth, "
-                                  f"found {[os.path.basename(f) for f in files]}")
+            raise ConversionError(f"{directory}: model-parallel files must be consolidated.00.."
+                                  f"{len(files) - 1:02d}.pth, found {[os.path.basename(f) for f in files]}")
         self.files = files
         self.shards = [torch_load(f) for f in files]
         keys = set(self.shards[0]) - set(IGNORED)
