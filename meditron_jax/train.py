@@ -534,6 +534,11 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
             step_fn = make_train_step(cfg, tx, lr_schedule, num_micro, layers_fn, tc.loss_chunk,
                                       tc.spike_threshold)
             jitted = jit_train_step(step_fn, state_sh, mesh)
+            if jax.process_count() > 1:
+                # compile first, then start together: on CPU, gloo gives up on a peer that reaches
+                # the first collective more than 30 s later (e.g. one process compiling, one cached)
+                jitted = jitted.lower(state, _abstract_batch(tc, mesh), jnp.asarray(False)).compile()
+                _barrier("compiled")
             eval_fn = jax.jit(make_eval_step(cfg, layers_fn, tc.loss_chunk),
                               in_shardings=(state_sh["params"], _batch_shardings(mesh)),
                               out_shardings=sharding.replicated(mesh))
@@ -609,6 +614,18 @@ def _loop(tc, cfg, state, start, it, data, mesh, jitted, eval_fn, finite_fn, man
         if stop:
             return step, EXIT_PREEMPTED
     return step, 0
+
+
+def _abstract_batch(tc, mesh):
+    return {k: jax.ShapeDtypeStruct((tc.global_batch_size, tc.seq_len), jnp.float32 if k == "loss_mask" else jnp.int32,
+                                    sharding=sharding.batch_sharding(mesh, 2)) for k in BATCH_KEYS}
+
+
+def _barrier(name: str, timeout_s: int = 3600):
+    """Every process waits here (coordination-service barrier, no device collective)."""
+    if jax.process_count() > 1:
+        from jax._src import distributed
+        distributed.global_state.client.wait_at_barrier(f"meditron_jax_{name}", timeout_s * 1000)
 
 
 def _agree(flag: bool) -> bool:
