@@ -173,11 +173,8 @@ def _manual_stage_rules():
         names = () if v is None else (v,) if isinstance(v, str) else tuple(v)
         names = tuple(n for n in names if n != "stage")  # manual here: not constrainable
         rules[k] = names or None
-    sharding._ACTIVE.append((jax.sharding.get_abstract_mesh(), rules))
-    try:
+    with sharding.push_rules(jax.sharding.get_abstract_mesh(), rules):
         yield
-    finally:
-        sharding._ACTIVE.pop()
 
 
 def _constrain_layers(layers: dict) -> dict:

@@ -133,15 +133,22 @@ _ACTIVE: list[tuple[Mesh, dict]] = []
 
 
 @contextlib.contextmanager
+def push_rules(mesh, rules: dict):
+    """Point `constrain` at `mesh` (a Mesh or an abstract mesh) and `rules`, without entering
+    jax's mesh context (the pipeline uses it inside its shard_map body)."""
+    _ACTIVE.append((mesh, rules))
+    try:
+        yield mesh
+    finally:
+        _ACTIVE.pop()
+
+
+@contextlib.contextmanager
 def use_mesh(mesh: Mesh, rules: dict | None = None):
     """Activate `mesh` and the logical rules for `constrain` (and jax's mesh context)."""
     rules = dict(DEFAULT_RULES) if rules is None else rules
-    _ACTIVE.append((mesh, rules))
-    try:
-        with jax.set_mesh(mesh):
-            yield mesh
-    finally:
-        _ACTIVE.pop()
+    with push_rules(mesh, rules), jax.set_mesh(mesh):
+        yield mesh
 
 
 def active() -> tuple[Mesh, dict] | None:
