@@ -14,3 +14,22 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # Compiled functions are cached on disk between test runs on the same machine.
 jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """The built-in demo corpus, built once per test session."""
+    from meditron_jax.data.demo import prepare_demo
+    d = tmp_path_factory.mktemp("demo") / "demo_data"
+    prepare_demo(d)
+    return d
+
+
+def workdir_with_demo(parent, demo, name="run") -> str:
+    """A fresh training workdir whose `demo_data` links to the shared demo corpus."""
+    w = parent / name
+    w.mkdir()
+    os.symlink(demo, w / "demo_data")
+    return str(w)

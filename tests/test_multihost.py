@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 
+from tests.conftest import workdir_with_demo
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--gin_file", os.path.join(ROOT, "configs", "tiny.gin"),
         "--gin_param", "train.seq_len=64", "--gin_param", "train.global_batch_size=8",
@@ -38,18 +40,11 @@ def _losses(workdir):
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    from meditron_jax.data.demo import prepare_demo
-    d = tmp_path_factory.mktemp("demo") / "demo_data"
-    prepare_demo(d)
-    return d
+def demo(demo_data):
+    return demo_data
 
 
-def _workdir(tmp_path, demo, name):
-    w = tmp_path / name
-    w.mkdir()
-    os.symlink(demo, w / "demo_data")
-    return str(w)
+_workdir = workdir_with_demo
 
 
 def test_two_processes_equal_one(tmp_path, demo):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from meditron_jax.cli import main
+from tests.conftest import workdir_with_demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.gin")
@@ -29,19 +30,13 @@ def _losses(workdir):
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    """Build the demo corpus once and share it (the workdirs link to it)."""
-    from meditron_jax.data.demo import prepare_demo
-    d = tmp_path_factory.mktemp("demo") / "demo_data"
-    prepare_demo(d)
-    return d
+def demo_dir(demo_data):
+    return demo_data
 
 
 def _workdir(tmp_path, demo_dir, name):
-    w = tmp_path / name
-    w.mkdir()
-    os.symlink(demo_dir, w / "demo_data")
-    return w
+    from pathlib import Path
+    return Path(workdir_with_demo(tmp_path, demo_dir, name))
 
 
 @pytest.fixture(scope="module")
