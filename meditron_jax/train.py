@@ -271,6 +271,9 @@ class _Preemption:
         self._previous = {}
 
     def install(self):
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python delivers signals to the main thread only; leave its handlers alone
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handler)
 
