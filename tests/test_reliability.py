@@ -333,3 +333,18 @@ def test_two_process_run_survivor_exits(tmp_path, demo):
                     key=lambda ln: "another task died" not in ln)
     assert reason, out[-3000:]
     print(f"survivor exited with {rc} after {elapsed:.1f} s: {reason[0][:300]}")
+
+
+def test_truncate_metrics_keeps_each_step_once(tmp_path):
+    """Records past the restored step and a torn last line move to metrics.dropped.jsonl."""
+    from meditron_jax.train import truncate_metrics
+
+    lines = [json.dumps({"step": s, "loss": float(s)}) + "\n" for s in (1, 2, 3, 4)]
+    lines.insert(3, json.dumps({"step": 3, "eval_loss": 0.5}) + "\n")
+    (tmp_path / "metrics.jsonl").write_text("".join(lines) + '{"step": 5, "lo')
+    assert truncate_metrics(str(tmp_path), 3) == 2
+    kept = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in kept] == [1, 2, 3, 3]
+    dropped = (tmp_path / "metrics.dropped.jsonl").read_text().splitlines()
+    assert json.loads(dropped[0])["step"] == 4 and dropped[1] == '{"step": 5, "lo'
+    assert truncate_metrics(str(tmp_path), 3) == 0
