@@ -39,14 +39,19 @@ def xla_attention(q, k, v, q_segment, kv_segment, q_slots=None):
     return out.reshape(B, T, N, H)
 
 
+def dpa_attention(q, k, v, q_segment, kv_segment, implementation: str):
+    """`jax.nn.dot_product_attention` with our masking: causal by the kernel, segments as a
+    boolean mask [B,1,T,S]. implementation='cudnn' is the GPU path; 'xla' runs anywhere (tests)."""
+    mask = (q_segment[:, :, None] == kv_segment[:, None, :])[:, None]  # [B,1,T,S]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=implementation)
+
+
 def cudnn_attention(q, k, v, q_segment, kv_segment):
     if jax.default_backend() != "gpu":
         raise RuntimeError(
             f"attention='cudnn' needs a CUDA GPU, but JAX's backend is {jax.default_backend()!r}; "
             "use model.attention='xla'")
-    # cuDNN flash attention: causal mask done by the kernel, segments as an extra boolean mask.
-    mask = (q_segment[:, :, None] == kv_segment[:, None, :])[:, None]  # [B,1,T,S]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="cudnn")
+    return dpa_attention(q, k, v, q_segment, kv_segment, "cudnn")  # cuDNN flash attention
 
 
 def attend(q, k, v, q_segment, kv_segment, impl: str = "xla", q_slots=None):

@@ -13,6 +13,7 @@ batch:  {"inputs", "targets", "segment_ids", "positions": int32 [G, T], "loss_ma
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -29,25 +30,84 @@ BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 def cross_entropy_sum(cfg: LlamaConfig, lm_head, h, targets, mask, chunk: int | None = None):
     """Sum over tokens of -log p(target), weighted by mask; logits in fp32, padded vocab masked.
 
-    With `chunk`, the sequence is processed `chunk` positions at a time under remat, so the
-    full [B, T, V] fp32 logits are never live at once (forward or backward).
+    chunk=None is the reference: full [B, T, V] fp32 logits, differentiated by autodiff.
+    With `chunk`, the output projection and the loss run `chunk` positions at a time and the
+    gradient is fused into the forward pass (`fused_cross_entropy_sum`): the full logits are
+    never live, and no logits are recomputed for the backward pass.
     """
-    def piece(h, t, m):
-        logits = lm_logits(cfg, lm_head, h, true_vocab=False)  # [B,t,V] fp32
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        gold = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-        return jnp.sum((lse - gold) * m)
-
     T = h.shape[1]
     if not chunk or chunk >= T:
-        return piece(h, targets, mask)
+        return _reference_ce(cfg, lm_head, h, targets, mask)
     if T % chunk:
         raise ValueError(f"seq_len {T} not divisible by loss chunk {chunk}")
-    n = T // chunk
-    split = lambda a: jnp.moveaxis(a.reshape(a.shape[0], n, chunk, *a.shape[2:]), 1, 0)
-    body = jax.checkpoint(lambda c, xs: (c + piece(*xs), None))
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (split(h), split(targets), split(mask)))
+    return fused_cross_entropy_sum(cfg, chunk, lm_head, h, targets, mask.astype(jnp.float32))
+
+
+def _reference_ce(cfg, lm_head, h, targets, mask):
+    logits = lm_logits(cfg, lm_head, h, true_vocab=False)  # [B,T,V] fp32
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    gold = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum((lse - gold) * mask)
+
+
+def _split_chunks(a, chunk):
+    """[B, T, ...] -> [T/chunk, B, chunk, ...] (the batch axis keeps its sharding)."""
+    n = a.shape[1] // chunk
+    return jnp.moveaxis(a.reshape(a.shape[0], n, chunk, *a.shape[2:]), 1, 0)
+
+
+def _chunk_loss(cfg, W, h, t, m):
+    """One chunk: (loss sum, softmax [B,c,V] fp32, one-hot of the targets [B,c,V]).
+
+    The softmax is exp(x - max) / sum, the same rounding as autodiff through `logsumexp`."""
+    logits = lm_logits(cfg, W, h, true_vocab=False)  # [B,c,V] fp32, padded vocab at -1e9
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    e = jnp.exp(logits - top)
+    s = jnp.sum(e, axis=-1, keepdims=True)
+    lse = (jnp.log(s) + top)[..., 0]
+    onehot = jnp.arange(logits.shape[-1], dtype=t.dtype) == t[..., None]  # elementwise: no gather/scatter
+    gold = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
+    return jnp.sum((lse - gold) * m), e / s, onehot
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def fused_cross_entropy_sum(cfg: LlamaConfig, chunk: int, lm_head, h, targets, mask):
+    """Chunked output projection + cross-entropy sum (see `cross_entropy_sum`). h [B,T,D]."""
+    def body(total, xs):
+        return total + _chunk_loss(cfg, lm_head, *xs)[0], None
+
+    xs = (_split_chunks(h, chunk), _split_chunks(targets, chunk), _split_chunks(mask, chunk))
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
     return total
+
+
+def _fused_ce_fwd(cfg, chunk, lm_head, h, targets, mask):
+    """Loss and its gradient in one pass per chunk (the loss is a sum, so d loss / d logits =
+    mask x (softmax - onehot) is known before the cotangent arrives; bwd only scales it)."""
+    dt = h.dtype
+    W = lm_head.astype(dt)
+
+    def body(dW, xs):
+        hc, tc, mc = xs
+        loss, p, onehot = _chunk_loss(cfg, W, hc, tc, mc)
+        mw = mc[..., None]
+        dlogits = (p * mw - jnp.where(onehot, mw, 0.0)).astype(dt)  # [B,c,V] = m (softmax - onehot)
+        dh = jnp.einsum("bcv,dv->bcd", dlogits, W, preferred_element_type=jnp.float32).astype(dt)
+        dW = dW + jnp.einsum("bcd,bcv->dv", hc, dlogits, preferred_element_type=jnp.float32)
+        return dW, (loss, dh)
+
+    xs = (_split_chunks(h, chunk), _split_chunks(targets, chunk), _split_chunks(mask, chunk))
+    dW, (losses, dh) = jax.lax.scan(body, jnp.zeros(lm_head.shape, jnp.float32), xs)
+    dh = jnp.moveaxis(dh, 0, 1).reshape(h.shape)
+    return jnp.sum(losses), (dW.astype(lm_head.dtype), dh)
+
+
+def _fused_ce_bwd(cfg, chunk, res, g):
+    dW, dh = res
+    return g.astype(dW.dtype) * dW, g.astype(dh.dtype) * dh, None, None
+
+
+fused_cross_entropy_sum.defvjp(_fused_ce_fwd, _fused_ce_bwd)
 
 
 def loss_sum(cfg: LlamaConfig, params, batch, layers_fn=run_layers, loss_chunk=None):
