@@ -406,6 +406,8 @@ def restore_newest_readable(manager, target, workdir, restart_from_scratch=False
               f"or deletion); moved to {_quarantine_dir(workdir)}")
         _quarantine(manager, workdir, remnants)
     steps = sorted(manager.all_steps(), reverse=True)
+    if steps:
+        _silence_failed_reads()
     skipped = []
     for step in steps:
         try:
@@ -432,6 +434,26 @@ def restore_newest_readable(manager, target, workdir, restart_from_scratch=False
               f"{sorted(steps)} moved to {_quarantine_dir(workdir)}")
         _quarantine(manager, workdir, steps)
     return None
+
+
+def _silence_failed_reads():
+    """A failed Orbax read leaves its sibling reads running and un-awaited: when they finish
+    after their event loop closed, or are garbage-collected (often at exit), Python prints
+    'Event loop is closed' / 'Exception ignored in <coroutine _read_array_index_...>' and asyncio
+    logs '_GatheringFuture exception was never retrieved', with tracebacks. The warning naming
+    the step already said it all: drop just those reports."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_meditron_quiet", False):
+        return
+
+    def hook(unraisable):  # reads finishing after their event loop closed report here too
+        late = isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)
+        if not late and "_read_array_index" not in repr(getattr(unraisable, "object", "")):
+            previous(unraisable)
+    hook._meditron_quiet = True
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(
+        lambda record: "error while reading array index" not in record.getMessage())
 
 
 def _warn(msg: str):
@@ -573,6 +595,14 @@ def _loop(tc, cfg, state, start, it, data, mesh, jitted, eval_fn, finite_fn, man
     every step up to a committed checkpoint is in metrics.jsonl."""
     peak = device_peak_flops()
     fpt = flops_per_token(cfg, tc.seq_len)
+    bubble = None
+    if mesh.shape["stage"] > 1:  # pipeline idle share, logged with every record
+        from meditron_jax import pipeline
+        ps = pipeline.pipeline_settings()
+        bubble = pipeline.bubble_fraction(mesh.shape["stage"], ps.microbatches or 2 * mesh.shape["stage"],
+                                          ps.repeats)
+        if jax.process_index() == 0:
+            print(f"pipeline: {mesh.shape['stage']} stages, bubble fraction {bubble:.3f}", file=sys.stderr)
     timer = StepTimer()
     step = start
     pending = []
@@ -598,6 +628,8 @@ def _loop(tc, cfg, state, start, it, data, mesh, jitted, eval_fn, finite_fn, man
                     record["tokens_per_sec"] = tc.global_batch_size * tc.seq_len * len(fetched) / dt
                     if peak:
                         record["mfu"] = record["tokens_per_sec"] * fpt / (peak * jax.device_count())
+                    if bubble is not None:
+                        record["pipeline_bubble"] = bubble
                 writer.write(step - len(fetched) + i + 1, record)
             pending = []
         if tc.eval_every and step % tc.eval_every == 0:

@@ -86,6 +86,9 @@ def test_pipeline_run_matches_and_restores_without_stages(tmp_path, demo_dir, un
     w = _workdir(tmp_path, demo_dir, "run")
     assert _train(w, "train.steps=4", "train.checkpoint_every=4",
                   mesh=("mesh.data=2", "mesh.stage=2", "mesh.tensor=2")) == 0
+    with open(os.path.join(w, "metrics.jsonl")) as f:
+        first = json.loads(f.readline())
+    assert first["pipeline_bubble"] == pytest.approx(1 / 5)  # (S-1)/(M+S-1), S=2, M=4
     assert _train(w, "train.steps=6", "train.checkpoint_every=4") == 0
     ref, got = _losses(uninterrupted), _losses(w)
     assert sorted(got) == list(range(1, 7))
