@@ -239,6 +239,7 @@ def test_corrupt_and_unreadable_checkpoints(tmp_path, baseline):
     rc, out = finish(launch(w, tmp_path / "a.txt"), tmp_path / "a.txt")
     assert rc == 0, out[-3000:]
     assert f"warning: checkpoint step {newest} " in out and f"resuming from step {previous}" in out
+    assert "Traceback" not in out and "Exception ignored" not in out, out[-3000:]
     assert (w / "checkpoints_unreadable" / str(newest)).is_dir()
     assert trajectory(w) == baseline[1]
     assert check_checkpoint_dir(w) == 0
