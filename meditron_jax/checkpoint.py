@@ -7,6 +7,9 @@ Owns: `WORKDIR/checkpoints/<step>/` with the composite items
   data       the data iterator state (JSON, process-count independent)
   meta       JSON: model config, operative gin config, tokenizer path + fingerprint, format
 and restoring onto any mesh (Orbax reshards to the target shardings given).
+Also owns resuming safely (`newest_readable`): incomplete steps (remains of an interrupted
+deletion) and unreadable ones are moved to `WORKDIR/checkpoints_unreadable/` with a warning,
+never deleted, and the newest step that restores is used (docs/reliability.md).
 Does not own: what the train state contains (train.py), conversion (convert/).
 
 Saves are asynchronous; Orbax writes into a temporary directory and renames it when the
@@ -17,7 +20,9 @@ directories of interrupted saves when it opens (`cleanup_tmp_directories`).
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 from typing import Any
 
 import gin
@@ -174,3 +179,98 @@ def load_params(path: str, step: int | None = None) -> tuple[LlamaConfig, dict[s
     abstract = {k: jax.ShapeDtypeStruct(s, np.float32, sharding=cpu) for k, s in param_shapes(cfg).items()}
     params = restore_params(path, abstract, step)
     return cfg, {k: np.asarray(v) for k, v in params.items()}
+
+
+# ---- resuming safely ------------------------------------------------------------------------
+def newest_readable(manager: ocp.CheckpointManager, workdir: str, restore, params_target,
+                    restart_from_scratch: bool = False):
+    """(restore(step), step) for the newest checkpoint that restores, or None for a fresh start.
+
+    Only committed, complete steps are candidates (Orbax renames a save's temporary directory
+    when it commits, and the manager removes leftovers when it opens); incomplete ones are
+    moved aside. A step that does not restore is named in a warning and skipped; skipped steps
+    are moved to WORKDIR/checkpoints_unreadable/ so later saves at those steps don't collide.
+    If all fail, the start is refused unless `restart_from_scratch`. A readable checkpoint
+    whose shapes disagree with `params_target` is a configuration error, never skipped.
+    """
+    root = checkpoint_dir(workdir)
+    remnants = [s for s in manager.all_steps() if not is_complete(os.path.join(root, str(s)))]
+    if remnants:
+        _warn(f"checkpoint steps {sorted(remnants)} in {root} are incomplete (left by an interrupted save "
+              f"or deletion); moved to {quarantine_dir(workdir)}")
+        _quarantine(manager, workdir, remnants)
+    steps = sorted(manager.all_steps(), reverse=True)
+    if steps:
+        _silence_failed_reads()
+    skipped = []
+    for step in steps:
+        try:
+            check_shapes(os.path.join(root, str(step), "params"), params_target)
+            restored = restore(step)
+        except CheckpointMismatch as e:
+            raise CheckpointMismatch(f"cannot resume from {workdir}: {e}") from None
+        except Exception as e:  # torn or corrupted files: try the previous checkpoint
+            reason = " ".join(str(e).split(" See full TensorStore details")[0].split())[:200]
+            _warn(f"checkpoint step {step} in {root} is unreadable, skipping it ({type(e).__name__}: {reason})")
+            skipped.append(step)
+            continue
+        if skipped:
+            _warn(f"resuming from step {step}, not from the newest step {skipped[0]} (unreadable steps "
+                  f"{sorted(skipped)} moved to {quarantine_dir(workdir)})")
+            _quarantine(manager, workdir, skipped)
+        return restored, step
+    if steps and not restart_from_scratch:
+        raise CheckpointError(f"{root}: none of the checkpoints {sorted(steps)} can be restored; refusing to "
+                              f"start from scratch (pass --restart-from-scratch to start over; they are then "
+                              f"moved to {quarantine_dir(workdir)})")
+    if steps:
+        _warn(f"--restart-from-scratch: no readable checkpoint; starting at step 0, unreadable steps "
+              f"{sorted(steps)} moved to {quarantine_dir(workdir)}")
+        _quarantine(manager, workdir, steps)
+    return None
+
+
+def quarantine_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints_unreadable")
+
+
+def _warn(msg: str):
+    if jax.process_index() == 0:
+        print(f"meditron-jax train: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _quarantine(manager: ocp.CheckpointManager, workdir: str, steps):
+    """Moves step directories aside (never deletes what this run did not write)."""
+    if jax.process_index() == 0:
+        dest_root = quarantine_dir(workdir)
+        os.makedirs(dest_root, exist_ok=True)
+        for step in steps:
+            dest = os.path.join(dest_root, str(step))
+            n = 1
+            while os.path.exists(dest):
+                dest, n = os.path.join(dest_root, f"{step}.{n}"), n + 1
+            os.rename(os.path.join(checkpoint_dir(workdir), str(step)), dest)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("meditron_jax_quarantine")
+    manager.reload()
+
+
+def _silence_failed_reads():
+    """A failed Orbax read leaves its sibling reads running and un-awaited: when they finish
+    after their event loop closed, or are garbage-collected (often at exit), Python prints
+    'Event loop is closed' / 'Exception ignored in <coroutine _read_array_index_...>' and asyncio
+    logs '_GatheringFuture exception was never retrieved', with tracebacks. The warning naming
+    the step already said it all: drop just those reports."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_meditron_quiet", False):
+        return
+
+    def hook(unraisable):  # reads finishing after their event loop closed report here too
+        late = isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)
+        if not late and "_read_array_index" not in repr(getattr(unraisable, "object", "")):
+            previous(unraisable)
+    hook._meditron_quiet = True
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(
+        lambda record: "error while reading array index" not in record.getMessage())

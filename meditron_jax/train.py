@@ -390,96 +390,14 @@ def restore_train_state(manager, step, target):
 
 
 def restore_newest_readable(manager, target, workdir, restart_from_scratch=False):
-    """(state, step, data state) from the newest checkpoint that restores, or None for a fresh start.
-
-    Only committed steps are candidates (Orbax renames a save's temporary directory when it
-    commits; leftovers are removed when the manager opens). A step that does not restore is
-    named in a warning and skipped; skipped steps are moved to WORKDIR/checkpoints_unreadable/
-    so later saves at those steps don't collide. Checkpoints that all fail refuse the start
-    unless `restart_from_scratch`. A readable checkpoint whose shapes disagree with the model
-    config is a configuration error, never skipped.
-    """
-    root = ckpt.checkpoint_dir(workdir)
-    remnants = [s for s in manager.all_steps() if not ckpt.is_complete(os.path.join(root, str(s)))]
-    if remnants:
-        _warn(f"checkpoint steps {sorted(remnants)} in {root} are incomplete (left by an interrupted save "
-              f"or deletion); moved to {_quarantine_dir(workdir)}")
-        _quarantine(manager, workdir, remnants)
-    steps = sorted(manager.all_steps(), reverse=True)
-    if steps:
-        _silence_failed_reads()
-    skipped = []
-    for step in steps:
-        try:
-            ckpt.check_shapes(os.path.join(root, str(step), "params"), target["params"])
-            state, data_state = restore_train_state(manager, step, target)
-        except ckpt.CheckpointMismatch as e:
-            raise UserError(f"cannot resume from {workdir}: {e}") from None
-        except Exception as e:  # torn or corrupted files: try the previous checkpoint
-            reason = " ".join(str(e).split(" See full TensorStore details")[0].split())[:200]
-            _warn(f"checkpoint step {step} in {root} is unreadable, skipping it ({type(e).__name__}: {reason})")
-            skipped.append(step)
-            continue
-        if skipped:
-            _warn(f"resuming from step {step}, not from the newest step {skipped[0]} (unreadable steps "
-                  f"{sorted(skipped)} moved to {_quarantine_dir(workdir)})")
-            _quarantine(manager, workdir, skipped)
-        return state, step, data_state
-    if steps and not restart_from_scratch:
-        raise UserError(f"{root}: none of the checkpoints {sorted(steps)} can be restored; refusing to start "
-                        f"from scratch (pass --restart-from-scratch to start over; they are then moved to "
-                        f"{_quarantine_dir(workdir)})")
-    if steps:
-        _warn(f"--restart-from-scratch: no readable checkpoint; starting at step 0, unreadable steps "
-              f"{sorted(steps)} moved to {_quarantine_dir(workdir)}")
-        _quarantine(manager, workdir, steps)
-    return None
-
-
-def _silence_failed_reads():
-    """A failed Orbax read leaves its sibling reads running and un-awaited: when they finish
-    after their event loop closed, or are garbage-collected (often at exit), Python prints
-    'Event loop is closed' / 'Exception ignored in <coroutine _read_array_index_...>' and asyncio
-    logs '_GatheringFuture exception was never retrieved', with tracebacks. The warning naming
-    the step already said it all: drop just those reports."""
-    previous = sys.unraisablehook
-    if getattr(previous, "_meditron_quiet", False):
-        return
-
-    def hook(unraisable):  # reads finishing after their event loop closed report here too
-        late = isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)
-        if not late and "_read_array_index" not in repr(getattr(unraisable, "object", "")):
-            previous(unraisable)
-    hook._meditron_quiet = True
-    sys.unraisablehook = hook
-    logging.getLogger("asyncio").addFilter(
-        lambda record: "error while reading array index" not in record.getMessage())
-
-
-def _warn(msg: str):
-    if jax.process_index() == 0:
-        print(f"meditron-jax train: warning: {msg}", file=sys.stderr, flush=True)
-
-
-def _quarantine_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints_unreadable")
-
-
-def _quarantine(manager, workdir, steps):
-    """Moves unreadable step directories aside (never deletes what this run did not write)."""
-    if jax.process_index() == 0:
-        dest_root = _quarantine_dir(workdir)
-        os.makedirs(dest_root, exist_ok=True)
-        for step in steps:
-            dest = os.path.join(dest_root, str(step))
-            n = 1
-            while os.path.exists(dest):
-                dest, n = os.path.join(dest_root, f"{step}.{n}"), n + 1
-            os.rename(os.path.join(ckpt.checkpoint_dir(workdir), str(step)), dest)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("meditron_jax_quarantine")
-    manager.reload()
+    """(state, step, data state) of the newest checkpoint that restores, or None for a fresh
+    start; the fallback rules are `checkpoint.newest_readable`'s."""
+    found = ckpt.newest_readable(manager, workdir, lambda step: restore_train_state(manager, step, target),
+                                 target["params"], restart_from_scratch)
+    if found is None:
+        return None
+    (state, data_state), step = found
+    return state, step, data_state
 
 
 def truncate_metrics(workdir: str, step: int) -> int:
