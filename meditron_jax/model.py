@@ -231,10 +231,12 @@ class Llama(nnx.Module):
                 "segment": jnp.zeros((batch, max_len), jnp.int32),
                 "index": jnp.zeros((), jnp.int32)}
 
-    def decode(self, tokens, positions, segment_ids, cache):
+    def decode(self, tokens, positions, segment_ids, cache, return_hidden: bool = False):
         """Run T new tokens against the cache. segment_ids: 1 for real tokens, 0 for padding.
 
-        Returns (logits [B,T,vocab] fp32, new cache). Slots index..index+T are written.
+        Returns (logits [B,T,vocab] fp32, new cache); with `return_hidden`, the final-normed
+        hidden states [B,T,D] instead of logits (callers that need only a few positions).
+        Slots index..index+T are written.
         """
         cfg = self.cfg
         idx = cache["index"]
@@ -250,8 +252,8 @@ class Llama(nnx.Module):
         layers = {k: getattr(self, k)[...] for k in LAYER_KEYS}
         x, (ks, vs) = jax.lax.scan(body, x, (layers, cache["k"], cache["v"]))
         x = rms_norm(x, self.norm[...], cfg.rms_norm_eps, jnp.dtype(cfg.dtype))
-        logits = self.logits(x)
-        return logits, {"k": ks, "v": vs, "segment": seg, "index": idx + tokens.shape[1]}
+        new_cache = {"k": ks, "v": vs, "segment": seg, "index": idx + tokens.shape[1]}
+        return (x if return_hidden else self.logits(x)), new_cache
 
 
 def abstract_model(cfg: LlamaConfig) -> Llama:

@@ -153,25 +153,6 @@ def _round_up(n: int, m: int) -> int:
     return max(m, int(math.ceil(n / m) * m))
 
 
-def _hidden_with_cache(model, tokens, positions, segment_ids, cache):
-    """`Llama.decode` up to the final norm: hidden states [B,T,D] (no lm_head over every position)."""
-    cfg = model.cfg
-    idx = cache["index"]
-    seg = jax.lax.dynamic_update_slice_in_dim(cache["segment"], segment_ids.astype(jnp.int32), idx, axis=1)
-    x = model_lib.embed(cfg, model.embed_tokens[...], tokens)
-
-    def body(carry, inp):
-        p, ck, cv = inp
-        y, (nk, nv) = model_lib.decoder_layer(cfg, p, carry, positions, segment_ids,
-                                              cache={"k": ck, "v": cv, "segment": seg, "index": idx})
-        return y, (nk, nv)
-
-    layers = {k: getattr(model, k)[...] for k in model_lib.LAYER_KEYS}
-    x, (ks, vs) = jax.lax.scan(body, x, (layers, cache["k"], cache["v"]))
-    h = model_lib.rms_norm(x, model.norm[...], cfg.rms_norm_eps, jnp.dtype(cfg.dtype))
-    return h, {"k": ks, "v": vs, "segment": seg, "index": idx + tokens.shape[1]}
-
-
 def _select(model, h, qpos, qids):
     hq = jnp.take_along_axis(h, qpos[:, :, None], axis=1)  # [B,C,D]: only the positions asked for
     logits = model.logits(hq)  # [B,C,V] fp32, true vocab
@@ -192,7 +173,7 @@ def _prefill_prefix(graphdef, state, tokens, length, cache_len):
     model = nnx.merge(graphdef, state)
     Pb = tokens.shape[1]
     seg = (jnp.arange(Pb) < length).astype(jnp.int32)[None]  # padding slots: segment 0, never attended
-    _, cache = _hidden_with_cache(model, tokens, jnp.arange(Pb)[None], seg, model.init_cache(1, cache_len))
+    _, cache = model.decode(tokens, jnp.arange(Pb)[None], seg, model.init_cache(1, cache_len), return_hidden=True)
     return cache
 
 
@@ -205,7 +186,7 @@ def _suffix_logprobs(graphdef, state, cache, prefix_len, tokens, lengths, qpos, 
                "segment": jnp.broadcast_to(cache["segment"], (B, S)), "index": cache["index"]}
     seg = (jnp.arange(T)[None, :] < lengths[:, None]).astype(jnp.int32)
     positions = prefix_len + jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    h, _ = _hidden_with_cache(model, tokens, positions, seg, batched)
+    h, _ = model.decode(tokens, positions, seg, batched, return_hidden=True)
     return _select(model, h, qpos, qids)
 
 
