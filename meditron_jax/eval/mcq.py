@@ -30,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from meditron_jax import model as model_lib
 from meditron_jax.errors import UserError
 from meditron_jax.eval.tasks import Item, TaskDataError, check_task
 
