@@ -40,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"meditron-jax: error: unknown subcommand {name!r}\n{_usage()}", file=sys.stderr)
         return 2
     module_name, help_ = SUBCOMMANDS[name]
+    import logging
+
     from meditron_jax.errors import UserError
+
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's info/warning chatter
 
     try:
         module = importlib.import_module(module_name)
