@@ -534,8 +534,10 @@ def _loop(tc, cfg, state, start, it, data, mesh, jitted, eval_fn, finite_fn, man
         stop = _agree(preempt.requested)
         ckpt_now = step % tc.checkpoint_every == 0 or step == tc.steps or stop
         log_now = step % tc.log_every == 0 or ckpt_now
-        # per step only the tiny bad-streak counter syncs with the host
-        bad_streak = int(state["bad_streak"]) if (log_now or tc.max_bad_steps) else 0
+        # The host waits for the device only at logged steps (and checkpoints, which are logged):
+        # the bad-step streak is read there, so max_bad_steps is enforced at the next logged step
+        # (skipped steps leave params and optimizer state untouched, so waiting costs nothing).
+        bad_streak = int(state["bad_streak"]) if log_now else 0
         if log_now:
             fetched = jax.device_get(pending)
             dt = timer.lap()
