@@ -113,28 +113,23 @@ def check_pipeline(cfg: LlamaConfig, stages: int, batch_size: int | None = None,
 # puts them in that contiguous block, in order of r: index s*R*C + r*C + j holds canonical
 # layer (r*S + s)*C + j. With R = 1 both layouts are the same.
 
+def _swap_layer_blocks(layers: dict, outer: int, inner: int) -> dict:
+    """Leading axis [outer, inner, C] -> [inner, outer, C] (C = L / (outer * inner))."""
+    def perm(a):
+        C = a.shape[0] // (outer * inner)
+        a = a.reshape((outer, inner, C) + a.shape[1:])
+        return jnp.swapaxes(a, 0, 1).reshape(outer * inner * C, *a.shape[3:])
+    return jax.tree.map(perm, layers)
+
+
 def to_pipeline_layout(layers: dict, stages: int, repeats: int) -> dict:
     """Canonical [L,...] stacked params -> pipeline layout (identity when repeats == 1)."""
-    if repeats == 1:
-        return layers
-
-    def perm(a):
-        C = a.shape[0] // (stages * repeats)
-        a = a.reshape((repeats, stages, C) + a.shape[1:])
-        return jnp.swapaxes(a, 0, 1).reshape(a.shape[0] * a.shape[1] * C, *a.shape[3:])
-    return jax.tree.map(perm, layers)
+    return layers if repeats == 1 else _swap_layer_blocks(layers, repeats, stages)
 
 
 def from_pipeline_layout(layers: dict, stages: int, repeats: int) -> dict:
     """Inverse of `to_pipeline_layout` (for checkpoints, which stay canonical)."""
-    if repeats == 1:
-        return layers
-
-    def perm(a):
-        C = a.shape[0] // (stages * repeats)
-        a = a.reshape((stages, repeats, C) + a.shape[1:])
-        return jnp.swapaxes(a, 0, 1).reshape(a.shape[0] * a.shape[1] * C, *a.shape[3:])
-    return jax.tree.map(perm, layers)
+    return layers if repeats == 1 else _swap_layer_blocks(layers, stages, repeats)
 
 
 # ---- the schedule -------------------------------------------------------------------------

@@ -522,11 +522,12 @@ def _loop(tc, cfg, state, start, it, data, mesh, jitted, eval_fn, finite_fn, man
         if jax.process_index() == 0:
             print(f"pipeline: {mesh.shape['stage']} stages, bubble fraction {bubble:.3f}", file=sys.stderr)
     timer = StepTimer()
+    clean, poisoned = jnp.asarray(False), jnp.asarray(True)  # made once, not a transfer per step
     step = start
     pending = []
     while step < tc.steps:
         batch = sharding.global_batch(next(it), mesh)
-        poison = jnp.asarray(step + 1 in tc.poison_steps)
+        poison = poisoned if step + 1 in tc.poison_steps else clean
         state, metrics = jitted(state, batch, poison)
         step += 1
         pending.append(metrics)

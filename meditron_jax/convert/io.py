@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Iterator
 
 import ml_dtypes
 import numpy as np
@@ -86,27 +85,6 @@ class SafetensorsFile:
                     raise ConversionError(f"{self.path}: truncated while reading {name}")
                 done += n
         return out.view(dtype).reshape(info["shape"])
-
-
-def write_safetensors(path: str, tensors: Iterator[tuple[str, np.ndarray]] | dict, metadata=None):
-    """Write tensors to `path`. Accepts a dict or an iterable of (name, array) whose shapes
-    and dtypes must be known up front: pass a dict of arrays (kept only as long as needed)."""
-    items = list(tensors.items()) if isinstance(tensors, dict) else list(tensors)
-    header, offset = {}, 0
-    for name, arr in items:
-        nbytes = int(np.prod(arr.shape)) * np.dtype(arr.dtype).itemsize
-        header[name] = {"dtype": DTYPE_NAMES[np.dtype(arr.dtype)], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    if metadata:
-        header["__metadata__"] = metadata
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for _, arr in items:
-            f.write(np.ascontiguousarray(arr).tobytes())
 
 
 class SafetensorsWriter:
