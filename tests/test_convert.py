@@ -329,10 +329,10 @@ def test_error_mid_stream_leaves_nothing(tmp_path, capfd, hf_dir, monkeypatch):
     from meditron_jax.convert import io as cio
     read = cio.HFWeights.read
 
-    def failing(self, name):
+    def failing(self, name, scratch=None):
         if "layers.1.mlp" in name:
             raise cio.ConversionError(f"{self.directory}: simulated read failure of {name}")
-        return read(self, name)
+        return read(self, name, scratch)
 
     monkeypatch.setattr(cio.HFWeights, "read", failing)
     capfd.readouterr()
@@ -423,3 +423,32 @@ def test_export_without_recorded_tokenizer(tmp_path, imported):
     assert main(["export", str(imported), "--to", "hf", "--out", str(tmp_path / "p"), "--added-tokens", "<x>"]) == 2
     assert main(["export", str(imported), "--to", "hf", "--out", str(tmp_path / "q"), "--max-shard-size", "lots"]) == 2
     assert not (tmp_path / "p").exists() and not (tmp_path / "q").exists()
+
+
+def test_assign_layout_copies_equal_numpy():
+    """The strip-wise transposing copy of conversion equals numpy's assignment bit for bit:
+    both directions, head reshapes, padded destinations, bf16 <-> fp32 / fp16 / same dtype."""
+    import ml_dtypes
+
+    from meditron_jax.convert.stream import STRIP, assign
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6 * STRIP + 3, 40)).astype(ml_dtypes.bfloat16)  # HF [out, in]
+    cases = [(w.T, np.float32), (w.T, ml_dtypes.bfloat16), (w.astype(np.float32).T, np.float32),
+             (np.reshape(w.T, (40, 17, 3), copy=False)[:, 2:9], np.float32)]
+    for src, dt in cases:
+        out = np.zeros(src.shape, dt)
+        assign(out, src)
+        assert np.array_equal(out.view(np.uint8), np.ascontiguousarray(src, dtype=dt).view(np.uint8)), (src.shape, dt)
+    padded = np.zeros((40, 60), np.float32)  # vocab-padded block: only the first columns come from w
+    assign(padded[:, :51], w.T)
+    assert np.array_equal(padded[:, :51], w.T.astype(np.float32)) and not padded[:, 51:].any()
+    block = rng.standard_normal((40, 51)).astype(np.float32)  # export: our block -> HF rows
+    for dt in (ml_dtypes.bfloat16, np.float16, np.float32):
+        hf_out = np.zeros((51, 40), dt)
+        assign(hf_out.T, block)
+        assert np.array_equal(hf_out.view(np.uint8), np.ascontiguousarray(block.T, dtype=dt).view(np.uint8)), dt
+    special = np.array([[np.nan, np.inf], [-np.inf, 1e-40]], np.float32).astype(ml_dtypes.bfloat16)
+    out = np.empty((2, 2), np.float32)
+    assign(out, special.T)
+    assert np.array_equal(out.view(np.uint32), np.ascontiguousarray(special.T, dtype=np.float32).view(np.uint32))

@@ -30,8 +30,8 @@ import numpy as np
 from meditron_jax.config import LlamaConfig
 from meditron_jax.convert import hf
 from meditron_jax.convert.io import SafetensorsWriter
-from meditron_jax.convert.stream import (CheckpointReader, block_indices, commit_dir, keep_freed_memory, progress,
-                                         staging_dir)
+from meditron_jax.convert.stream import (CheckpointReader, assign, block_indices, commit_dir, keep_freed_memory,
+                                         progress, staging_dir)
 from meditron_jax.convert.tokenizer_files import write_tokenizer_files
 from meditron_jax.errors import UserError
 from meditron_jax.model import param_shapes
@@ -103,7 +103,7 @@ def hf_tensor(reader: CheckpointReader, name: str, layer: int | None, dtype: np.
             stop = min(start + block.shape[d], n_have)  # the padded vocab is dropped
             dst.append(slice(start, stop))
             src.append(slice(0, max(0, stop - start)))
-        view[tuple(dst)] = block[tuple(src)]
+        assign(view[tuple(dst)], block[tuple(src)])
     return out
 
 

@@ -22,8 +22,8 @@ import numpy as np
 from meditron_jax import checkpoint as ckpt
 from meditron_jax.config import LlamaConfig, preset
 from meditron_jax.convert import hf
-from meditron_jax.convert.io import ConversionError, HFWeights
-from meditron_jax.convert.stream import (StreamedArray, block_indices, block_plan, keep_freed_memory,
+from meditron_jax.convert.io import ConversionError, HFWeights, Scratch
+from meditron_jax.convert.stream import (StreamedArray, assign, block_indices, block_plan, keep_freed_memory,
                                          write_checkpoint)
 from meditron_jax.errors import UserError
 from meditron_jax.model import param_shapes
@@ -77,12 +77,13 @@ def check_source(cfg: LlamaConfig, weights, src: str, config_name: str) -> None:
                 raise ConversionError(f"{src}: tensor {key} has shape {shape}, {config_name} implies {want}")
 
 
-def _blocks(name: str, cfg: LlamaConfig, weights, src: str) -> Iterator[tuple[tuple, np.ndarray]]:
-    """Our-layout fp32 blocks of parameter `name`, reading one source tensor at a time."""
+def _blocks(name: str, cfg: LlamaConfig, weights, src: str, scratch: Scratch) -> Iterator[tuple[tuple, np.ndarray]]:
+    """Our-layout fp32 blocks of parameter `name`, reading one source tensor at a time into
+    `scratch`."""
     shape = param_shapes(cfg)[name]
     stacked = name in hf.STACKED
     for layer, key in enumerate(hf.hf_names(name, cfg)):
-        w = weights.read(key)  # its errors name the file
+        w = weights.read(key, scratch)  # its errors name the file
         try:
             view = hf.layout_view(name, w, cfg)
         except ConversionError as e:
@@ -100,16 +101,16 @@ def _blocks(name: str, cfg: LlamaConfig, weights, src: str) -> Iterator[tuple[tu
                 srcs.append(slice(start, start + have))
             padded = tuple(bshape) != tuple(d.stop for d in dst)
             block = (np.zeros if padded else np.empty)(bshape, np.float32)
-            block[tuple(dst)] = view[tuple(srcs)]
+            assign(block[tuple(dst)], view[tuple(srcs)])
             yield idx, block
         del view
 
 
 def streamed_params(cfg: LlamaConfig, weights, src: str) -> dict[str, StreamedArray]:
-    out = {}
+    out, scratch = {}, Scratch()
     for name, shape in param_shapes(cfg).items():
         out[name] = StreamedArray(shape=shape, dtype=np.dtype(np.float32), chunk_shape=block_plan(name, shape)[2],
-                                  blocks=functools.partial(_blocks, name, cfg, weights, src))
+                                  blocks=functools.partial(_blocks, name, cfg, weights, src, scratch))
     return out
 
 

@@ -37,7 +37,7 @@ import numpy as np
 
 from meditron_jax.config import ConfigError, LlamaConfig
 from meditron_jax.convert import hf
-from meditron_jax.convert.io import ConversionError, release_pages, torch_load, torch_to_numpy
+from meditron_jax.convert.io import ConversionError, release_pages, torch_load, torch_to_numpy, write_all
 
 # our name -> (Meta name template, dimension split across model-parallel shards or None)
 META_KEYS: dict[str, tuple[str, int | None]] = {
@@ -180,7 +180,7 @@ class MetaWeights:
         name, mkey = self._where[hkey]
         return self._meta_shape(mkey, META_KEYS[name][1])
 
-    def read(self, hkey: str) -> np.ndarray:
+    def read(self, hkey: str, scratch=None) -> np.ndarray:
         name, mkey = self._where[hkey]
         split = META_KEYS[name][1]
         tensors = [sd[mkey] for sd in self.shards]
@@ -238,9 +238,7 @@ def write_consolidated(path: str, specs: list[tuple[str, tuple[int, ...], np.dty
             n, m = struct.unpack("<HH", local[26:30])
             offset = info.header_offset + 30 + n + m
             data = memoryview(arr.reshape(-1).view(np.uint8))
-            done = 0
-            while done < len(data):
-                done += os.pwrite(fd, data[done:], offset + done)
+            write_all(fd, data, offset)
             crc = zlib.crc32(data)
             if info.flag_bits & 0x08:  # data descriptor after the data: [signature] crc32 sizes
                 f.seek(offset + arr.nbytes)
