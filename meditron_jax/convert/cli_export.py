@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 import ml_dtypes
 import numpy as np
@@ -132,17 +133,28 @@ def export_hf(reader: CheckpointReader, out: str, dtype: np.dtype, max_shard: in
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     bar = progress(sum(size.values()), f"export {os.path.basename(out.rstrip('/'))}")
     weight_map = {}
-    try:
-        for fname, shard in zip(names, shards):
-            specs = [(key, hf.hf_shape(name, cfg), dtype) for key, name, _ in shard]
-            w = SafetensorsWriter(os.path.join(out, fname), specs, metadata={"format": "pt"})
-            for key, name, layer in shard:
-                w.write(key, hf_tensor(reader, name, layer, dtype))
-                weight_map[key] = fname
-                bar.update(size[key])
-            w.close()
-    finally:
-        bar.close()
+    # One writer thread: tensor i goes to disk while tensor i+1 is read and converted (at
+    # most two tensors in memory).
+    with ThreadPoolExecutor(1, thread_name_prefix="export_write") as pool:
+        pending = None
+        try:
+            for fname, shard in zip(names, shards):
+                specs = [(key, hf.hf_shape(name, cfg), dtype) for key, name, _ in shard]
+                w = SafetensorsWriter(os.path.join(out, fname), specs, metadata={"format": "pt"})
+                for key, name, layer in shard:
+                    tensor = hf_tensor(reader, name, layer, dtype)
+                    if pending is not None:
+                        pending.result()
+                    pending = pool.submit(w.write, key, tensor)
+                    weight_map[key] = fname
+                    bar.update(size[key])
+                pending.result()
+                pending = None
+                w.close()
+        finally:
+            if pending is not None:
+                pending.cancel()
+            bar.close()
     if len(shards) > 1:
         _write_json(os.path.join(out, "model.safetensors.index.json"),
                     {"metadata": {"total_size": sum(size.values())}, "weight_map": weight_map})
