@@ -25,6 +25,18 @@ def _tokens(cfg, B=2, T=24, seed=0):
     return np.random.default_rng(seed).integers(0, cfg.vocab_size, (B, T)).astype(np.int32)
 
 
+def test_logits_match_transformers_long_sequence(tmp_path):
+    """At 256 tokens attention takes the causal query-block path; still equal to transformers."""
+    cfg = LlamaConfig(**PARITY_CONFIGS["gqa_theta1e6"])
+    hf = make_hf_model(cfg, seed=2)
+    hf.save_pretrained(tmp_path)
+    tokens = _tokens(cfg, T=256, seed=3)
+    with torch.no_grad():
+        ref = hf(torch.tensor(tokens, dtype=torch.long)).logits.float().numpy()
+    out = np.asarray(from_pretrained(str(tmp_path))(jnp.asarray(tokens)))
+    assert np.abs(out - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
 @pytest.mark.parametrize("name", sorted(PARITY_CONFIGS))
 def test_logits_match_transformers(tmp_path, name):
     cfg = LlamaConfig(**PARITY_CONFIGS[name])
