@@ -522,6 +522,7 @@ def _loop(tc, cfg, state, start, it, data, mesh, jitted, eval_fn, finite_fn, man
         if jax.process_index() == 0:
             print(f"pipeline: {mesh.shape['stage']} stages, bubble fraction {bubble:.3f}", file=sys.stderr)
     timer = StepTimer()
+    vote = _StopVote()
     clean, poisoned = jnp.asarray(False), jnp.asarray(True)  # made once, not a transfer per step
     step = start
     pending = []
@@ -532,7 +533,7 @@ def _loop(tc, cfg, state, start, it, data, mesh, jitted, eval_fn, finite_fn, man
         step += 1
         pending.append(metrics)
         writer.advance()
-        stop = _agree(preempt.requested)
+        stop = vote(preempt.requested)
         ckpt_now = step % tc.checkpoint_every == 0 or step == tc.steps or stop
         log_now = step % tc.log_every == 0 or ckpt_now
         # The host waits for the device only at logged steps (and checkpoints, which are logged):
@@ -584,12 +585,33 @@ def _barrier(name: str, timeout_s: int = 3600):
         distributed.global_state.client.wait_at_barrier(f"meditron_jax_{name}", timeout_s * 1000)
 
 
-def _agree(flag: bool) -> bool:
-    """All processes stop together: any process's signal stops everyone."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+class _StopVote:
+    """All processes stop at the same step: any process's signal stops everyone.
+
+    With several processes the vote is a max-reduction on the devices, dispatched after step s
+    and read after step s+1 has been dispatched: it completes behind step s, so the host never
+    waits for the devices to agree and the step pipeline keeps running (a blocking all-gather
+    here would be a host sync every step). The price: a signal stops a multi-process run one
+    step later than a single process. Every process votes at every step, so all read the same
+    result at the same step."""
+
+    def __init__(self):
+        self.multi = jax.process_count() > 1
+        self.pending = None
+        if self.multi:
+            from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+            mesh = Mesh(np.array(jax.devices()), ("all",))
+            self.votes = NamedSharding(mesh, PartitionSpec("all"))
+            self.reduce = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+    def __call__(self, flag: bool) -> bool:
+        if not self.multi:
+            return flag
+        local = np.full((jax.local_device_count(),), int(flag), np.int32)
+        vote = self.reduce(jax.make_array_from_process_local_data(self.votes, local))
+        previous, self.pending = self.pending, vote
+        return previous is not None and bool(previous)
 
 
 def _evaluate(eval_fn, params, data, tc, mesh, writer, step):

@@ -336,6 +336,35 @@ def test_two_process_run_survivor_exits(tmp_path, demo):
     print(f"survivor exited with {rc} after {elapsed:.1f} s: {reason[0][:300]}")
 
 
+def test_two_process_sigterm_to_one_stops_both(tmp_path, demo):
+    """SIGTERM to one of two processes: the devices' stop vote stops both at the same step, the
+    checkpoint of that step is committed and both exit 75."""
+    w = new_workdir(tmp_path / "w", demo)
+    port = _free_port()
+    procs, logs = [], []
+    for i in range(2):
+        logs.append(tmp_path / f"p{i}.txt")
+        procs.append(launch(w, logs[i], devices=4,
+                            params=["train.steps=1000", "train.global_batch_size=8", "train.micro_batch_size=1",
+                                    "train.checkpoint_every=1000"],
+                            args=["--coordinator_address", f"localhost:{port}", "--num_processes", "2",
+                                  "--process_id", str(i)]))
+    try:
+        wait_for_step(procs[0], w, logs[0], 2)
+        procs[1].send_signal(signal.SIGTERM)
+        rcs = [finish(p, log)[0] for p, log in zip(procs, logs)]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    outs = [log.read_text() for log in logs]
+    assert rcs == [75, 75], "\n---\n".join(o[-2000:] for o in outs)
+    k = max(ckpt.complete_steps(ckpt.checkpoint_dir(str(w))))
+    assert 2 <= k < 1000 and max_step(w) == k
+    assert f"checkpoint at step {k} committed" in outs[0]
+
+
 def test_truncate_metrics_keeps_each_step_once(tmp_path):
     """Records past the restored step and a torn last line move to metrics.dropped.jsonl."""
     from meditron_jax.train import truncate_metrics
