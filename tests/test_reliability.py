@@ -301,9 +301,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_run_survivor_exits(tmp_path, demo):
-    """Kill one of two processes mid-training: the other exits non-zero within the bound."""
-    w = new_workdir(tmp_path / "w", demo)
+def launch_two_processes(w: Path, tmp_path: Path, extra_args=()) -> tuple[list, list]:
+    """Two 4-device processes of one long run on `w` (logs p0.txt, p1.txt)."""
     port = _free_port()
     procs, logs = [], []
     for i in range(2):
@@ -312,8 +311,21 @@ def test_two_process_run_survivor_exits(tmp_path, demo):
                             params=["train.steps=1000", "train.global_batch_size=8", "train.micro_batch_size=1",
                                     "train.checkpoint_every=1000"],
                             args=["--coordinator_address", f"localhost:{port}", "--num_processes", "2",
-                                  "--process_id", str(i), "--heartbeat_timeout_s", "20",
-                                  "--shutdown_timeout_s", "10"]))
+                                  "--process_id", str(i), *extra_args]))
+    return procs, logs
+
+
+def kill_all(procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_two_process_run_survivor_exits(tmp_path, demo):
+    """Kill one of two processes mid-training: the other exits non-zero within the bound."""
+    w = new_workdir(tmp_path / "w", demo)
+    procs, logs = launch_two_processes(w, tmp_path, ["--heartbeat_timeout_s", "20", "--shutdown_timeout_s", "10"])
     try:
         wait_for_step(procs[0], w, logs[0], 2)
         procs[1].send_signal(signal.SIGKILL)
@@ -324,10 +336,7 @@ def test_two_process_run_survivor_exits(tmp_path, demo):
             raise AssertionError("the surviving process still runs 120 s after its peer died") from None
         elapsed = time.monotonic() - t0
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        kill_all(procs)
     out = logs[0].read_text()
     assert rc != 0
     reason = sorted((ln for ln in out.splitlines() if "another task died" in ln or "coordination service" in ln),
@@ -340,24 +349,13 @@ def test_two_process_sigterm_to_one_stops_both(tmp_path, demo):
     """SIGTERM to one of two processes: the devices' stop vote stops both at the same step, the
     checkpoint of that step is committed and both exit 75."""
     w = new_workdir(tmp_path / "w", demo)
-    port = _free_port()
-    procs, logs = [], []
-    for i in range(2):
-        logs.append(tmp_path / f"p{i}.txt")
-        procs.append(launch(w, logs[i], devices=4,
-                            params=["train.steps=1000", "train.global_batch_size=8", "train.micro_batch_size=1",
-                                    "train.checkpoint_every=1000"],
-                            args=["--coordinator_address", f"localhost:{port}", "--num_processes", "2",
-                                  "--process_id", str(i)]))
+    procs, logs = launch_two_processes(w, tmp_path)
     try:
         wait_for_step(procs[0], w, logs[0], 2)
         procs[1].send_signal(signal.SIGTERM)
         rcs = [finish(p, log)[0] for p, log in zip(procs, logs)]
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        kill_all(procs)
     outs = [log.read_text() for log in logs]
     assert rcs == [75, 75], "\n---\n".join(o[-2000:] for o in outs)
     k = max(ckpt.complete_steps(ckpt.checkpoint_dir(str(w))))

@@ -271,12 +271,9 @@ class _StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
                 # times): `commit_dir` syncs the whole output once before it becomes visible.
                 ctx = ts.Context({"file_io_sync": False}, parent=info.ts_context)
                 t = await ts.open(ts.Spec(spec), create=True, open=True, context=ctx)
-                for idx, block in value.blocks():
-                    if block.dtype == t.dtype.numpy_dtype:  # a fresh array, never modified: no copy
-                        write = t[idx].write(block, can_reference_source_data_indefinitely=True)
-                    else:  # tensorstore converts (e.g. bf16 -> fp32) as it copies the block in
-                        write = ts.cast(t, block.dtype)[idx].write(block)
-                    pending.append((write, block.size * np.dtype(value.dtype).itemsize))
+                for idx, block in value.blocks():  # a fresh array each time, never modified: no copy
+                    write = t[idx].write(block, can_reference_source_data_indefinitely=True)
+                    pending.append((write, block.nbytes))
                     if len(pending) >= IN_FLIGHT:
                         await finish_one()
                     await asyncio.sleep(0)
