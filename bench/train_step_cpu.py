@@ -15,6 +15,8 @@ a change in the load of a shared machine hits all of them alike.
 
 Fairness: both frameworks get every core of the machine (XLA's CPU thread pool uses all cores;
 torch is set to `os.cpu_count()` intra-op threads), run one after the other, never together.
+Both also run under the same host-malloc policy (`meditron_jax.hostmem.keep_freed_memory`, which
+the CLI applies to every run; `--default-malloc` for glibc's defaults): it is process-wide.
 The machine's 1-minute load average is recorded before and after each measurement so numbers
 taken on a busy, shared machine can be judged.
 
@@ -270,7 +272,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-gemm", action="store_true")
     ap.add_argument("--xla-flags", default=CPU_XLA_FLAGS,
                     help="XLA_FLAGS for this process (set before JAX starts); '' for XLA's defaults")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc malloc's defaults (the CLI and trainer apply meditron_jax.hostmem)")
     args = ap.parse_args(argv)
+    from meditron_jax.hostmem import keep_freed_memory
+    if not args.default_malloc:  # process-wide: torch gets the same malloc policy as JAX
+        keep_freed_memory()
     if args.xla_flags:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
 
@@ -284,7 +291,8 @@ def main(argv=None) -> int:
     report = {"machine": {"cpu": _cpu_name(), "cores": threads, "python": platform.python_version(),
                           "jax": jax.__version__, "torch": torch.__version__,
                           "transformers": __import__("transformers").__version__,
-                          "xla_flags": os.environ.get("XLA_FLAGS", "")},
+                          "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                          "malloc": "glibc defaults" if args.default_malloc else "hostmem.keep_freed_memory"},
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit(),
               "command": "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
               "steps": args.steps, "warmup": args.warmup, "load1_start": load1()}

@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     from meditron_jax.errors import UserError
+    from meditron_jax.hostmem import keep_freed_memory
 
+    keep_freed_memory()  # before JAX starts its threads: reuse freed host memory (hostmem.py)
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's info/warning chatter
 
     try:

@@ -42,6 +42,7 @@ from meditron_jax import checkpoint as ckpt
 from meditron_jax import sharding
 from meditron_jax.config import LlamaConfig, model_config
 from meditron_jax.errors import UserError
+from meditron_jax.hostmem import keep_freed_memory
 from meditron_jax.metrics import MetricsWriter, StepTimer, device_peak_flops, flops_per_token
 from meditron_jax.model import PARAM_AXES, Llama, param_shapes, run_layers
 from meditron_jax.optim import make_optimizer, optimizer_config, schedule
@@ -433,6 +434,7 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
           process_id=None, restart_from_scratch=False, heartbeat_timeout_s=60, shutdown_timeout_s=30,
           init_timeout_s=300) -> int:
     """Run (or resume) training in `workdir`; returns the exit status documented above."""
+    keep_freed_memory()  # the CLI did this already; here for callers of this function
     init_distributed(coordinator_address, num_processes, process_id, timeout_s=init_timeout_s,
                      heartbeat_timeout_s=heartbeat_timeout_s, shutdown_timeout_s=shutdown_timeout_s)
     parse_gin(list(gin_files), list(gin_params))

@@ -7,8 +7,12 @@ CPU for the forward pass (test_model.test_cudnn_switch_is_clear_on_cpu).
 Here: the fused loss with padding, padded vocab and bf16, on a sharded mesh, and without
 gradients; whole optimised train steps against the reference step; the cuDNN path's masking
 (run through `jax.nn.dot_product_attention`'s XLA implementation) against our reference
-attention; the cuDNN switch failing clearly inside a train step.
+attention; the cuDNN switch failing clearly inside a train step; the host-memory policy
+(hostmem) reusing freed buffers.
 """
+
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -189,3 +193,36 @@ def test_causal_query_blocks_equal_dense_attention(K):
     g_dense = jax.grad(loss(dense), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(g_blocked, g_dense):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+
+
+_REUSE_SNIPPET = """
+import sys
+import numpy as np
+if sys.argv[1] == "policy":
+    from meditron_jax.hostmem import keep_freed_memory
+    assert keep_freed_memory()
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+n = 48 << 20  # over glibc's largest mmap threshold (32 MB)
+r0 = rss(); a = np.ones(n, np.uint8); r1 = rss(); del a
+r2 = rss(); b = np.ones(n, np.uint8); r3 = rss()
+print(r1 - r0, r1 - r2, r3 - r2)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc policy")
+def test_host_memory_policy_reuses_freed_buffers():
+    """hostmem.keep_freed_memory: a freed large buffer stays in the process and the next one
+    reuses its pages (nothing to fault in afresh), where glibc's defaults give it back to the
+    kernel and map fresh memory for the next."""
+    def run(mode):
+        out = subprocess.run([sys.executable, "-c", _REUSE_SNIPPET, mode], capture_output=True, text=True,
+                             check=True)
+        return [int(x) for x in out.stdout.split()]
+
+    mb = 1 << 20
+    grown, given_back, regrown = run("defaults")
+    assert grown > 40 * mb and given_back > 40 * mb and regrown > 40 * mb  # the control
+    grown, given_back, regrown = run("policy")
+    assert grown > 40 * mb and given_back < 4 * mb and regrown < 4 * mb

@@ -31,7 +31,7 @@ import numpy as np
 from meditron_jax.config import LlamaConfig
 from meditron_jax.convert import hf
 from meditron_jax.convert.io import SafetensorsWriter
-from meditron_jax.convert.stream import (CheckpointReader, assign, block_indices, commit_dir, keep_freed_memory,
+from meditron_jax.convert.stream import (CheckpointReader, assign, block_indices, commit_dir,
                                          progress, staging_dir)
 from meditron_jax.convert.tokenizer_files import write_tokenizer_files
 from meditron_jax.errors import UserError
@@ -249,7 +249,6 @@ def export(checkpoint: str, target: str, out: str, step: int | None = None, dtyp
 
 
 def run(args) -> int:
-    keep_freed_memory()
     out = export(args.checkpoint, args.target, args.out, step=args.step, dtype=args.dtype,
                  max_shard_size=args.max_shard_size, tokenizer=args.tokenizer,
                  added_tokens=args.added_tokens, overwrite=args.overwrite,

@@ -23,7 +23,7 @@ from meditron_jax import checkpoint as ckpt
 from meditron_jax.config import LlamaConfig, preset
 from meditron_jax.convert import hf
 from meditron_jax.convert.io import ConversionError, HFWeights, Scratch
-from meditron_jax.convert.stream import (StreamedArray, assign, block_indices, block_plan, keep_freed_memory,
+from meditron_jax.convert.stream import (StreamedArray, assign, block_indices, block_plan,
                                          write_checkpoint)
 from meditron_jax.errors import UserError
 from meditron_jax.model import param_shapes
@@ -150,7 +150,6 @@ def import_weights(fmt: str, src: str, out: str, preset_name: str | None = None,
 
 
 def run(args) -> int:
-    keep_freed_memory()
     step_dir = import_weights(args.source_format, args.src, args.out, args.preset, args.overwrite)
     print(f"wrote {step_dir}")
     return 0

@@ -89,30 +89,6 @@ def block_indices(name: str, shape: tuple[int, ...], layer: int | None = None) -
         yield lead + tuple(idx[len(lead):])
 
 
-def keep_freed_memory() -> None:
-    """Let glibc keep and reuse freed blocks instead of returning them to the kernel.
-
-    A conversion allocates the same few block sizes over and over; by default each large
-    numpy buffer is a fresh mmap, so every block pays a page fault per 4 KiB page when first
-    written (slow on VMs that back guest memory lazily: we measured 2.5 s for a fresh 256 MB).
-    With these settings freed blocks are reused; the resident set stays at the peak of live
-    blocks, which streaming keeps small. Linux/glibc only; a no-op elsewhere.
-    """
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: serve blocks up to 1 GiB from the heap
-        libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: keep up to 2 GiB of free heap
-        libc.mallopt(-8, 1)  # M_ARENA_MAX: worker threads share that heap (a thread arena
-        # unmaps a heap as soon as it is empty, so its blocks would fault afresh every time)
-    except (OSError, AttributeError):
-        pass
-
-
 # ---- layout copies ------------------------------------------------------------------------
 STRIP = 8  # rows of the transposed side copied per numpy call (measured fastest here)
 _BITS = {2: np.uint16, 4: np.uint32}
