@@ -59,7 +59,10 @@ class MetricsWriter:
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                # purge_step: TensorBoard hides events of earlier files at steps >= it, i.e. what
+                # an interrupted run logged after the checkpoint this run resumes from (the same
+                # records truncate_metrics moves out of metrics.jsonl), so no step shows twice
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
             except ImportError:
                 pass
         if wandb_project:

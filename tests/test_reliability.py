@@ -376,3 +376,44 @@ def test_truncate_metrics_keeps_each_step_once(tmp_path):
     dropped = (tmp_path / "metrics.dropped.jsonl").read_text().splitlines()
     assert json.loads(dropped[0])["step"] == 4 and dropped[1] == '{"step": 5, "lo'
     assert truncate_metrics(str(tmp_path), 3) == 0
+
+
+def _tb_events(logdir: Path) -> list:
+    """Every event of every file in `logdir`, files in writing order (TFRecord framing: length,
+    its CRC, payload, payload CRC)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    events = []  # file names: events.out.tfevents.<unix time>.<host>
+    for path in sorted(logdir.iterdir(), key=lambda p: (int(p.name.split(".")[3]), p.name)):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (n,) = struct.unpack_from("<Q", data, pos)
+            events.append(Event.FromString(data[pos + 12: pos + 12 + n]))
+            pos += 12 + n + 4
+    return events
+
+
+def test_tensorboard_resume_hides_relogged_steps(tmp_path):
+    """A run resumed from step 2 after logging steps 1-4 re-logs 3 and 4: its event file starts
+    with a SessionLog START at step 3, so TensorBoard (which hides, at such an event, what
+    earlier files logged at steps >= its step: tensorboardX's `purge_step`) shows each step once,
+    with the resumed run's values."""
+    from meditron_jax.metrics import MetricsWriter
+
+    for start, steps, scale in ((0, (1, 2, 3, 4), 1.0), (2, (3, 4), 10.0)):
+        w = MetricsWriter(str(tmp_path), total_steps=4, start_step=start, enabled=True, progress=False)
+        for s in steps:
+            w.write(s, {"loss": s * scale})
+        w.close()
+        time.sleep(1.1)  # event file names carry the second they were opened in
+    shown = {}
+    for ev in _tb_events(tmp_path / "tensorboard"):
+        if ev.HasField("session_log") and ev.session_log.status == ev.session_log.START:
+            shown = {s: v for s, v in shown.items() if s < ev.step}
+        for value in ev.summary.value:
+            if value.tag == "train/loss":
+                assert ev.step not in shown, f"step {ev.step} shown twice"
+                shown[ev.step] = value.simple_value
+    assert shown == {1: 1.0, 2: 2.0, 3: 30.0, 4: 40.0}
