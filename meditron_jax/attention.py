@@ -62,7 +62,7 @@ def xla_attention(q, k, v, q_segment, kv_segment, q_slots=None):
     triangle is never computed (~40% fewer score FLOPs at 4 blocks, ~50% at 16) and the fp32
     scores live one [B, N, block, S'] piece at a time. Same values as the dense form (each
     row's softmax sees the same unmasked keys). Measured on CPU at B 8, T 512, 8 heads of 64:
-    forward + backward 0.70 s dense -> 0.26 s in 128-query blocks (docs/benchmarks.md)."""
+    forward + backward 0.70 s dense -> 0.28 s in 128-query blocks (docs/benchmarks.md)."""
     T, S = q.shape[1], k.shape[1]
     bq = query_block(T, S, q_slots)
     if bq is None:

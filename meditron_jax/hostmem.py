@@ -1,7 +1,7 @@
 """Host memory policy of our processes: keep freed heap memory for reuse (glibc malloc tuning).
 
 Owns: `keep_freed_memory()`, called by the CLI before any subcommand runs, by `train.train`
-and by the benches. Does not own: device memory (XLA's allocators) or host-offload.
+and by bench/train_step_cpu.py. Does not own: device memory (XLA's allocators) or host-offload.
 
 Why: by default glibc serves every block over 32 MB with a fresh `mmap` and unmaps it on free,
 trims the heap top above 128 KB, and gives each thread its own arena whose heaps are unmapped
@@ -10,7 +10,7 @@ as soon as they are empty. A process that allocates the same large buffers over 
 4 KiB page of them afresh each time, which is slow on VMs that back guest memory lazily.
 Measured on the 2-vCPU dev VM (docs/benchmarks.md): the config-S train step (3.2 GB of XLA
 temporaries) took 3.2 GB of page faults and ~2.4 s of system time per step, 12.9-15.3 s;
-with this policy 0 faults, 0.05 s system time, 11.2-11.9 s. A fresh 256 MB numpy buffer:
+with this policy 0 faults, 0.05 s system time, 11.2-12.9 s. A fresh 256 MB numpy buffer:
 2.5 s of faults. The cost: the resident set stays at the process's peak (what tcmalloc, which
 MaxText and Levanter run under, does too); the first step after a new peak pays the faults once.
 """

@@ -18,7 +18,8 @@ one is named in a warning and moved to `WORKDIR/checkpoints_unreadable/`. If che
 but none restores, the run refuses to start unless `--restart-from-scratch`. On resume,
 `metrics.jsonl` records beyond the restored step (written by the interrupted run after its last
 checkpoint, or a torn last line) move to `metrics.dropped.jsonl`, so `metrics.jsonl` holds
-each step once and equals an uninterrupted run's record for record (timings aside).
+each step once and equals an uninterrupted run's record for record (timings aside); TensorBoard
+hides the same re-logged steps (`metrics.MetricsWriter`'s purge step).
 """
 
 from __future__ import annotations

@@ -403,11 +403,12 @@ def test_tensorboard_resume_hides_relogged_steps(tmp_path):
     from meditron_jax.metrics import MetricsWriter
 
     for start, steps, scale in ((0, (1, 2, 3, 4), 1.0), (2, (3, 4), 10.0)):
+        if start:
+            time.sleep(1.1)  # event file names carry the second they were opened in
         w = MetricsWriter(str(tmp_path), total_steps=4, start_step=start, enabled=True, progress=False)
         for s in steps:
             w.write(s, {"loss": s * scale})
         w.close()
-        time.sleep(1.1)  # event file names carry the second they were opened in
     shown = {}
     for ev in _tb_events(tmp_path / "tensorboard"):
         if ev.HasField("session_log") and ev.session_log.status == ev.session_log.START:
