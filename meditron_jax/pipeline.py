@@ -35,6 +35,7 @@ import dataclasses
 import gin
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, PartitionSpec as P
 
 from meditron_jax.config import LlamaConfig
@@ -176,6 +177,26 @@ def _constrain_layers(layers: dict) -> dict:
     return {k: constrain(a, PARAM_AXES[k]) if k in PARAM_AXES else a for k, a in layers.items()}
 
 
+def _gather_over_fsdp(layers: dict, mesh: Mesh) -> dict:
+    """The stage's weights all-gathered over `fsdp` once, before the tick loop.
+
+    Left to the partitioner, weights sharded over fsdp are gathered where they are used: per
+    layer, per tick, in the forward, the recomputation and the backward pass. Pinning the
+    stacked block to the rule layout minus fsdp makes that one all-gather per call (and the
+    transpose one reduce-scatter of the gradients). Costs a stage's weights unsharded over
+    fsdp per device for the duration of the call (fp32, as the params are held).
+    """
+    act = sharding.active()
+    if act is None or mesh.shape["fsdp"] == 1:
+        return layers
+    rules = {}
+    for k, v in act[1].items():
+        names = () if v is None else (v,) if isinstance(v, str) else tuple(v)
+        rules[k] = tuple(n for n in names if n != "fsdp") or None
+    with sharding.push_rules(act[0], rules):
+        return _constrain_layers(layers)
+
+
 def _boundary_dtype(dtype):
     """dtype of the two reductions over `stage` (output broadcast, d/dx).
 
@@ -187,16 +208,49 @@ def _boundary_dtype(dtype):
     return jnp.float32 if jax.default_backend() == "cpu" else dtype
 
 
+# Name of each tick's stage-weight slice (circular repeats): never saved for the backward pass.
+_CHUNK_WEIGHTS = "pipeline_chunk_weights"
+
+
+def tick_policy(stage_remat: bool):
+    """What the backward pass keeps of one pipeline tick (the tick is the remat boundary).
+
+    stage_remat: nothing but the tick's inputs (its chunk input [b,T,D], two int32 scalars and
+    the loop-invariant stage weights, which scan keeps once, not per tick); the chunk runs
+    again in the backward pass. Otherwise everything the chunk's layers keep under the model's
+    own `remat` policy (per-layer `jax.checkpoint` inside `run_layers`), except the slice of
+    the stage's weights that a circular schedule picks per tick.
+    """
+    cp = jax.checkpoint_policies
+    return cp.nothing_saveable if stage_remat else cp.save_anything_except_these_names(_CHUNK_WEIGHTS)
+
+
+def _run_tick(cfg: LlamaConfig, R: int, stage_remat: bool):
+    """One tick's chunk as a rematerialised function of loop-invariant inputs.
+
+    The stage's whole weight block and all micro-batches' positions / segment ids enter as
+    they are (loop-invariant in the tick scan, so autodiff keeps one copy of each, not one per
+    tick); the chunk (repeat r) and the micro-batch (m) are picked inside. Picking them outside
+    made the sliced weights a per-tick value, i.e. a residual saved every tick.
+    """
+    def run(chunks, pos_mb, seg_mb, inp, m, r):
+        if R == 1:
+            chunk = jax.tree.map(lambda a: a[0], chunks)
+        else:
+            chunk = jax.tree.map(lambda a: checkpoint_name(
+                jax.lax.dynamic_index_in_dim(a, r, keepdims=False), _CHUNK_WEIGHTS), chunks)
+        pos = jax.lax.dynamic_index_in_dim(pos_mb, m, keepdims=False)
+        seg = jax.lax.dynamic_index_in_dim(seg_mb, m, keepdims=False)
+        return run_layers(cfg, chunk, inp, pos, seg)
+
+    return jax.checkpoint(run, policy=tick_policy(stage_remat), prevent_cse=False)
+
+
 def _stage_program(cfg: LlamaConfig, S: int, M: int, R: int, stage_remat: bool, dtype):
     """The per-stage body for shard_map (manual over `stage`); activations in `dtype`."""
     ticks = M * R + S - 1
     ring = [(j, (j + 1) % S) for j in range(S)]
-
-    def run_chunk(chunk, inp, pos, seg):
-        return run_layers(cfg, chunk, inp, pos, seg)
-
-    if stage_remat:
-        run_chunk = jax.checkpoint(run_chunk, policy=jax.checkpoint_policies.nothing_saveable)
+    run_tick = _run_tick(cfg, R, stage_remat)
 
     def program(layers, x_mb, pos_mb, seg_mb):
         with _manual_stage_rules():
@@ -214,8 +268,7 @@ def _stage_program(cfg: LlamaConfig, S: int, M: int, R: int, stage_remat: bool, 
             m = jnp.mod(i, M)
             r = jnp.clip(i // M, 0, R - 1)
             inp = jnp.where(first, loop[m], state)
-            chunk = jax.tree.map(lambda a: a[r], chunks)
-            y = run_chunk(chunk, inp, pos_mb[m], seg_mb[m])
+            y = run_tick(chunks, pos_mb, seg_mb, inp, m, r)
             y = constrain(y, ("batch", "length", "embed"))
             recv = jax.lax.ppermute(y, "stage", ring)
             # On stage 0, `recv` is the last stage's output of flat index t - (S-1): file it
@@ -268,6 +321,7 @@ def pipeline_layers(cfg: LlamaConfig, layers: dict, x, positions, segment_ids, *
     layers = _constrain_layers(layers)
     if not pipeline_layout:
         layers = _constrain_layers(to_pipeline_layout(layers, S, repeats))
+    layers = _gather_over_fsdp(layers, mesh)
 
     dtype = x.dtype
     x_mb = _split_microbatches(x, M).astype(_boundary_dtype(dtype))
