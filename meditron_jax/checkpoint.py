@@ -9,7 +9,8 @@ Owns: `WORKDIR/checkpoints/<step>/` with the composite items
 and restoring onto any mesh (Orbax reshards to the target shardings given).
 Also owns resuming safely (`newest_readable`): incomplete steps (remains of an interrupted
 deletion) and unreadable ones are moved to `WORKDIR/checkpoints_unreadable/` with a warning,
-never deleted, and the newest step that restores is used (docs/reliability.md).
+never deleted, and the newest step that restores is used (docs/reliability.md); in a
+multi-host run all processes take that decision together (the newest step every process reads).
 Does not own: what the train state contains (train.py), conversion (convert/).
 
 Saves are asynchronous; Orbax writes into a temporary directory and renames it when the
@@ -182,41 +183,72 @@ def load_params(path: str, step: int | None = None) -> tuple[LlamaConfig, dict[s
 
 
 # ---- resuming safely ------------------------------------------------------------------------
+def read_step(manager: ocp.CheckpointManager, step: int, args: ocp.args.Composite):
+    """Reads checkpoint `step` of `manager`'s directory on this process alone.
+
+    Each process reads the shards its devices hold; there is no cross-process barrier inside
+    (Orbax's own restore ends with one, where a process whose read failed would leave the others
+    waiting). `newest_readable` makes the processes agree afterwards."""
+    me = jax.process_index()
+    options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler(), multiprocessing_options=options) as ckptr:
+        return ckptr.restore(os.path.join(str(manager.directory), str(step)), args=args)
+
+
 def newest_readable(manager: ocp.CheckpointManager, workdir: str, restore, params_target,
                     restart_from_scratch: bool = False):
-    """(restore(step), step) for the newest checkpoint that restores, or None for a fresh start.
+    """(restore(step), step) for the newest checkpoint that restores on every process, or None for
+    a fresh start. Every process of a multi-host run takes the same decision.
 
-    Only committed, complete steps are candidates (Orbax renames a save's temporary directory
-    when it commits, and the manager removes leftovers when it opens); incomplete ones are
-    moved aside. A step that does not restore is named in a warning and skipped; skipped steps
-    are moved to WORKDIR/checkpoints_unreadable/ so later saves at those steps don't collide.
-    If all fail, the start is refused unless `restart_from_scratch`. A readable checkpoint
-    whose shapes disagree with `params_target` is a configuration error, never skipped.
+    Candidates are the committed, complete steps that every process sees (Orbax renames a save's
+    temporary directory when it commits, and the manager removes leftovers when it opens); the
+    others are moved aside. Newest first, each process restores the candidate (`restore` reads
+    without cross-process barriers: `read_step`), then all exchange the outcome: if any process
+    failed to read it, all skip it, and process 0 warns once for the run, naming the processes
+    and reasons. Skipped steps are moved to WORKDIR/checkpoints_unreadable/ (so later saves at
+    those steps don't collide) once everyone has stopped reading them. If all fail, every
+    process refuses with the same line unless `restart_from_scratch`. A readable checkpoint whose
+    shapes disagree with `params_target` is a configuration error, never skipped.
     """
+    from meditron_jax import multihost
+
     root = checkpoint_dir(workdir)
-    remnants = [s for s in manager.all_steps() if not is_complete(os.path.join(root, str(s)))]
+    listed = sorted(manager.all_steps())
+    seen = multihost.allgather_json([listed, [s for s in listed if is_complete(os.path.join(root, str(s)))]])
+    everywhere = set.intersection(*(set(complete) for _, complete in seen))
+    remnants = sorted(set().union(*(set(lst) for lst, _ in seen)) - everywhere)
     if remnants:
-        _warn(f"checkpoint steps {sorted(remnants)} in {root} are incomplete (left by an interrupted save "
+        _warn(f"checkpoint steps {remnants} in {root} are incomplete (left by an interrupted save "
               f"or deletion); moved to {quarantine_dir(workdir)}")
         _quarantine(manager, workdir, remnants)
-    steps = sorted(manager.all_steps(), reverse=True)
+    steps = sorted(everywhere, reverse=True)
     if steps:
         _silence_failed_reads()
-    skipped = []
+    skipped, reasons = [], []
     for step in steps:
+        restored, outcome = None, ["ok", ""]
         try:
             check_shapes(os.path.join(root, str(step), "params"), params_target)
             restored = restore(step)
         except CheckpointMismatch as e:
-            raise CheckpointMismatch(f"cannot resume from {workdir}: {e}") from None
+            outcome = ["mismatch", str(e)]
         except Exception as e:  # torn or corrupted files: try the previous checkpoint
             reason = " ".join(str(e).split(" See full TensorStore details")[0].split())[:200]
-            _warn(f"checkpoint step {step} in {root} is unreadable, skipping it ({type(e).__name__}: {reason})")
+            outcome = ["unreadable", f"{type(e).__name__}: {reason}"]
+        votes = multihost.allgather_json(outcome)
+        mismatch = next((msg for st, msg in votes if st == "mismatch"), None)
+        if mismatch is not None:
+            raise CheckpointMismatch(f"cannot resume from {workdir}: {mismatch}")
+        failed = [(p, msg) for p, (st, msg) in enumerate(votes) if st != "ok"]
+        if failed:
+            where = "; ".join((f"process {p}: " if len(votes) > 1 else "") + msg for p, msg in failed)
+            reasons.append(f"checkpoint step {step} in {root} is unreadable, skipping it ({where})")
             skipped.append(step)
+            del restored
             continue
         if skipped:
-            _warn(f"resuming from step {step}, not from the newest step {skipped[0]} (unreadable steps "
-                  f"{sorted(skipped)} moved to {quarantine_dir(workdir)})")
+            _warn("; ".join(reasons) + f"; resuming from step {step}, not from the newest step {skipped[0]} "
+                  f"(unreadable steps {sorted(skipped)} moved to {quarantine_dir(workdir)})")
             _quarantine(manager, workdir, skipped)
         return restored, step
     if steps and not restart_from_scratch:
@@ -224,8 +256,8 @@ def newest_readable(manager: ocp.CheckpointManager, workdir: str, restore, param
                               f"start from scratch (pass --restart-from-scratch to start over; they are then "
                               f"moved to {quarantine_dir(workdir)})")
     if steps:
-        _warn(f"--restart-from-scratch: no readable checkpoint; starting at step 0, unreadable steps "
-              f"{sorted(steps)} moved to {quarantine_dir(workdir)}")
+        _warn("; ".join(reasons) + f"; --restart-from-scratch: no readable checkpoint; starting at step 0, "
+              f"unreadable steps {sorted(steps)} moved to {quarantine_dir(workdir)}")
         _quarantine(manager, workdir, steps)
     return None
 
@@ -240,7 +272,12 @@ def _warn(msg: str):
 
 
 def _quarantine(manager: ocp.CheckpointManager, workdir: str, steps):
-    """Moves step directories aside (never deletes what this run did not write)."""
+    """Moves step directories aside (never deletes what this run did not write). Called by every
+    process at the same point: process 0 moves them once all have arrived (none still reads
+    them), and nobody goes on before the move is done."""
+    from meditron_jax import multihost
+
+    multihost.barrier()
     if jax.process_index() == 0:
         dest_root = quarantine_dir(workdir)
         os.makedirs(dest_root, exist_ok=True)
@@ -250,9 +287,7 @@ def _quarantine(manager: ocp.CheckpointManager, workdir: str, steps):
             while os.path.exists(dest):
                 dest, n = os.path.join(dest_root, f"{step}.{n}"), n + 1
             os.rename(os.path.join(checkpoint_dir(workdir), str(step)), dest)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("meditron_jax_quarantine")
+    multihost.barrier()
     manager.reload()
 
 

@@ -20,6 +20,7 @@ from typing import Sequence
 import gin
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from meditron_jax.errors import UserError
@@ -61,28 +62,120 @@ def mesh_shape(data: int = -1, stage: int = 1, fsdp: int = 1, tensor: int = 1,
         if v != -1 and v < 1:
             raise MeshError(f"mesh.{k} must be >= 1 or -1, got {v}")
     fixed = math.prod(v for v in sizes.values() if v != -1)
+    note = _process_note() if num_devices is None else ""
     if free:
         if n % fixed:
-            raise MeshError(f"mesh {sizes} does not divide the {n} devices")
+            raise MeshError(f"mesh {sizes} does not divide the {n} devices{note}")
         sizes[free[0]] = n // fixed
     if math.prod(sizes.values()) != n:
         raise MeshError(f"mesh data={sizes['data']} stage={sizes['stage']} fsdp={sizes['fsdp']} "
                         f"tensor={sizes['tensor']} has {math.prod(sizes.values())} devices, "
-                        f"but {n} are available")
+                        f"but {n} are available{note}")
     return sizes
 
 
 def make_mesh(sizes: dict[str, int] | None = None, devices: Sequence | None = None) -> Mesh:
+    """The mesh over `devices` (default: every device of every process).
+
+    With several processes, each mesh axis is split into a part across processes and a part
+    inside one process (`process_placement`, in the order of `placement.process_axes`), and
+    jax's hybrid-mesh builder lays the devices out so that each process's devices form one
+    block of that split (e.g. Meditron-70B on 16 hosts of 8 GPUs: tensor 8 inside a host,
+    stage 8 x data 2 across hosts)."""
     sizes = sizes or mesh_shape()
     shape = tuple(sizes[a] for a in MESH_AXES)
     devices = list(devices) if devices is not None else jax.devices()
     if math.prod(shape) != len(devices):
-        raise MeshError(f"mesh {sizes} needs {math.prod(shape)} devices, have {len(devices)}")
-    try:
-        dev_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
-    except Exception:  # e.g. CPU or unusual topologies: plain order is fine
-        dev_array = np.asarray(devices, dtype=object).reshape(shape)
+        raise MeshError(f"mesh {sizes} needs {math.prod(shape)} devices, have {len(devices)}"
+                        f"{_process_note(devices)}")
+    per_process = _devices_by_process(devices)
+    if len(per_process) > 1:
+        across = process_placement(sizes, len(per_process), len(per_process[0]),
+                                   [len(d) for d in per_process])
+        inside = tuple(sizes[a] // across[a] for a in MESH_AXES)
+        dev_array = mesh_utils.create_hybrid_device_mesh(
+            inside, tuple(across[a] for a in MESH_AXES), devices=devices, process_is_granule=True)
+    else:
+        try:
+            dev_array = mesh_utils.create_device_mesh(shape, devices=devices)
+        except Exception:  # e.g. CPU or unusual topologies: plain order is fine
+            dev_array = np.asarray(devices, dtype=object).reshape(shape)
     return Mesh(dev_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+# ---- placing the mesh on processes (hosts) ----------------------------------------------
+# Which axes span processes first: pipeline stages (point-to-point activations, once per
+# micro-batch and stage boundary) and data parallelism (one gradient all-reduce per step) are
+# the cheap ones across a slow network; fsdp (all-gather + reduce-scatter of every layer's
+# weights per micro-batch) and tensor parallelism (all-reduces inside every layer) are the
+# expensive ones and span processes only when an axis is larger than what one process holds.
+DEFAULT_PROCESS_AXES = ("stage", "data", "fsdp", "tensor")
+
+
+@gin.configurable("placement")
+def process_axes(order: Sequence[str] = DEFAULT_PROCESS_AXES) -> tuple[str, ...]:
+    """gin `placement.process_axes`: the mesh axes that may span processes, in the order they
+    take the process count's factors (an axis left out never spans processes)."""
+    order = tuple(order)
+    bad = [a for a in order if a not in MESH_AXES]
+    if bad or len(set(order)) != len(order):
+        raise MeshError(f"placement.process_axes {order} must name distinct mesh axes of {MESH_AXES}")
+    return order
+
+
+def _mesh_str(sizes: dict[str, int]) -> str:
+    return " ".join(f"{a}={sizes[a]}" for a in MESH_AXES)
+
+
+def process_placement(sizes: dict[str, int], num_processes: int, devices_per_process: int,
+                      local_counts: Sequence[int] | None = None,
+                      order: Sequence[str] | None = None) -> dict[str, int]:
+    """How many processes each mesh axis spans ({axis: n}, product = num_processes).
+
+    Greedy over `order` (gin `placement.process_axes`): each axis takes the largest factor of
+    the processes still to place that divides it; the rest of the axis lies inside a process.
+    A MeshError (one line naming the mesh, the process count and the devices per process) when
+    the mesh cannot be laid out so."""
+    where = f"{num_processes} processes x {devices_per_process} devices"
+    if local_counts is not None and len(set(local_counts)) > 1:
+        raise MeshError(f"mesh {_mesh_str(sizes)} cannot be placed on {num_processes} processes: they hold "
+                        f"different numbers of devices {sorted(set(local_counts))}")
+    if math.prod(sizes.values()) != num_processes * devices_per_process:
+        raise MeshError(f"mesh {_mesh_str(sizes)} has {math.prod(sizes.values())} devices, but {where} "
+                        f"are {num_processes * devices_per_process}")
+    order = process_axes() if order is None else tuple(order)
+    across = {a: 1 for a in MESH_AXES}
+    left = num_processes
+    for a in order:
+        across[a] = math.gcd(left, sizes[a])
+        left //= across[a]
+    if left != 1:
+        raise MeshError(f"mesh {_mesh_str(sizes)} cannot be placed on {where}: only the axes {order} "
+                        f"(placement.process_axes) may span processes, and their sizes do not split over "
+                        f"{num_processes} processes")
+    return across
+
+
+def _devices_by_process(devices) -> list[list]:
+    groups: dict[int, list] = {}
+    for d in devices:
+        groups.setdefault(d.process_index, []).append(d)
+    return [groups[k] for k in sorted(groups)]
+
+
+def _process_note(devices=None) -> str:
+    groups = _devices_by_process(jax.devices() if devices is None else devices)
+    if len(groups) <= 1:
+        return ""
+    counts = sorted({len(g) for g in groups})
+    return f" ({len(groups)} processes x {'/'.join(map(str, counts))} devices)"
+
+
+def check_placement(sizes: dict[str, int]):
+    """Startup validation: the mesh can be laid out on this run's processes (before any compile)."""
+    groups = _devices_by_process(jax.devices())
+    if len(groups) > 1:
+        process_placement(sizes, len(groups), len(groups[0]), [len(g) for g in groups])
 
 
 @gin.configurable("sharding")
@@ -194,18 +287,61 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def global_batch(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Per-host numpy rows -> global arrays sharded over (data, fsdp) along the batch axis.
+def rows_of(s: NamedSharding, global_batch_size: int, devices) -> np.ndarray:
+    """The global batch rows (sorted) that `devices` hold under the batch sharding `s`."""
+    index = s.devices_indices_map((global_batch_size,) + (1,) * (len(s.spec) - 1))
+    rows: set[int] = set()
+    for d in devices:
+        rows.update(range(*index[d][0].indices(global_batch_size)))
+    return np.asarray(sorted(rows), dtype=np.int64)
 
-    Each process passes only its own rows (global_batch / process_count of them); the
-    global batch is their concatenation in process order.
-    """
+
+def host_rows(mesh: Mesh, global_batch_size: int, process_index: int | None = None) -> np.ndarray:
+    """The global batch rows this process (or `process_index`) must supply: the union of the rows
+    its devices hold under `batch_sharding`. Devices that differ only in stage, tensor (or any
+    axis the batch is not split over) share rows; a process whose devices sit in several
+    data-parallel groups supplies each group's rows. Not 1/process_count of the batch in general:
+    with stage or tensor spanning processes, processes hold the same rows."""
+    p = jax.process_index() if process_index is None else process_index
+    devices = [d for d in mesh.devices.flat if d.process_index == p]
+    return rows_of(batch_sharding(mesh, 2), global_batch_size, devices)
+
+
+def _rows_share(mesh: Mesh) -> tuple[int, int]:
+    """(this process's data-parallel groups, all groups): its rows are that share of the batch."""
+    s = batch_sharding(mesh, 2)
+    dp = data_parallel_size(mesh)
+    mine = rows_of(s, dp, [d for d in mesh.devices.flat if d.process_index == jax.process_index()])
+    return len(mine), dp
+
+
+def global_batch(host_batch: dict[str, np.ndarray], mesh: Mesh,
+                 global_batch_size: int | None = None) -> dict[str, jax.Array]:
+    """This process's rows (numpy) -> global arrays sharded over (data, fsdp) along the batch axis.
+
+    `host_batch` holds exactly the rows `host_rows(mesh, global_batch_size)` names, in that
+    order (the data pipeline builds just those); each device gets its slice of them. The global
+    size defaults to the one those rows imply."""
     out = {}
     for k, v in host_batch.items():
-        s = batch_sharding(mesh, v.ndim)
-        global_shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
-        out[k] = jax.make_array_from_process_local_data(s, v, global_shape)
+        gb = global_batch_size
+        if gb is None:
+            mine, dp = _rows_share(mesh)
+            gb = v.shape[0] * dp // mine
+        rows = host_rows(mesh, gb)
+        if len(rows) != v.shape[0]:
+            raise ValueError(f"process {jax.process_index()} passed {v.shape[0]} rows of '{k}'; its devices "
+                             f"hold {len(rows)} rows of the global batch of {gb}")
+        out[k] = _assemble(v, rows, batch_sharding(mesh, v.ndim), (gb,) + v.shape[1:])
     return out
+
+
+def _assemble(local: np.ndarray, rows: np.ndarray, s: NamedSharding, global_shape) -> jax.Array:
+    def shard(index):
+        start, stop, _ = index[0].indices(global_shape[0])
+        lo = int(np.searchsorted(rows, start))  # a device's rows are contiguous, and all are local
+        return local[(slice(lo, lo + stop - start),) + tuple(index[1:])]
+    return jax.make_array_from_callback(global_shape, s, shard)
 
 
 def data_parallel_size(mesh: Mesh) -> int:

@@ -166,6 +166,7 @@ def _one_line(e: UserError) -> UserError:
 def validate(tc: TrainConfig, cfg: LlamaConfig, sizes: dict, workdir: str):
     """Every user-caused inconsistency, before any compile or write. One line each."""
     validate_shapes(tc, cfg, sizes)
+    _gin_call(lambda: sharding.check_placement(sizes))
     check_workdir(workdir)
 
 
@@ -175,9 +176,6 @@ def validate_shapes(tc: TrainConfig, cfg: LlamaConfig, sizes: dict):
     if tc.steps < 1:
         raise UserError(f"train.steps must be >= 1, got {tc.steps}")
     accumulation_steps(tc, cfg, sizes)
-    if tc.global_batch_size % jax.process_count():
-        raise UserError(f"train.global_batch_size {tc.global_batch_size} is not divisible by the "
-                        f"{jax.process_count()} processes")
     t = sizes["tensor"]
     for name, n in (("num_heads", cfg.num_heads), ("num_kv_heads", cfg.num_kv_heads),
                     ("intermediate_size", cfg.intermediate_size)):
@@ -379,7 +377,7 @@ def nnx_params(cfg: LlamaConfig, seed):
 def restore_train_state(manager, step, target):
     """(state, data iterator state) of checkpoint `step`; raises whatever Orbax raises."""
     import orbax.checkpoint as ocp
-    restored = manager.restore(step, args=ocp.args.Composite(
+    restored = ckpt.read_step(manager, step, ocp.args.Composite(
         params=ocp.args.StandardRestore(target["params"]),
         opt_state=ocp.args.StandardRestore(target["opt_state"]),
         data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
@@ -447,8 +445,10 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
     validate(tc, cfg, sizes, workdir)
 
     from meditron_jax.data.pipeline import build_pipeline
+    mesh = sharding.make_mesh(sizes)
     data = build_pipeline(tc.seq_len, tc.global_batch_size, tc.seed, jax.process_index(),
-                          jax.process_count(), workdir=workdir)
+                          jax.process_count(), workdir=workdir,
+                          rows=sharding.host_rows(mesh, tc.global_batch_size))
     tok = data.tokenizer_info
     if tok and tok.get("vocab_size") and tok["vocab_size"] > cfg.vocab_size:
         raise UserError(f"tokenizer {tok.get('path')} has {tok['vocab_size']} tokens, more than the "
@@ -456,7 +456,6 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
     # one checkpoint: fp32 params + 2 Adam moments
     check_workdir(workdir, needed_bytes=12 * cfg.num_params() // max(1, jax.process_count()))
 
-    mesh = sharding.make_mesh(sizes)
     dp = sharding.data_parallel_size(mesh)
     num_micro = accumulation_steps(tc, cfg, sizes)
     tx = make_optimizer(oc, tc.steps)
@@ -530,7 +529,7 @@ def _loop(tc, cfg, state, start, it, data, mesh, jitted, eval_fn, finite_fn, man
     step = start
     pending = []
     while step < tc.steps:
-        batch = sharding.global_batch(next(it), mesh)
+        batch = sharding.global_batch(next(it), mesh, tc.global_batch_size)
         poison = poisoned if step + 1 in tc.poison_steps else clean
         state, metrics = jitted(state, batch, poison)
         step += 1
@@ -581,11 +580,11 @@ def _abstract_batch(tc, mesh):
                                     sharding=sharding.batch_sharding(mesh, 2)) for k in BATCH_KEYS}
 
 
-def _barrier(name: str, timeout_s: int = 3600):
-    """Every process waits here (coordination-service barrier, no device collective)."""
-    if jax.process_count() > 1:
-        from jax._src import distributed
-        distributed.global_state.client.wait_at_barrier(f"meditron_jax_{name}", timeout_s * 1000)
+def _barrier(name: str):
+    """Every process waits here (coordination-service barrier, no device collective); `name`
+    says where, for readers."""
+    from meditron_jax import multihost
+    multihost.barrier()
 
 
 class _StopVote:
@@ -605,6 +604,7 @@ class _StopVote:
             from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
             mesh = Mesh(np.array(jax.devices()), ("all",))
+            self.mesh = mesh  # its own device order, not the training mesh's (which may interleave processes)
             self.votes = NamedSharding(mesh, PartitionSpec("all"))
             self.reduce = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec()))
 
@@ -612,7 +612,8 @@ class _StopVote:
         if not self.multi:
             return flag
         local = np.full((jax.local_device_count(),), int(flag), np.int32)
-        vote = self.reduce(jax.make_array_from_process_local_data(self.votes, local))
+        with jax.set_mesh(self.mesh):
+            vote = self.reduce(jax.make_array_from_process_local_data(self.votes, local))
         previous, self.pending = self.pending, vote
         return previous is not None and bool(previous)
 

@@ -5,7 +5,7 @@ Owns: the gin configurable `data` (sources, weights, tokenizer, added tokens, de
 held-out fraction, shuffling), validating them against the preprocessing manifests before training
 (fingerprint / vocab mismatches, bad weights, missing directories are `UserError`s), and
 `build_pipeline(...) -> DataPipeline`, whose `train_iterator()` yields dicts of numpy arrays
-[global_batch // process_count, seq_len]:
+[rows this process supplies, seq_len]:
     inputs, targets (int32; targets are the inputs' next tokens *within* a document),
     segment_ids (int32, 1..n per document in the row, 0 = padding), positions (int32, restart at 0
     for each document or document piece), loss_mask (float32, 1 where the target is a real next token
@@ -13,7 +13,9 @@ held-out fraction, shuffling), validating them against the preprocessing manifes
 
 Process-count invariance: every process runs the same deterministic global pipeline (seeded
 per-source shuffles, grain's `MapDataset.mix`, grain's concat-then-split / first-fit packing, grain's
-batching) and keeps rows [p*b:(p+1)*b] of each global batch. The global batch at step k therefore
+batching) and keeps the rows of each global batch that its devices hold (`rows`, from the batch
+sharding: processes of one data-parallel group, e.g. pipeline stages or tensor shards on different
+hosts, keep the same rows; the default is rows [p*b:(p+1)*b]). The global batch at step k therefore
 depends only on the seed and k, and the iterator state (grain's own, wrapped with a signature of the
 configuration) is identical on every process: a run saved on 2 hosts resumes on 1 with the same data.
 
@@ -162,10 +164,9 @@ def _truncate(example: np.ndarray, seq_len: int) -> np.ndarray:
 class _Finalize:
     """Packed global batch -> this process's rows in the trainer's format (pads short eval batches)."""
 
-    def __init__(self, global_batch_size: int, process_index: int, process_count: int):
+    def __init__(self, global_batch_size: int, rows):
         self._gb = global_batch_size
-        b = global_batch_size // process_count
-        self._rows = slice(process_index * b, (process_index + 1) * b)
+        self._rows = rows
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         tok, seg, pos = batch["tokens"], batch["tokens_segment_ids"], batch["tokens_positions"]
@@ -271,12 +272,14 @@ class DataPipeline:
 
     def __init__(self, cfg: DataConfig, tok: Tokenizer, seq_len: int, global_batch_size: int, seed: int,
                  process_index: int, process_count: int, sources: list[_Source] | None = None,
-                 weights: dict[str, float] | None = None, sft_examples: list[np.ndarray] | None = None):
+                 weights: dict[str, float] | None = None, sft_examples: list[np.ndarray] | None = None,
+                 rows: Sequence[int] | None = None):
         self.cfg, self.tokenizer = cfg, tok
         self.seq_len, self.global_batch_size, self.seed = seq_len, global_batch_size, seed
         self.process_index, self.process_count = process_index, process_count
         self.sources, self.weights, self.sft_examples = sources or [], weights or {}, sft_examples
-        self._finalize = _Finalize(global_batch_size, process_index, process_count)
+        self.rows = _host_rows(global_batch_size, process_index, process_count, rows)
+        self._finalize = _Finalize(global_batch_size, self.rows)
 
     @property
     def mode(self) -> str:
@@ -445,16 +448,34 @@ def _open_source(name: str, directory: str, tok: Tokenizer) -> _Source:
     return _Source(name, directory, manifest, reader)
 
 
+def _host_rows(global_batch_size: int, process_index: int, process_count: int, rows) -> slice | np.ndarray:
+    """The rows of each global batch this process keeps: `rows` (from the batch sharding,
+    `sharding.host_rows`) or, without it, the contiguous 1/process_count block."""
+    if rows is None:
+        b = global_batch_size // process_count
+        return slice(process_index * b, (process_index + 1) * b)
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.ndim != 1 or len(rows) == 0 or np.any(np.diff(rows) <= 0) or rows[0] < 0 or rows[-1] >= global_batch_size:
+        raise DataConfigError(f"host rows must be increasing indices into the global batch of {global_batch_size}")
+    if len(rows) == rows[-1] - rows[0] + 1:  # contiguous: a view, not a copy
+        return slice(int(rows[0]), int(rows[-1]) + 1)
+    return rows
+
+
 def build_pipeline(seq_len: int, global_batch_size: int, seed: int, process_index: int = 0,
-                   process_count: int = 1, workdir: str | None = None, config: DataConfig | None = None) -> DataPipeline:
+                   process_count: int = 1, workdir: str | None = None, config: DataConfig | None = None,
+                   rows: Sequence[int] | None = None) -> DataPipeline:
     """Reads gin `data.*` (or `config`), validates everything against the manifests, and returns the
-    pipeline. All checks happen here, before any training step."""
+    pipeline. All checks happen here, before any training step.
+
+    `rows`: the global batch rows this process supplies (`sharding.host_rows(mesh, ...)`); the
+    default is the contiguous block [p*b, (p+1)*b) with b = global_batch_size / process_count."""
     cfg = config if config is not None else data_config()
     if seq_len < 2:
         raise DataConfigError(f"seq_len must be >= 2, got {seq_len}")
     if process_count < 1 or not 0 <= process_index < process_count:
         raise DataConfigError(f"process_index {process_index} out of range for {process_count} processes")
-    if global_batch_size <= 0 or global_batch_size % process_count:
+    if global_batch_size <= 0 or (rows is None and global_batch_size % process_count):
         raise DataConfigError(f"global batch size {global_batch_size} must be a positive multiple of the "
                               f"process count {process_count}")
     if not 0 <= cfg.validation_fraction <= 0.5:
@@ -486,7 +507,7 @@ def build_pipeline(seq_len: int, global_batch_size: int, seed: int, process_inde
         raise DataConfigError("data.tokenizer (a SentencePiece tokenizer.model) is required")
     tok = Tokenizer(tokenizer, cfg.added_tokens)
     common = dict(cfg=cfg, tok=tok, seq_len=seq_len, global_batch_size=global_batch_size, seed=seed,
-                  process_index=process_index, process_count=process_count)
+                  process_index=process_index, process_count=process_count, rows=rows)
     if cfg.sft_files:
         from meditron_jax.data.sft import load_sft_files
 
