@@ -50,7 +50,6 @@ def plan(gin_files, gin_params, devices: int | None = None) -> dict:
     import numpy as np
 
     from meditron_jax import sharding
-    from meditron_jax.config import model_config
     from meditron_jax.errors import UserError
     from meditron_jax.metrics import flops_per_token
     from meditron_jax.optim import make_optimizer, optimizer_config, schedule
@@ -60,7 +59,8 @@ def plan(gin_files, gin_params, devices: int | None = None) -> dict:
 
     parse_gin(list(gin_files), list(gin_params))
     tc = _gin_call(train_config)
-    cfg = _gin_call(model_config)
+    from meditron_jax.init_from import run_model_config
+    cfg = _gin_call(lambda: run_model_config(tc))[0]
     oc = _gin_call(optimizer_config)
     n = devices or jax.device_count()
     sizes = sharding.mesh_shape(num_devices=n)

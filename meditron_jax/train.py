@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from meditron_jax import checkpoint as ckpt
+from meditron_jax import init_from as init_from_lib
 from meditron_jax import sharding
 from meditron_jax.config import LlamaConfig, model_config
 from meditron_jax.errors import UserError
@@ -337,15 +338,9 @@ def build_state(cfg, tc, tx, mesh, rules, zero1, workdir, manager, restart_from_
         state, step, data_state = resumed
         return state, step, data_state, state_sh
     init = jax.jit(lambda p: init_state(p, tx), out_shardings=state_sh)
-    if tc.init_from:
-        ref = ckpt.model_config(tc.init_from)
-        if param_shapes(ref) != param_shapes(cfg):
-            raise UserError(f"train.init_from {tc.init_from}: its model ({ref.num_layers} layers, hidden "
-                            f"{ref.hidden_size}, vocab {ref.vocab_size}) does not match the configured model "
-                            f"({cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size})")
-        target = {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=state_sh["params"][k])
-                  for k, a in abstract_params.items()}
-        params = ckpt.restore_params(tc.init_from, target)
+    if tc.init_from:  # architecture checked by init_from.resolve_config; new vocab rows filled there
+        params = init_from_lib.load_initial_params(tc.init_from, ckpt.model_config(tc.init_from), cfg, tc.seed,
+                                                   state_sh["params"])
     else:
         params = jax.jit(functools.partial(nnx_params, cfg), static_argnums=0,
                          out_shardings=state_sh["params"])(tc.seed)
@@ -438,7 +433,7 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
                      heartbeat_timeout_s=heartbeat_timeout_s, shutdown_timeout_s=shutdown_timeout_s)
     parse_gin(list(gin_files), list(gin_params))
     tc = _gin_call(train_config)
-    cfg = _gin_call(model_config)
+    cfg, init_ref, init_changes = _gin_call(lambda: init_from_lib.run_model_config(tc))
     oc = _gin_call(optimizer_config)
     sizes = _gin_call(sharding.mesh_shape)
     rules, zero1 = _gin_call(sharding.logical_rules)
@@ -453,6 +448,9 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
     if tok and tok.get("vocab_size") and tok["vocab_size"] > cfg.vocab_size:
         raise UserError(f"tokenizer {tok.get('path')} has {tok['vocab_size']} tokens, more than the "
                         f"model's vocab_size {cfg.vocab_size}")
+    if init_ref is not None:
+        init_from_lib.check_added_tokens(tc.init_from, init_ref, cfg, data.tokenizer)
+        init_from_lib.log_changes(tc.init_from, init_changes)
     # one checkpoint: fp32 params + 2 Adam moments
     check_workdir(workdir, needed_bytes=12 * cfg.num_params() // max(1, jax.process_count()))
 

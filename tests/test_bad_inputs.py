@@ -213,7 +213,7 @@ CASES = {
     # train: checkpoints and workdir
     "train_resume_shape_mismatch": (_train(workdir=_workdir_with_ckpt), ["shape", "checkpoints/3"]),
     "train_init_from_mismatch": (lambda t, i: _train(f"train.init_from='{i['ckpt']}'")(t, i),
-                                 ["train.init_from", "hidden 32"]),
+                                 ["train.init_from", "hidden_size = 32"]),
     "train_unwritable_workdir": (_train(workdir=_unwritable), ["a_file/work", "not writable"]),
     "train_insufficient_disk": (_train(), ["1.0 MiB free", "one checkpoint needs"]),
     "train_coordinator_without_id": (_train(args=["--coordinator_address", "localhost:1", "--num_processes", "2"]),

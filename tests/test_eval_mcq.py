@@ -197,10 +197,16 @@ def test_maybe_can_win_and_long_prompts_drop_demos(env, tmp_path):
     r = records[0]
     assert 0 < r["demos_dropped"] <= 3 and r["demos"] == 3 - r["demos_dropped"] and r["prompt_tokens"] <= limit - 1
     assert summary["counts"]["7"]["items_with_dropped_demos"] == 1
+    # the records name the demonstrations: seed 7's permutation of the pool, the earliest dropped
+    want = [d.id for d in mcq.demos_for(items[0], items, mcq.demo_order(items, 7), 3)]
+    assert r["demo_ids_dropped"] + r["demo_ids"] == want and len(r["demo_ids"]) == r["demos"]
+    assert summary["demonstrations"] == {"used": r["demos"], "dropped": r["demos_dropped"],
+                                         "items_with_dropped_demos": 1, "items_truncated": 0}
     summary, records = mcq.evaluate(model, tok, items[:1], items, t, shots=3, seeds=[7], max_length=zero - 5,
                                     batch_size=2, length_bucket=128)
     assert records[0]["demos"] == 0 and records[0]["truncated_tokens"] > 0
     assert summary["counts"]["7"]["items_truncated"] == 1
+    assert records[0]["demo_ids"] == [] and summary["demonstrations"]["dropped"] == 3
 
 
 def test_label_first_token_collision_is_clear(env):
@@ -224,6 +230,17 @@ def test_cli_mcq_end_to_end_and_bad_input(env, tmp_path, capsys):
     recs = [json.loads(line) for line in (tmp_path / "res.items.jsonl").read_text().splitlines()]
     assert len(recs) == 10 and {"id", "gold", "prediction", "scores", "prompt_tokens", "seed"} <= set(recs[0])
     assert set(recs[0]["scores"]) == {"A", "B", "C", "D"}
+    printed = capsys.readouterr()
+    line = json.loads(printed.out.strip().splitlines()[-1])
+    assert line["demonstrations"] == {"used": 20, "dropped": 0, "items_with_dropped_demos": 0, "items_truncated": 0}
+    assert "warning" not in printed.err
+    # a context too short for 2 shots: the printed line and a stderr warning say so
+    zero_shot = max(r["prompt_tokens"] for r in recs if r["demos"] == 2) // 2
+    rc = cli_main(base + ["--fewshot-data", str(tmp_path / "train.jsonl"), "--shots", "2", "--seeds", "1",
+                          "--limit", "2", "--max-length", str(zero_shot), "--out", str(tmp_path / "short.json")])
+    printed = capsys.readouterr()
+    assert rc == 0 and json.loads(printed.out.strip().splitlines()[-1])["demonstrations"]["dropped"] > 0
+    assert "warning:" in printed.err and "demonstrations were dropped" in printed.err
 
     capsys.readouterr()
     bad = [
@@ -244,7 +261,7 @@ def test_cli_mcq_end_to_end_and_bad_input(env, tmp_path, capsys):
 def _other_vocab_tokenizer(tmp_path):
     d = tmp_path / "tok2"
     d.mkdir(exist_ok=True)
-    return train_tiny_tokenizer(str(d), vocab_size=500)
+    return train_tiny_tokenizer(str(d), vocab_size=620)  # larger than the model (600): refused
 
 
 def test_hf_tokenizer_dir_brings_added_tokens(env, tmp_path):

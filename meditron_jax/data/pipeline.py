@@ -288,7 +288,7 @@ class DataPipeline:
     @property
     def tokenizer_info(self) -> dict:
         return {"path": self.tokenizer.path, "fingerprint": self.tokenizer.fingerprint,
-                "vocab_size": self.tokenizer.vocab_size}
+                "vocab_size": self.tokenizer.vocab_size, "added_tokens": list(self.tokenizer.added_tokens)}
 
     def signature(self) -> dict:
         sig = {"mode": self.mode, "seq_len": self.seq_len, "global_batch_size": self.global_batch_size,

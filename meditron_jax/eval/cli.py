@@ -58,6 +58,17 @@ def _parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def warn_dropped_demos(summary: dict, out: str) -> None:
+    """One stderr line when a k-shot run did not show every item its k demonstrations."""
+    d = summary.get("demonstrations") or {}
+    if summary.get("shots") and (d.get("dropped") or d.get("items_truncated")):
+        total = d["used"] + d["dropped"]
+        print(f"warning: {d['dropped']} of {total} demonstrations were dropped to fit the context of "
+              f"{summary.get('max_length')} tokens ({d['items_with_dropped_demos']} prompts had fewer than "
+              f"{summary['shots']} shots, {d['items_truncated']} were left-truncated); per-item demo_ids "
+              f"in the records next to {out}", file=sys.stderr)
+
+
 def run_mcq(args) -> int:
     from meditron_jax.eval import mcq, tasks
 
@@ -88,7 +99,8 @@ def run_mcq(args) -> int:
                "pool_size": len(pool), **summary}
     records_path = mcq.write_results(summary, records, args.out, args.records)
     print(json.dumps({k: summary[k] for k in ("task", "scoring", "shots", "accuracy", "accuracy_mean",
-                                               "accuracy_std")}))
+                                               "accuracy_std", "demonstrations")}))
+    warn_dropped_demos(summary, args.out)
     print(f"wrote {args.out} and {records_path}", file=sys.stderr)
     return 0
 

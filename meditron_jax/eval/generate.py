@@ -35,6 +35,7 @@ class Sampling:
     temperature: float = 0.0  # 0: greedy
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
+    vocab_limit: int = 0  # > 0: only ids below it can be chosen (a tokenizer smaller than the model's vocab)
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -47,6 +48,8 @@ class Sampling:
 
 def sample_logits(logits, key, sampling: Sampling):
     """logits [B,V] fp32 -> token ids [B] int32."""
+    if 0 < sampling.vocab_limit < logits.shape[-1]:  # ids the tokenizer cannot decode are never chosen
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < sampling.vocab_limit, logits, -jnp.inf)
     if sampling.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / sampling.temperature
@@ -232,6 +235,8 @@ def run(args) -> int:
         raise GenerateError(f"{args.out}: directory {os.path.dirname(os.path.abspath(args.out))} does not exist")
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     model, tok = loader.load(args)
+    if tok.vocab_size < model.cfg.vocab_size:
+        sampling = dataclasses.replace(sampling, vocab_limit=tok.vocab_size)
     ids = [tok.encode(p, bos=True) for p in prompts]
     gen = Generator(model)
     eos = None if args.no_eos_stop else tok.eos_id

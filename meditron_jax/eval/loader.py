@@ -101,7 +101,10 @@ def resolve_tokenizer(checkpoint: str, tokenizer: str | None, step: int | None =
 
 
 def check_vocab(tokenizer, cfg, tokenizer_name: str = "tokenizer"):
-    if tokenizer.vocab_size != cfg.vocab_size:
+    """A tokenizer no larger than the model's vocab is accepted, as `train` does (the README's
+    tiny model has 2048 rows, the demo tokenizer 1024 ids): ids past the tokenizer are never
+    produced by it, and `generate` never samples them. A larger one is refused."""
+    if tokenizer.vocab_size > cfg.vocab_size:
         raise LoadError(f"{tokenizer_name} has {tokenizer.vocab_size} tokens but the checkpoint's vocab is "
                         f"{cfg.vocab_size}; pass the tokenizer the model was trained with (an HF dir brings "
                         "its added tokens, e.g. Meditron's 17)")

@@ -309,6 +309,8 @@ class _Prompt:
     n_demos: int
     dropped: int
     truncated: int
+    demo_ids: tuple = ()  # ids of the demonstrations in the prompt, in prompt order
+    dropped_ids: tuple = ()  # ids of those dropped to fit the context (the earliest ones)
 
 
 def _fit_prompt(tokenizer, template, item, demos, max_len: int, reserve: int) -> _Prompt:
@@ -318,9 +320,10 @@ def _fit_prompt(tokenizer, template, item, demos, max_len: int, reserve: int) ->
     for drop in range(len(demos) + 1):
         ids = tokenizer.encode(template.prompt(item, demos[drop:]), bos=True)
         if len(ids) <= budget:
-            return _Prompt(ids, len(demos) - drop, drop, 0)
+            return _Prompt(ids, len(demos) - drop, drop, 0, tuple(d.id for d in demos[drop:]),
+                           tuple(d.id for d in demos[:drop]))
     cut = len(ids) - budget
-    return _Prompt([ids[0]] + ids[1 + cut:], 0, len(demos), cut)
+    return _Prompt([ids[0]] + ids[1 + cut:], 0, len(demos), cut, (), tuple(d.id for d in demos))
 
 
 def evaluate(model, tokenizer, items: list[Item], pool: list[Item], template: PromptTemplate, *,
@@ -367,6 +370,7 @@ def evaluate(model, tokenizer, items: list[Item], pool: list[Item], template: Pr
         rec = per_item.setdefault((seed, k), {
             "seed": seed, "id": item.id, "gold": item.gold, "scores": {}, "prompt_tokens": len(p.ids),
             "demos": p.n_demos, "demos_dropped": p.dropped, "truncated_tokens": p.truncated,
+            "demo_ids": list(p.demo_ids), "demo_ids_dropped": list(p.dropped_ids),
             **({"subject": item.subject} if item.subject else {})})
         if lab is None:
             rec["scores"] = {l: float(s) for l, s in zip(item.labels, logp[0])}
@@ -404,8 +408,13 @@ def summarize(records: list[dict], seeds, **info) -> dict:
         if by_subject:
             subjects[str(seed)] = {s: sum(v) / len(v) for s, v in sorted(by_subject.items())}
     values = np.array(list(acc.values()), np.float64)
+    used = sum(r["demos"] for r in records)
+    dropped = sum(r["demos_dropped"] for r in records)
+    demonstrations = {"used": used, "dropped": dropped,  # over every seed and item
+                      "items_with_dropped_demos": sum(r["demos_dropped"] > 0 for r in records),
+                      "items_truncated": sum(r["truncated_tokens"] > 0 for r in records)}
     out = {**info, "seeds": list(seeds), "accuracy": acc, "accuracy_mean": float(values.mean()),
-           "accuracy_std": float(values.std()), "counts": counts}
+           "accuracy_std": float(values.std()), "demonstrations": demonstrations, "counts": counts}
     if subjects:
         out["accuracy_per_subject"] = subjects
     return out
