@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # N JAX processes on this machine (CPU, gloo collectives), for testing the multi-host path:
-#   launch/local_multiprocess.sh 2 -- meditron-jax train --gin_file configs/tiny.gin --workdir runs/mp
+#   launch/local_multiprocess.sh 2 -- meditron-jax train --gin_file configs/tiny.gin --workdir runs/mp \
+#       --gin_param mesh.data=2 --gin_param mesh.stage=2 --gin_param mesh.tensor=2 \
+#       --gin_param train.micro_batch_size=1
+# is the tiny model with pipeline stages spanning the two processes (each process holds one stage of
+# both data-parallel groups): global batch 8 = micro 1 x data 2 x 4 pipeline micro-batches. (tiny.gin's
+# own mesh, data over all 8 devices, needs global 8 = micro 4 x 8: add train.micro_batch_size=1.)
 # Each process gets DEVICES_PER_PROCESS simulated CPU devices (default 4) and the flags
 # --coordinator_address/--num_processes/--process_id appended. Exits with the first failure.
 set -euo pipefail

@@ -93,8 +93,15 @@ def make_mesh(sizes: dict[str, int] | None = None, devices: Sequence | None = No
         across = process_placement(sizes, len(per_process), len(per_process[0]),
                                    [len(d) for d in per_process])
         inside = tuple(sizes[a] // across[a] for a in MESH_AXES)
-        dev_array = mesh_utils.create_hybrid_device_mesh(
-            inside, tuple(across[a] for a in MESH_AXES), devices=devices, process_is_granule=True)
+        outside = tuple(across[a] for a in MESH_AXES)
+        try:
+            dev_array = mesh_utils.create_hybrid_device_mesh(inside, outside, devices=devices,
+                                                             process_is_granule=True)
+        except ValueError:  # a process's devices do not form its physical sub-mesh: plain order
+            grid = np.empty(outside, dtype=object)
+            for p, group in enumerate(per_process):
+                grid.flat[p] = np.asarray(group, dtype=object).reshape(inside)
+            dev_array = np.block(grid.tolist())
     else:
         try:
             dev_array = mesh_utils.create_device_mesh(shape, devices=devices)
@@ -113,10 +120,10 @@ DEFAULT_PROCESS_AXES = ("stage", "data", "fsdp", "tensor")
 
 
 @gin.configurable("placement")
-def process_axes(order: Sequence[str] = DEFAULT_PROCESS_AXES) -> tuple[str, ...]:
+def process_axes(process_axes: Sequence[str] = DEFAULT_PROCESS_AXES) -> tuple[str, ...]:
     """gin `placement.process_axes`: the mesh axes that may span processes, in the order they
     take the process count's factors (an axis left out never spans processes)."""
-    order = tuple(order)
+    order = tuple(process_axes)
     bad = [a for a in order if a not in MESH_AXES]
     if bad or len(set(order)) != len(order):
         raise MeshError(f"placement.process_axes {order} must name distinct mesh axes of {MESH_AXES}")

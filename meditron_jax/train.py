@@ -336,6 +336,8 @@ def build_state(cfg, tc, tx, mesh, rules, zero1, workdir, manager, restart_from_
     resumed = restore_newest_readable(manager, target, workdir, restart_from_scratch)
     if resumed is not None:
         state, step, data_state = resumed
+        who = f" (process {jax.process_index()} of {jax.process_count()})" if jax.process_count() > 1 else ""
+        print(f"resuming from checkpoint step {step}{who}", file=sys.stderr, flush=True)
         return state, step, data_state, state_sh
     init = jax.jit(lambda p: init_state(p, tx), out_shardings=state_sh)
     if tc.init_from:  # architecture checked by init_from.resolve_config; new vocab rows filled there
