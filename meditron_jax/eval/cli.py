@@ -79,10 +79,12 @@ def run_mcq(args) -> int:
         pool = rest or items
     if args.limit is not None:
         items = items[: args.limit]
-    model, tok = loader.load(args)
+    model, tok, placement = loader.load_for_inference(args, batch=args.batch_size, seq_len=args.max_length,
+                                                      cache_len=args.max_length or -1, what="eval mcq")
+    scorer = mcq.Scorer(model, batch_size=args.batch_size, placement=placement)
     summary, records = mcq.evaluate(model, tok, items, pool, template, shots=args.shots, seeds=seeds,
                                     scoring=args.scoring, max_length=args.max_length,
-                                    batch_size=args.batch_size, progress=not args.no_progress)
+                                    batch_size=args.batch_size, progress=not args.no_progress, scorer=scorer)
     summary = {"task": task, "checkpoint": args.checkpoint, "data": args.data,
                "fewshot_data": args.fewshot_data or ("rest of data outside --split-file" if rest else "data"),
                "pool_size": len(pool), **summary}
@@ -94,19 +96,20 @@ def run_mcq(args) -> int:
 
 
 def run_ppl(args) -> int:
-    from meditron_jax import from_pretrained
     from meditron_jax.eval import perplexity
 
     if not os.path.exists(args.checkpoint):
         raise loader.LoadError(f"{args.checkpoint}: no such checkpoint or model directory")
     tok = loader.load_tokenizer(args.tokenizer) if args.tokenizer else None
     fingerprint = tok.fingerprint if tok else loader.recorded_tokenizer(args.checkpoint, args.step).get("fingerprint")
-    model = from_pretrained(args.checkpoint, dtype=args.dtype, step=args.step)
+    model, _, placement = loader.load_for_inference(args, batch=args.batch_size, seq_len=args.seq_len,
+                                                    what="eval ppl", tokenizer=False)
     if tok is not None:
         loader.check_vocab(tok, model.cfg, args.tokenizer)
     result = perplexity.evaluate_dir(model, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
                                      max_batches=args.max_batches, progress=True,
-                                     expected_fingerprint=fingerprint)
+                                     expected_fingerprint=fingerprint,
+                                     placement=placement if placement.mesh is not None else None)
     result = {"checkpoint": args.checkpoint, **result}
     text = json.dumps(result)
     if args.out:
