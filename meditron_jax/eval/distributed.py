@@ -53,7 +53,10 @@ def parse_mesh(text: str) -> dict[str, int]:
             raise InferenceMeshError(f"--mesh {text!r}: {value!r} is not an integer") from None
     if sizes["data"] is None:
         sizes["data"] = -1 if -1 not in sizes.values() else 1
-    return sharding.mesh_shape(**sizes)
+    try:
+        return sharding.mesh_shape(**sizes)
+    except sharding.MeshError as e:  # gin appends "In call to configurable ..." on a second line
+        raise InferenceMeshError(f"--mesh {text!r}: {str(e).splitlines()[0]}") from None
 
 
 def mesh_from_flags(mesh_text: str | None, gin_files=(), gin_params=()) -> dict[str, int] | None:

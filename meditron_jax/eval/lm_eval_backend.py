@@ -30,6 +30,7 @@ from __future__ import annotations
 import sys
 import types
 
+import lm_eval.models  # noqa: F401  (lm-eval's own types first: it loads them only into an empty registry)
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
@@ -89,7 +90,32 @@ class MeditronJaxLM(TemplateLM):
         return self.tok.encode(string, bos=bos)
 
     def tok_decode(self, tokens) -> str:
-        return self.tok.decode(list(tokens))
+        """Text of generated ids as Llama's Hugging Face tokenizer decodes them (what the `hf`
+        backend returns): '▁' -> ' ', a run of byte pieces decoded as UTF-8 or else one U+FFFD per
+        byte, the first leading space dropped, control tokens (BOS/EOS) skipped. SentencePiece's
+        own decode differs only on invalid byte runs (it keeps their valid bytes)."""
+        out, run = [], []
+
+        def flush():
+            if run:
+                try:
+                    out.append(bytes(run).decode("utf-8"))
+                except UnicodeDecodeError:
+                    out.append("\ufffd" * len(run))
+                run.clear()
+
+        for i in map(int, tokens):
+            if i < self.tok.base_vocab_size and self.tok.sp.is_control(i):
+                continue
+            piece = self.tok.id_to_piece(i)
+            if i < self.tok.base_vocab_size and self.tok.sp.is_byte(i):
+                run.append(int(piece[3:-1], 16))  # <0xNN>
+                continue
+            flush()
+            out.append(piece.replace("\u2581", " ") if i < self.tok.base_vocab_size else piece)
+        flush()
+        text = "".join(out)
+        return text[1:] if text.startswith(" ") else text
 
     @property
     def scorer(self):
