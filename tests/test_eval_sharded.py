@@ -121,3 +121,22 @@ def test_bad_mesh_and_too_large_are_one_line(env, tmp_path, capsys):
     assert len(err) == 1 and "GiB per device" in err[0] and "over the" in err[0]
     assert cli_main(base + ["--gin_param", "mesh.tensor=8"]) == 2  # gin mesh.* goes through the same check
     assert "attention heads" in capsys.readouterr().err
+
+
+def test_eval_plan_reports_per_device_memory(env, capsys):
+    from meditron_jax.checkpoint import model_config
+    from meditron_jax.eval.plan_eval import plan_eval
+
+    cfg = model_config(env["ckpt"]).replace(dtype="float32")
+    rep = plan_eval(cfg, MESH, batch=4, seq_len=64)
+    model = distributed.load_model_on_mesh(env["ckpt"], _mesh())
+    held = distributed.mesh_summary(model, _mesh())["param_bytes_per_device"]
+    assert rep["per_device_gib"]["params"] * 2 ** 30 == held  # exact: what a device really holds
+    assert rep["per_device_gib"]["temporaries"] > 0 and rep["fits"] is None
+    assert rep["estimate_gib"]["params"] == rep["per_device_gib"]["params"]
+    base = ["eval", "plan", "--checkpoint", env["ckpt"], "--batch-size", "4", "--seq-len", "64", "--dtype", "float32"]
+    assert cli_main(base + ["--mesh", MESH, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fits"] is True
+    assert cli_main(base + ["--mesh", MESH, "--device-memory", "0.0001"]) == 1
+    assert "does NOT fit" in capsys.readouterr().out
+    assert cli_main(base + ["--mesh", "tensor=8"]) == 2

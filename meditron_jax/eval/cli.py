@@ -14,7 +14,10 @@ from meditron_jax.eval import loader
 
 
 def add_arguments(parser):
-    sub = parser.add_subparsers(dest="what", required=True, metavar="{ppl,mcq}")
+    sub = parser.add_subparsers(dest="what", required=True, metavar="{ppl,mcq,plan}")
+    from meditron_jax.eval import plan_eval
+    plan_eval.add_arguments(sub.add_parser("plan", help="per-device memory of eval mcq on a mesh (AOT compile, "
+                                                       "no weights); exit 1 if it does not fit"))
 
     ppl = sub.add_parser("ppl", help="token-weighted loss and perplexity on a preprocessed dataset")
     loader.add_model_arguments(ppl)
@@ -162,4 +165,7 @@ def run_ppl(args) -> int:
 
 
 def run(args) -> int:
+    if args.what == "plan":
+        from meditron_jax.eval import plan_eval
+        return plan_eval.run(args)
     return run_mcq(args) if args.what == "mcq" else run_ppl(args)
