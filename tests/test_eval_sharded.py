@@ -140,3 +140,35 @@ def test_eval_plan_reports_per_device_memory(env, capsys):
     assert cli_main(base + ["--mesh", MESH, "--device-memory", "0.0001"]) == 1
     assert "does NOT fit" in capsys.readouterr().out
     assert cli_main(base + ["--mesh", "tensor=8"]) == 2
+
+
+def test_two_processes_equal_one(env, tmp_path):
+    """The multi-controller path: 2 processes x 4 CPU devices (gloo) on a (data 2, tensor 4) mesh
+    score like one process; only process 0 writes the results."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    args = ["eval", "mcq", "--task", "medqa", "--data", str(env["d"] / "medqa.jsonl"), "--shots", "2",
+            "--seeds", "1", "--batch-size", "3", "--tokenizer", env["tok_path"], "--no-progress",
+            "--checkpoint", env["ckpt"], "--scoring", "loglik"]
+    assert cli_main(args + ["--out", str(tmp_path / "one.json")]) == 0
+    penv = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, "-m", "meditron_jax", *args, "--mesh", MESH, "--out",
+                               str(tmp_path / f"multi{i}.json"), "--coordinator_address", f"localhost:{port}",
+                               "--num_processes", "2", "--process_id", str(i)],
+                              env=penv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in (0, 1)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, "\n".join(line for line in out.splitlines() if "Gloo" not in line)[-3000:]
+    assert not (tmp_path / "multi1.json").exists()  # process 1 computed the same and wrote nothing
+    one = [json.loads(line) for line in open(tmp_path / "one.items.jsonl")]
+    multi = [json.loads(line) for line in open(tmp_path / "multi0.items.jsonl")]
+    assert [r["prediction"] for r in one] == [r["prediction"] for r in multi]
+    for a, b in zip(one, multi):
+        np.testing.assert_allclose([b["scores"][k] for k in a["scores"]], list(a["scores"].values()), atol=1e-5)

@@ -58,6 +58,12 @@ def add_arguments(parser):
     mcq.add_argument("--no-progress", action="store_true")
 
 
+def _writer() -> bool:
+    """Multi-host runs: every process computes the same results; process 0 writes them."""
+    import jax
+    return jax.process_index() == 0
+
+
 def _parse_seeds(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
@@ -89,6 +95,8 @@ def run_truthfulqa(args) -> int:
                                            fewshot_prompt=args.fewshot_prompt, pool=pool, scorer=scorer,
                                            progress=not args.no_progress, max_length=args.max_length)
     summary = {"checkpoint": args.checkpoint, "data": args.data, "categories": cats, **summary}
+    if not _writer():
+        return 0
     records_path = mcq.write_results(summary, records, args.out, args.records)
     print(json.dumps({k: summary[k] for k in ("task", "shots", "items", "mc1", "mc2")}
                      | {"per_category": {c: {"mc1": v["mc1"], "mc2": v["mc2"]} for c, v in summary["per_category"].items()}}))
@@ -131,6 +139,8 @@ def run_mcq(args) -> int:
     summary = {"task": task, "checkpoint": args.checkpoint, "data": args.data,
                "fewshot_data": args.fewshot_data or ("rest of data outside --split-file" if rest else "data"),
                "pool_size": len(pool), **summary}
+    if not _writer():
+        return 0
     records_path = mcq.write_results(summary, records, args.out, args.records)
     print(json.dumps({k: summary[k] for k in ("task", "scoring", "shots", "accuracy", "accuracy_mean",
                                                "accuracy_std")}))
@@ -155,6 +165,8 @@ def run_ppl(args) -> int:
                                      placement=placement if placement.mesh is not None else None)
     result = {"checkpoint": args.checkpoint, **result}
     text = json.dumps(result)
+    if not _writer():
+        return 0
     if args.out:
         tmp = args.out + ".tmp"
         with open(tmp, "w") as f:

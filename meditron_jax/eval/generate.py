@@ -256,7 +256,7 @@ def run(args) -> int:
     else:
         for i, (p, c) in enumerate(zip(prompts, completions)):
             print(f"=== {i} ===\n{p}{c}")
-    if args.out:
+    if args.out and jax.process_index() == 0:  # multi-host: every process has the same completions
         tmp = args.out + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             for p, c, o in zip(prompts, completions, outs):

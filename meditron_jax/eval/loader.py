@@ -36,6 +36,10 @@ def add_model_arguments(parser, tokenizer_required: bool = False):
     parser.add_argument("--gin_param", action="append", default=[], help="gin binding, e.g. 'mesh.tensor=4'")
     parser.add_argument("--device-memory", type=float, default=None, metavar="GIB",
                         help="memory of one device for the fit check (default: what the backend reports)")
+    parser.add_argument("--coordinator_address", default=None,
+                        help="multi-host: host:port of process 0 (SLURM / Open MPI are detected), as for train")
+    parser.add_argument("--num_processes", type=int, default=None)
+    parser.add_argument("--process_id", type=int, default=None)
 
 
 def hf_added_tokens(directory: str, base_vocab: int) -> list[str]:
@@ -136,6 +140,10 @@ def load_for_inference(args, batch: int = 8, seq_len: int | None = None, cache_l
 
     if not os.path.exists(args.checkpoint):
         raise LoadError(f"{args.checkpoint}: no such checkpoint or model directory")
+    if getattr(args, "coordinator_address", None) or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        from meditron_jax.train import init_distributed  # before any device query, as training does
+        init_distributed(args.coordinator_address, getattr(args, "num_processes", None),
+                         getattr(args, "process_id", None))
     tok = resolve_tokenizer(args.checkpoint, args.tokenizer, args.step) if tokenizer else None
     sizes = distributed.mesh_from_flags(getattr(args, "mesh", None), getattr(args, "gin_file", ()),
                                         getattr(args, "gin_param", ()))
