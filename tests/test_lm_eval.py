@@ -100,7 +100,7 @@ def test_cli_registers_the_model_type(env, tmp_path, capsys):
     out = tmp_path / "res"
     rc = cli_main(["lm-eval", "--model", "meditron-jax", "--model_args",
                    f"checkpoint={env['d'] / 'ckpt'},tokenizer={env['tok_path']}", "--tasks", "tiny_mc",
-                   "--include_path", str(env["d"]), "--batch_size", "4", "--output_path", str(out)])
+                   "--include_path", str(env["d"]), "--batch_size", "4", "--limit", "2", "--output_path", str(out)])
     assert rc == 0
     assert "tiny_mc" in capsys.readouterr().out
     with pytest.raises(Exception, match="unknown"):
