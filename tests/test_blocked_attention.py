@@ -71,3 +71,20 @@ def test_model_logprobs_blocked_vs_reference():
     valid = np.asarray(seg) > 0
     assert float(jnp.max(jnp.abs(ref))) > 1.0
     np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(ref)[valid], atol=1e-4)
+
+
+def test_blocked_gradients_equal_reference():
+    """model.attention='blocked' is also a training switch: its gradients equal the reference."""
+    rng = np.random.default_rng(4)
+    B, T, N, K, H = 1, 160, 4, 2, 8
+    q, k, v = (jnp.asarray(rng.standard_normal((B, T, n, H)), jnp.float32) for n in (N, K, K))
+    seg = jnp.asarray(np.r_[np.ones(90), np.full(60, 2), np.zeros(10)].astype(np.int32)[None])
+    w = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32) * (seg[..., None, None] > 0)
+
+    def loss(fn):
+        return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * w), argnums=(0, 1, 2)))(q, k, v)
+
+    ref = loss(lambda q, k, v: attention._dense_attention(q, k, v, seg, seg, None))
+    out = loss(lambda q, k, v: attention.blocked_attention(q, k, v, seg, seg, block_q=64, block_k=48))
+    for a, b in zip(out, ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
