@@ -66,12 +66,12 @@ def test_mcq_sharded_equals_single_device(env, tmp_path):
               "--seeds", "1", "--batch-size", "3", "--tokenizer", env["tok_path"], "--no-progress"]
     outs = {}
     for name, extra in (("one", []), ("mesh", ["--mesh", MESH])):
-        for scoring in ("loglik",):  # every option's full answer text: prefix cache + many rows per item
+        for scoring in ("top_token", "loglik"):  # loglik: every option's text, prefix cache + rows per option
             out = tmp_path / f"{name}_{scoring}.json"
             assert cli_main(common + ["--checkpoint", env["ckpt"], "--scoring", scoring, "--out", str(out)]
                             + extra) == 0
             outs[name, scoring] = [json.loads(line) for line in open(tmp_path / f"{name}_{scoring}.items.jsonl")]
-    for scoring in ("loglik",):
+    for scoring in ("top_token", "loglik"):
         one, mesh = outs["one", scoring], outs["mesh", scoring]
         assert len(one) == len(mesh) == 6
         for a, b in zip(one, mesh):
