@@ -121,6 +121,10 @@ def test_bad_mesh_and_too_large_are_one_line(env, tmp_path, capsys):
     assert len(err) == 1 and "GiB per device" in err[0] and "over the" in err[0]
     assert cli_main(base + ["--gin_param", "mesh.tensor=8"]) == 2  # gin mesh.* goes through the same check
     assert "attention heads" in capsys.readouterr().err
+    out = tmp_path / "gen.jsonl"
+    assert cli_main(base + ["--gin_param", "mesh.tensor=4", "--gin_param", "mesh.data=2", "--out", str(out)]) == 0
+    assert "mesh data=2,tensor=4 on 8 devices" in capsys.readouterr().err
+    assert len(json.loads(out.read_text())["tokens"]) == 2
 
 
 def test_eval_plan_reports_per_device_memory(env, capsys):
