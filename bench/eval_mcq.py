@@ -1,14 +1,17 @@
 """Benchmark: k-shot exam scoring throughput (items/s), ours vs transformers, in one run.
 
 Workload: 3-shot PubMedQA-length prompts (lengths uniform in [--min-len, --max-len] tokens,
-default 700-900) made of one seed's shared prefix (instruction + 3 demonstrations,
---prefix-len tokens) and a per-item test question, top_token scoring of the three labels
+default 1600-1800: real 3-shot PubMedQA prompts are ~1,700 tokens) made of one seed's shared
+prefix (instruction + 3 demonstrations, --prefix-len tokens, default 1300) and a per-item test question, top_token scoring of the three labels
 yes/no/maybe at the end of each prompt, with a small Llama (random weights; vocab 32000 like
 Llama-2). All runs get the same token ids, batch size and length-sorted batches:
   ours          meditron_jax.eval.mcq.Scorer as `eval mcq` runs it: the shared prefix once into a
                 KV cache, then the suffixes in batches (right padding + segment ids), jitted,
                 logits only at the scored position (compile time reported separately)
-  ours_plain    the same without prefix sharing (every prompt run in full)
+  ours_plain    the same without prefix sharing (every prompt run in full); long rows take the
+                blocked (flash-style) attention path automatically (attention.use_blocked)
+  ours_plain_dense  the same with the automatic blocked path turned off: one dense T x S fp32
+                score tensor per layer, as before the blocked path existed
   transformers  LlamaForCausalLM, left padding + attention_mask, torch.inference_mode,
                 logits_to_keep=1 (its best case: lm_head only on the last column)
 Also reports the largest label log-prob difference and whether predictions agree.
@@ -31,9 +34,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--items", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--min-len", type=int, default=700)
-    ap.add_argument("--max-len", type=int, default=900)
-    ap.add_argument("--prefix-len", type=int, default=600, help="shared instruction + demonstrations tokens")
+    ap.add_argument("--min-len", type=int, default=1600)
+    ap.add_argument("--max-len", type=int, default=1800)
+    ap.add_argument("--prefix-len", type=int, default=1300, help="shared instruction + demonstrations tokens")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
@@ -73,8 +76,12 @@ def main():
 
     # ours: a first pass compiles one program per length bucket; the second pass is timed
     scorer = Scorer(ours_model, batch_size=args.batch_size, length_bucket=args.length_bucket)
+    from meditron_jax import attention
     timings = {}
-    for name, groups in (("ours", [0] * len(rows)), ("ours_plain", None)):
+    for name, groups in (("ours", [0] * len(rows)), ("ours_plain", None), ("ours_plain_dense", None)):
+        if name == "ours_plain_dense":  # the pre-blocked behaviour: dense scores for every length
+            attention.BLOCKED_MIN_KEYS = 10 ** 9
+            scorer = Scorer(ours_model, batch_size=args.batch_size, length_bucket=args.length_bucket)
         t0 = time.perf_counter()
         scorer(rows, groups=groups)
         first = time.perf_counter() - t0
@@ -83,6 +90,7 @@ def main():
         timings[name] = (time.perf_counter() - t0, first, res)
     ours_s, first, ours = timings["ours"]
     plain_s, plain_first, plain = timings["ours_plain"]
+    dense_s, dense_first, dense = timings["ours_plain_dense"]
 
     # transformers: same length-sorted batches, left padded, lm_head on the last column only
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -107,7 +115,7 @@ def main():
     ref = hf_pass()
     hf_s = time.perf_counter() - t0
 
-    diff = max(float(np.abs(o[i][0][0] - ref[i]).max()) for o in (ours, plain) for i in range(len(prompts)))
+    diff = max(float(np.abs(o[i][0][0] - ref[i]).max()) for o in (ours, plain, dense) for i in range(len(prompts)))
     agree = sum(int(np.argmax(ours[i][0][0]) == np.argmax(ref[i])) for i in range(len(prompts)))
     result = {
         "bench": "eval_mcq", "date": datetime.date.today().isoformat(), "machine": platform.machine(),
@@ -120,6 +128,8 @@ def main():
         "prefix_tokens": args.prefix_len,
         "ours_items_per_s": args.items / ours_s, "ours_first_pass_s_incl_compile": first,
         "ours_plain_items_per_s": args.items / plain_s, "ours_plain_first_pass_s_incl_compile": plain_first,
+        "ours_plain_dense_items_per_s": args.items / dense_s,
+        "ours_plain_dense_first_pass_s_incl_compile": dense_first,
         "transformers_items_per_s": args.items / hf_s,
         "speedup": hf_s / ours_s, "speedup_plain": hf_s / plain_s,
         "max_abs_logprob_diff": diff, "predictions_agree": f"{agree}/{len(prompts)}",

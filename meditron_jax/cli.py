@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "data": ("meditron_jax.data.cli", "data utilities (mcq-to-sft)"),
     "eval": ("meditron_jax.eval.cli", "perplexity and k-shot medical multiple-choice exams"),
     "generate": ("meditron_jax.eval.generate", "sample text with a KV cache"),
+    "lm-eval": ("meditron_jax.eval.lm_eval_cli", "lm-evaluation-harness with the meditron-jax model type"),
     "plan": ("meditron_jax.plan", "compile the train step ahead of time and report memory / FLOPs"),
 }
 

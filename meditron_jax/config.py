@@ -16,7 +16,7 @@ import gin
 from meditron_jax.errors import UserError
 
 DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("xla", "cudnn", "blocked")
 REMAT_POLICIES = ("none", "full", "dots", "save_proj")
 
 
@@ -40,7 +40,7 @@ class LlamaConfig:
     vocab_pad_multiple: int = 128  # embedding / lm_head padded to a multiple of this
     scan_layers: bool = True  # False: python loop over layers (debugging), same numbers
     remat: str = "none"  # none | full | dots | save_proj
-    attention: str = "xla"  # xla | cudnn
+    attention: str = "xla"  # xla | cudnn | blocked (attention.py)
 
     def __post_init__(self):
         problems = []

@@ -3,5 +3,8 @@
 Modules: `tasks` (exam file readers), `mcq` (prompts, demonstrations, scoring, results),
 `perplexity` (token-weighted loss on preprocessed data), `generate` (prefill + jitted decode
 with sampling; also the `generate` subcommand), `loader` (model + tokenizer for the CLIs),
-`cli` (the `eval` subcommand). Templates live in `prompts.json`.
+`cli` (the `eval` subcommand), `distributed` (the inference mesh: loading onto it, KV-cache
+shardings, the memory fit check), `truthfulqa` (TruthfulQA MC1/MC2), `plan_eval` (`eval plan`),
+`lm_eval_backend` / `lm_eval_cli` (the lm-evaluation-harness model type). Templates live in
+`prompts.json`.
 """

@@ -14,7 +14,10 @@ from meditron_jax.eval import loader
 
 
 def add_arguments(parser):
-    sub = parser.add_subparsers(dest="what", required=True, metavar="{ppl,mcq}")
+    sub = parser.add_subparsers(dest="what", required=True, metavar="{ppl,mcq,plan}")
+    from meditron_jax.eval import plan_eval
+    plan_eval.add_arguments(sub.add_parser("plan", help="per-device memory of eval mcq on a mesh (AOT compile, "
+                                                       "no weights); exit 1 if it does not fit"))
 
     ppl = sub.add_parser("ppl", help="token-weighted loss and perplexity on a preprocessed dataset")
     loader.add_model_arguments(ppl)
@@ -26,7 +29,7 @@ def add_arguments(parser):
 
     mcq = sub.add_parser("mcq", help="k-shot medical multiple-choice exam accuracy")
     loader.add_model_arguments(mcq)
-    mcq.add_argument("--task", required=True, help="pubmedqa | medmcqa | medqa | mmlu_medical")
+    mcq.add_argument("--task", required=True, help="pubmedqa | medmcqa | medqa | mmlu_medical | truthfulqa_mc")
     mcq.add_argument("--data", required=True, nargs="+",
                      help="exam file(s); for mmlu_medical also a directory of <subject>_test.csv")
     mcq.add_argument("--fewshot-data", nargs="+", default=None,
@@ -36,7 +39,14 @@ def add_arguments(parser):
                      help="pubmedqa: the official test PMIDs (test_ground_truth.json or one PMID per line)")
     mcq.add_argument("--cop-base", type=int, choices=(0, 1), default=None,
                      help="medmcqa: whether `cop` counts from 0 (Hugging Face copy) or 1 (original files); required")
-    mcq.add_argument("--shots", type=int, default=3)
+    mcq.add_argument("--shots", type=int, default=None,
+                     help="demonstrations per prompt (default 3; truthfulqa_mc: 1 for a 7B model, 0 above 30B, "
+                          "as on the Meditron card)")
+    mcq.add_argument("--categories", default=None,
+                     help="truthfulqa_mc: comma-separated categories, e.g. Health,Nutrition,Psychology,Science")
+    mcq.add_argument("--fewshot-prompt", choices=("sampled", "qa_primer"), default="sampled",
+                     help="truthfulqa_mc: demonstrations drawn from the file (default) or the release's fixed "
+                          "six-pair QA primer")
     mcq.add_argument("--seeds", default="1234,432,32", help="comma-separated demonstration seeds")
     mcq.add_argument("--scoring", choices=("top_token", "loglik"), default="top_token")
     mcq.add_argument("--limit", type=int, default=None, help="first N test items only")
@@ -46,6 +56,12 @@ def add_arguments(parser):
     mcq.add_argument("--out", required=True, help="results JSON; per-item records go next to it (.items.jsonl)")
     mcq.add_argument("--records", default=None, help="per-item JSONL path (default: OUT minus .json + .items.jsonl)")
     mcq.add_argument("--no-progress", action="store_true")
+
+
+def _writer() -> bool:
+    """Multi-host runs: every process computes the same results; process 0 writes them."""
+    import jax
+    return jax.process_index() == 0
 
 
 def _parse_seeds(text: str) -> list[int]:
@@ -69,9 +85,44 @@ def warn_dropped_demos(summary: dict, out: str) -> None:
               f"in the records next to {out}", file=sys.stderr)
 
 
+def run_truthfulqa(args) -> int:
+    from meditron_jax.eval import mcq, truthfulqa
+
+    seeds = _parse_seeds(args.seeds)
+    for path in (args.out, args.records):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise loader.LoadError(f"{path}: directory {os.path.dirname(os.path.abspath(path))} does not exist")
+    cats = truthfulqa.parse_categories(args.categories)
+    everything = truthfulqa.read(args.data)
+    items = truthfulqa.select(everything, cats, ", ".join(args.data))
+    pool = truthfulqa.read(args.fewshot_data) if args.fewshot_data else everything
+    if args.limit is not None:
+        items = items[: args.limit]
+    model, tok, placement = loader.load_for_inference(args, batch=args.batch_size, seq_len=args.max_length,
+                                                      cache_len=args.max_length or -1, what="eval mcq")
+    shots = truthfulqa.default_shots(model.cfg) if args.shots is None else args.shots
+    scorer = mcq.Scorer(model, batch_size=args.batch_size, placement=placement)
+    summary, records = truthfulqa.evaluate(model, tok, items, shots=shots, seeds=seeds,
+                                           fewshot_prompt=args.fewshot_prompt, pool=pool, scorer=scorer,
+                                           progress=not args.no_progress, max_length=args.max_length)
+    summary = {"checkpoint": args.checkpoint, "data": args.data, "categories": cats, **summary}
+    if not _writer():
+        return 0
+    records_path = mcq.write_results(summary, records, args.out, args.records)
+    print(json.dumps({k: summary[k] for k in ("task", "shots", "items", "mc1", "mc2")}
+                     | {"per_category": {c: {"mc1": v["mc1"], "mc2": v["mc2"]} for c, v in summary["per_category"].items()}}))
+    print(f"wrote {args.out} and {records_path}", file=sys.stderr)
+    return 0
+
+
 def run_mcq(args) -> int:
     from meditron_jax.eval import mcq, tasks
 
+    if args.task == "truthfulqa_mc":
+        return run_truthfulqa(args)
+    if args.categories:
+        raise tasks.TaskDataError("--categories is for --task truthfulqa_mc")
+    args.shots = 3 if args.shots is None else args.shots
     task = tasks.check_task(args.task)
     if task == "medmcqa" and args.cop_base is None:
         raise tasks.TaskDataError("medmcqa needs --cop-base 0|1 (the Hugging Face copy is 0-based, "
@@ -90,13 +141,17 @@ def run_mcq(args) -> int:
         pool = rest or items
     if args.limit is not None:
         items = items[: args.limit]
-    model, tok = loader.load(args)
+    model, tok, placement = loader.load_for_inference(args, batch=args.batch_size, seq_len=args.max_length,
+                                                      cache_len=args.max_length or -1, what="eval mcq")
+    scorer = mcq.Scorer(model, batch_size=args.batch_size, placement=placement)
     summary, records = mcq.evaluate(model, tok, items, pool, template, shots=args.shots, seeds=seeds,
                                     scoring=args.scoring, max_length=args.max_length,
-                                    batch_size=args.batch_size, progress=not args.no_progress)
+                                    batch_size=args.batch_size, progress=not args.no_progress, scorer=scorer)
     summary = {"task": task, "checkpoint": args.checkpoint, "data": args.data,
                "fewshot_data": args.fewshot_data or ("rest of data outside --split-file" if rest else "data"),
                "pool_size": len(pool), **summary}
+    if not _writer():
+        return 0
     records_path = mcq.write_results(summary, records, args.out, args.records)
     print(json.dumps({k: summary[k] for k in ("task", "scoring", "shots", "accuracy", "accuracy_mean",
                                                "accuracy_std", "demonstrations")}))
@@ -106,21 +161,24 @@ def run_mcq(args) -> int:
 
 
 def run_ppl(args) -> int:
-    from meditron_jax import from_pretrained
     from meditron_jax.eval import perplexity
 
     if not os.path.exists(args.checkpoint):
         raise loader.LoadError(f"{args.checkpoint}: no such checkpoint or model directory")
     tok = loader.load_tokenizer(args.tokenizer) if args.tokenizer else None
     fingerprint = tok.fingerprint if tok else loader.recorded_tokenizer(args.checkpoint, args.step).get("fingerprint")
-    model = from_pretrained(args.checkpoint, dtype=args.dtype, step=args.step)
+    model, _, placement = loader.load_for_inference(args, batch=args.batch_size, seq_len=args.seq_len,
+                                                    what="eval ppl", tokenizer=False)
     if tok is not None:
         loader.check_vocab(tok, model.cfg, args.tokenizer)
     result = perplexity.evaluate_dir(model, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
                                      max_batches=args.max_batches, progress=True,
-                                     expected_fingerprint=fingerprint)
+                                     expected_fingerprint=fingerprint,
+                                     placement=placement if placement.mesh is not None else None)
     result = {"checkpoint": args.checkpoint, **result}
     text = json.dumps(result)
+    if not _writer():
+        return 0
     if args.out:
         tmp = args.out + ".tmp"
         with open(tmp, "w") as f:
@@ -131,4 +189,7 @@ def run_ppl(args) -> int:
 
 
 def run(args) -> int:
+    if args.what == "plan":
+        from meditron_jax.eval import plan_eval
+        return plan_eval.run(args)
     return run_mcq(args) if args.what == "mcq" else run_ppl(args)

@@ -88,7 +88,10 @@ def _round_up(n: int, m: int) -> int:
 class Generator:
     """Compiled prefill + decode step for one model. Reuse it: compiles are cached per shape."""
 
-    def __init__(self, model, prompt_bucket: int = 32, cache_bucket: int = 64):
+    def __init__(self, model, prompt_bucket: int = 32, cache_bucket: int = 64, placement=None):
+        from meditron_jax.eval.distributed import Placement
+
+        self.place = placement or Placement(None)  # a mesh: rows over data, heads and KV cache over tensor
         self.cfg = model.cfg
         self.model = model
         graphdef, self.state = nnx.split(model)
@@ -114,7 +117,7 @@ class Generator:
         if longest + max_new_tokens > self.cfg.max_position_embeddings:
             raise GenerateError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's "
                                 f"context of {self.cfg.max_position_embeddings}")
-        B = batch_size or len(prompts)
+        B = self.place.round_batch(batch_size or len(prompts))
         outs, logits = [], []
         for s in range(0, len(prompts), B):
             chunk = prompts[s:s + B]
@@ -139,17 +142,20 @@ class Generator:
             segment[b, P - L:] = 1
             positions[b, P - L:] = np.arange(L)
         key = jax.random.key(seed)
-        cache = self.model.init_cache(B, S)
-        nxt, last, cache = self._prefill(self.state, tokens, positions, segment, cache, key, sampling=sampling)
+        cache = self.place.init_cache(self.model, B, S)
+        put, fetch = self.place.put, self.place.fetch
+        with self.place.context():
+            nxt, last, cache = self._prefill(self.state, put(tokens), put(positions), put(segment), cache, key,
+                                             sampling=sampling)
         out = [[] for _ in range(n)]
         step_logits = [[] for _ in range(n)]
         active = np.ones(B, bool)
         active[n:] = False
         pos = lengths.copy()
         for t in range(max_new):
-            ids = np.asarray(nxt)
+            ids = np.asarray(fetch(nxt))
             if collect_logits:
-                lg = np.asarray(last)
+                lg = np.asarray(fetch(last))
             for b in range(n):
                 if active[b]:
                     out[b].append(int(ids[b]))
@@ -161,7 +167,8 @@ class Generator:
                 on_tokens(t, ids[:n], active[:n])
             if not active.any() or t == max_new - 1:
                 break
-            nxt, last, cache = self._step(self.state, cache, nxt, pos, key, t, sampling=sampling)
+            with self.place.context():
+                nxt, last, cache = self._step(self.state, cache, nxt, put(pos), key, t, sampling=sampling)
             pos = pos + 1
         return out, [np.stack(x) for x in step_logits] if collect_logits else []
 
@@ -234,11 +241,12 @@ def run(args) -> int:
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise GenerateError(f"{args.out}: directory {os.path.dirname(os.path.abspath(args.out))} does not exist")
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    model, tok = loader.load(args)
+    model, tok, placement = loader.load_for_inference(args, batch=args.batch_size, seq_len=32,
+                                                      cache_len=-1, what="generate")
     if tok.vocab_size < model.cfg.vocab_size:
         sampling = dataclasses.replace(sampling, vocab_limit=tok.vocab_size)
     ids = [tok.encode(p, bos=True) for p in prompts]
-    gen = Generator(model)
+    gen = Generator(model, placement=placement)
     eos = None if args.no_eos_stop else tok.eos_id
     streamer = None
     if len(prompts) == 1:
@@ -253,7 +261,7 @@ def run(args) -> int:
     else:
         for i, (p, c) in enumerate(zip(prompts, completions)):
             print(f"=== {i} ===\n{p}{c}")
-    if args.out:
+    if args.out and jax.process_index() == 0:  # multi-host: every process has the same completions
         tmp = args.out + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             for p, c, o in zip(prompts, completions, outs):

@@ -28,6 +28,18 @@ def add_model_arguments(parser, tokenizer_required: bool = False):
                              "the one the checkpoint recorded, or the HF model dir's own")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="compute dtype (default: the checkpoint's config)")
+    parser.add_argument("--mesh", default=None,
+                        help="run sharded, e.g. 'tensor=8' or 'data=2,tensor=4' (axes data, fsdp, tensor; "
+                             "data takes the remaining devices); default: one device")
+    parser.add_argument("--gin_file", action="append", default=[],
+                        help="gin file whose mesh.* bindings give the mesh (when --mesh is not given)")
+    parser.add_argument("--gin_param", action="append", default=[], help="gin binding, e.g. 'mesh.tensor=4'")
+    parser.add_argument("--device-memory", type=float, default=None, metavar="GIB",
+                        help="memory of one device for the fit check (default: what the backend reports)")
+    parser.add_argument("--coordinator_address", default=None,
+                        help="multi-host: host:port of process 0 (SLURM / Open MPI are detected), as for train")
+    parser.add_argument("--num_processes", type=int, default=None)
+    parser.add_argument("--process_id", type=int, default=None)
 
 
 def hf_added_tokens(directory: str, base_vocab: int) -> list[str]:
@@ -120,3 +132,37 @@ def load(args):
     model = from_pretrained(args.checkpoint, dtype=args.dtype, step=args.step)
     check_vocab(tok, model.cfg, args.tokenizer or "the recorded tokenizer")
     return model, tok
+
+
+def load_for_inference(args, batch: int = 8, seq_len: int | None = None, cache_len: int = 0,
+                       what: str = "inference", tokenizer: bool = True):
+    """(model, tokenizer or None, Placement) from the flags: on the mesh of --mesh / gin `mesh.*`
+    (parameters restored straight into their shards, fit checked first), else on one device."""
+    from meditron_jax import from_pretrained
+    from meditron_jax.eval import distributed
+
+    if not os.path.exists(args.checkpoint):
+        raise LoadError(f"{args.checkpoint}: no such checkpoint or model directory")
+    if getattr(args, "coordinator_address", None) or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        from meditron_jax.train import init_distributed  # before any device query, as training does
+        init_distributed(args.coordinator_address, getattr(args, "num_processes", None),
+                         getattr(args, "process_id", None))
+    tok = resolve_tokenizer(args.checkpoint, args.tokenizer, args.step) if tokenizer else None
+    sizes = distributed.mesh_from_flags(getattr(args, "mesh", None), getattr(args, "gin_file", ()),
+                                        getattr(args, "gin_param", ()))
+    if sizes is None:
+        model = from_pretrained(args.checkpoint, dtype=args.dtype, step=args.step)
+        placement = distributed.Placement(None)
+    else:
+        from meditron_jax import sharding
+        mesh = sharding.make_mesh(sizes)
+        model = distributed.load_model_on_mesh(args.checkpoint, mesh, dtype=args.dtype, step=args.step,
+                                               device_memory_gib=getattr(args, "device_memory", None),
+                                               batch=batch, seq_len=seq_len, cache_len=cache_len, what=what)
+        placement = distributed.Placement(mesh)
+        info = distributed.mesh_summary(model, mesh)
+        print(f"mesh {distributed.fmt_mesh(sizes)} on {info['devices']} devices: "
+              f"{info['param_bytes_per_device'] / 2**30:.2f} GiB of weights per device", file=sys.stderr)
+    if tok is not None:
+        check_vocab(tok, model.cfg, args.tokenizer or "the recorded tokenizer")
+    return model, tok, placement

@@ -209,8 +209,14 @@ class Scorer:
     fraction of the work for k-shot prompts).
     """
 
-    def __init__(self, model, batch_size: int = 8, length_bucket: int = 64, min_shared_prefix: int = 32):
+    def __init__(self, model, batch_size: int = 8, length_bucket: int = 64, min_shared_prefix: int = 32,
+                 placement=None):
+        from meditron_jax.eval.distributed import Placement
+
         self.graphdef, self.state = nnx.split(model)
+        # on a mesh: rows split over data x fsdp (batch rounded up to a multiple), weights over tensor
+        self.place = placement or Placement(None)
+        batch_size = self.place.round_batch(batch_size)
         self.batch_size, self.length_bucket = batch_size, length_bucket
         self.vocab_size = model.cfg.vocab_size
         self.min_shared_prefix = min_shared_prefix
@@ -250,7 +256,8 @@ class Scorer:
                 Pb = _round_up(P, self.length_bucket)
                 prefix = np.zeros((1, Pb), np.int32)
                 prefix[0, :P] = rows[idx[0]].tokens[:P]
-                cache = self._prefill(self.state, prefix, np.int32(P), cache_len=cache_len)
+                with self.place.context():
+                    cache = self._prefill(self.state, prefix, np.int32(P), cache_len=cache_len)
             order = sorted(idx, key=lambda i: -len(rows[i].tokens))
             for s in range(0, len(order), B):
                 batch_idx = order[s:s + B]
@@ -275,11 +282,13 @@ class Scorer:
             qpos[b, :len(r.query_pos)] = np.asarray(r.query_pos) - P
             for c, ids in enumerate(r.query_ids):
                 qids[b, c, :len(ids)] = ids
-        if P:
-            res = self._suffix(self.state, cache, np.int32(P), tokens, lengths, qpos, qids)
-        else:
-            res = self._plain(self.state, tokens, lengths, qpos, qids)
-        logp, top = jax.device_get(res)
+        put = self.place.put
+        with self.place.context():
+            if P:
+                res = self._suffix(self.state, cache, np.int32(P), put(tokens), put(lengths), put(qpos), put(qids))
+            else:
+                res = self._plain(self.state, put(tokens), put(lengths), put(qpos), put(qids))
+        logp, top = self.place.fetch(res)
         for b, (i, r) in enumerate(zip(batch_idx, batch)):
             C_r = len(r.query_pos)
             out[i] = (np.stack([logp[b, c, :len(r.query_ids[c])] for c in range(C_r)]), top[b, :C_r])

@@ -94,8 +94,10 @@ def _nll_sum(graphdef, state, inputs, targets, segment_ids, positions, chunk: in
 
 
 def evaluate_dir(model, directory: str, seq_len: int | None = None, batch_size: int = 4,
-                 max_batches: int | None = None, progress: bool = False, expected_fingerprint: str | None = None
-                 ) -> dict:
+                 max_batches: int | None = None, progress: bool = False, expected_fingerprint: str | None = None,
+                 placement=None) -> dict:
+    """`placement` (eval.distributed.Placement): a mesh to run on; the batch is split over its data
+    axes (--batch-size must be a multiple of data x fsdp), the weights over tensor."""
     from tqdm import tqdm
 
     from meditron_jax.data.preprocess import load_manifest
@@ -113,6 +115,9 @@ def evaluate_dir(model, directory: str, seq_len: int | None = None, batch_size: 
     seq_len = seq_len or cfg.max_position_embeddings
     if seq_len < 2 or batch_size < 1:
         raise PerplexityError(f"need --seq-len >= 2 and --batch-size >= 1 (got {seq_len}, {batch_size})")
+    if placement is not None and batch_size % placement.data:
+        raise PerplexityError(f"--batch-size {batch_size} is not a multiple of the mesh's data-parallel size "
+                              f"{placement.data}")
     chunk = math.gcd(seq_len, 512)
     graphdef, state = nnx.split(model)
     fn = jax.jit(functools.partial(_nll_sum, graphdef, chunk=chunk))
@@ -123,7 +128,14 @@ def evaluate_dir(model, directory: str, seq_len: int | None = None, batch_size: 
     def flush(rows):
         batch = {k: np.stack([r[k] for r in rows] + [np.zeros(seq_len, np.int32)] * (batch_size - len(rows)))
                  for k in rows[0]}
-        s, c = fn(state, batch["inputs"], batch["targets"], batch["segment_ids"], batch["positions"])
+        if placement is None:
+            s, c = fn(state, batch["inputs"], batch["targets"], batch["segment_ids"], batch["positions"])
+            return float(s), int(c)
+        put = placement.put
+        with placement.context():
+            res = fn(state, put(batch["inputs"]), put(batch["targets"]), put(batch["segment_ids"]),
+                     put(batch["positions"]))
+        s, c = placement.fetch(res)
         return float(s), int(c)
 
     for row in pack_rows(iter_documents(directory), seq_len):
