@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from meditron_jax import checkpoint as ckpt
-from meditron_jax import sharding
+from meditron_jax import sharding, storage
 from meditron_jax.config import LlamaConfig, model_config
 from meditron_jax.errors import UserError
 from meditron_jax.hostmem import keep_freed_memory
@@ -462,6 +462,8 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
     tx = make_optimizer(oc, tc.steps)
     lr_schedule = schedule(oc, tc.steps)
     manager = ckpt.make_manager(workdir)  # removes temporary directories of interrupted saves
+    state_bytes = 12 * cfg.num_params()  # one checkpoint: fp32 params + 2 Adam moments
+    manager = storage.WatchedManager(manager, workdir, state_bytes)  # failed saves: one line, exit 74
     is_main = jax.process_index() == 0
     preempt = _Preemption()
     preempt.install()
@@ -470,6 +472,8 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
             layers_fn = layers_fn_for(cfg, mesh)
             state, start, data_state, state_sh = build_state(cfg, tc, tx, mesh, rules, zero1, workdir, manager,
                                                              restart_from_scratch)
+            storage.startup_space_check(workdir, state_bytes, ckpt.manager_options().max_to_keep,
+                                        _saves(tc, start), len(manager.all_steps()))
             it = data.train_iterator()
             if data_state is not None:
                 it.set_state(data_state)
@@ -557,6 +561,7 @@ def _loop(tc, cfg, state, start, it, data, mesh, jitted, eval_fn, finite_fn, man
                         record["pipeline_bubble"] = bubble
                 writer.write(step - len(fetched) + i + 1, record)
             pending = []
+            manager.poll()  # a failed async save stops the run here (storage.WatchedManager)
         if tc.eval_every and step % tc.eval_every == 0:
             _evaluate(eval_fn, state["params"], data, tc, mesh, writer, step)
         if bad_streak >= tc.max_bad_steps > 0:
@@ -574,6 +579,12 @@ def _loop(tc, cfg, state, start, it, data, mesh, jitted, eval_fn, finite_fn, man
         if stop:
             return step, EXIT_PREEMPTED
     return step, 0
+
+
+def _saves(tc, start: int) -> int:
+    """How many checkpoints a run from `start` to `train.steps` saves."""
+    e = tc.checkpoint_every
+    return max(0, tc.steps // e - start // e) + (tc.steps % e != 0 and tc.steps > start)
 
 
 def _abstract_batch(tc, mesh):
