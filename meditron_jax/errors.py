@@ -187,13 +187,20 @@ class _FaultRecordFilter:
 
     def filter(self, record) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None and fault_errno(exc) is not None:
+        if exc is not None and (fault_errno(exc) is not None or _late_work(exc)):
             return False
         try:
             text = record.getMessage()
         except Exception:  # noqa: BLE001 - a malformed record is not ours to judge
             return True
         return fault_errno(Exception(text)) is None
+
+
+def _late_work(exc: BaseException) -> bool:
+    """Sibling work of a failed write that ran after its asyncio loop and executor were shut
+    down (what a failed synchronous Orbax save leaves running)."""
+    return any(isinstance(e, RuntimeError) and ("cannot schedule new futures after shutdown" in str(e)
+                                                or "Event loop is closed" in str(e)) for e in _chain(exc))
 
 
 def quiet_fault_logs() -> None:

@@ -21,6 +21,9 @@ import time
 import jax
 
 from meditron_jax.config import LlamaConfig
+from meditron_jax.errors import storage_faults
+
+_RERUN = "the checkpoints are untouched: a rerun resumes from the newest"
 
 # Dense bf16 peak FLOP/s per device (vendor spec sheets, no sparsity).
 PEAK_FLOPS_BF16 = {
@@ -55,7 +58,8 @@ class MetricsWriter:
         self._tb = self._wandb = self._bar = None
         if not self.enabled:
             return
-        self._file = open(self.path, "a")
+        with storage_faults("opening", self.path):
+            self._file = open(self.path, "a")
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -81,12 +85,14 @@ class MetricsWriter:
             return
         record = {"step": int(step), **{k: (float(v) if not isinstance(v, (int, str)) else v)
                                         for k, v in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        with storage_faults("writing metrics to", self.path, hint=_RERUN):
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
         if self._tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self._tb.add_scalar(f"train/{k}" if not k.startswith("eval") else k, v, step)
+            with storage_faults("writing TensorBoard events to", getattr(self._tb, "logdir", None), hint=_RERUN):
+                for k, v in record.items():
+                    if k != "step" and isinstance(v, (int, float)):
+                        self._tb.add_scalar(f"train/{k}" if not k.startswith("eval") else k, v, step)
         if self._wandb is not None:
             self._wandb.log(record, step=step)
         if self._bar is not None and "loss" in record:
@@ -100,9 +106,15 @@ class MetricsWriter:
     def close(self):
         if not self.enabled:
             return
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:
+            pass  # a failed write already raised (and named the file); close must not mask it
         if self._tb is not None:
-            self._tb.close()
+            try:
+                self._tb.close()
+            except OSError:
+                pass
         if self._bar is not None:
             self._bar.close()
         if self._wandb is not None:

@@ -298,9 +298,7 @@ class WatchedManager:
         self.failed = True
         removed = True
         if jax.process_index() == 0:
-            for tmp in glob.glob(os.path.join(glob.escape(self.root), f"{step}.orbax-checkpoint-tmp*")):
-                shutil.rmtree(tmp, ignore_errors=True)
-                removed = removed and not os.path.exists(tmp)
+            removed = _remove_temporaries(self.root, step)
         steps = ckpt.complete_steps(self.root)
         if steps:
             resume = f"the newest complete checkpoint is still step {steps[-1]}: a rerun resumes from it"
@@ -316,6 +314,26 @@ class WatchedManager:
             return error  # not the environment: a bug keeps its traceback
         return StorageFault(operation, self.root, fault.errno, needed=fault.needed, hint=hint,
                             detail=f"{fault.path or ''} {fault.detail}".strip())
+
+
+def _remove_temporaries(root: str, step: int, timeout_s: float = 10.0) -> bool:
+    """Removes `root/<step>.orbax-checkpoint-tmp*`; the failed save's sibling writes may still be
+    landing for a moment (a synchronous save raises at its first failed write), so retry until
+    they are gone. True when nothing is left."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    empty = 0
+    while True:
+        left = glob.glob(os.path.join(glob.escape(root), f"{step}.orbax-checkpoint-tmp*"))
+        for tmp in left:
+            shutil.rmtree(tmp, ignore_errors=True)
+        empty = 0 if left else empty + 1
+        if empty == 2:  # gone, and still gone a moment later
+            return True
+        if time.monotonic() > deadline:
+            return not glob.glob(os.path.join(glob.escape(root), f"{step}.orbax-checkpoint-tmp*"))
+        time.sleep(0.1)
 
 
 class PeerSaveFailed(StorageFault):
