@@ -422,3 +422,46 @@ def test_space_warning_before_a_save_that_will_not_fit(tmp_path, monkeypatch, ca
     storage.startup_space_check(str(w), 1 << 40, keep=3, saves=4, existing_steps=0)
     err = capfd.readouterr().err
     assert "4 x 1024.0 GiB" in err and "checkpoint.keep=3" in err, err
+
+
+def _fill(fs: Path) -> None:
+    fd = os.open(fs / "filler", os.O_WRONLY | os.O_CREAT)
+    with contextlib.suppress(OSError):
+        while True:
+            os.write(fd, b"x" * 4096)
+    os.close(fd)
+
+
+def test_tensorboard_write_fault_raises_instead_of_hanging(tmp_path):
+    """tensorboardX's writer thread dies on ENOSPC; without the check, add_scalar then blocks on
+    its full queue forever. The writer raises one StorageFault naming the event directory, and
+    close() returns."""
+    import threading
+
+    from meditron_jax.metrics import MetricsWriter
+
+    w = tmp_path / "w"
+    w.mkdir()
+    with small_fs(w / "tensorboard", "64k") as tb:
+        writer = MetricsWriter(str(w), 100, 0, enabled=True, tensorboard=True, progress=False)
+        _fill(tb)
+        outcome = []
+
+        def log():
+            try:
+                for step in range(1, 2001):
+                    writer.write(step, {"loss": 1.0, "lr": 0.1, "grad_norm": 2.0})
+                    time.sleep(0.001)
+                outcome.append("no error")
+            except errors.StorageFault as e:
+                outcome.append(e)
+            writer.close()
+            outcome.append("closed")
+
+        t = threading.Thread(target=log, daemon=True)
+        t.start()
+        t.join(120)
+        assert not t.is_alive(), "the metrics writer hung"
+    assert isinstance(outcome[0], errors.StorageFault) and outcome[1] == "closed", outcome
+    assert f"writing TensorBoard events to {tb}" in str(outcome[0]) and "ENOSPC" in str(outcome[0])
+    assert len((w / "metrics.jsonl").read_text().splitlines()) < 2000
