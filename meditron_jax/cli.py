@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help)
@@ -74,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _traceback(debug)
         print(f"meditron-jax {name}: storage error: {fault}", file=sys.stderr, flush=True)
+        if getattr(fault, "exit_now", False):  # threads stuck on a failed multi-process save
+            sys.stdout.flush()
+            os._exit(errors.EXIT_STORAGE)
         return errors.EXIT_STORAGE
     except KeyboardInterrupt:
         print(f"meditron-jax {name}: interrupted", file=sys.stderr)

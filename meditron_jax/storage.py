@@ -199,6 +199,31 @@ def _any_process(flag: bool) -> bool:
     return bool(np.max(multihost_utils.process_allgather(np.asarray([int(flag)], np.int32))))
 
 
+_BACKGROUND_ERRORS: list[BaseException] = []  # failed background saves of this process
+
+
+class _BackgroundSaveErrors:
+    """Records the error of a failed background save as Orbax logs it ('Failed to run ... in
+    background save thread', with the exception). With several processes Orbax's own failure
+    report waits for barriers the failed process never reaches (its timeout is 10 minutes);
+    the log record is the one prompt, public trace of it."""
+
+    def filter(self, record) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and "background save thread" in str(record.msg):
+            _BACKGROUND_ERRORS.append(record.exc_info[1])
+        return True
+
+
+def _record_background_errors() -> None:
+    import logging
+
+    logger = logging.getLogger("absl")
+    if not any(isinstance(f, _BackgroundSaveErrors) for f in logger.filters):
+        logger.filters.insert(0, _BackgroundSaveErrors())  # before filters that drop the record
+    if logger.getEffectiveLevel() > logging.ERROR:
+        logger.setLevel(logging.ERROR)
+
+
 class WatchedManager:
     """An Orbax `CheckpointManager` whose saves are watched (see the module docstring). Every
     other attribute is the manager's own, so it stands in for the manager everywhere."""
@@ -213,13 +238,17 @@ class WatchedManager:
         self.pending: int | None = None  # the step whose save may still be in flight
         self.last_size: int | None = None
         self.failed = False
+        self.multi = False
         self._space_warned = False
+        _record_background_errors()
+        del _BACKGROUND_ERRORS[:]
 
     def __getattr__(self, name):
         return getattr(self._manager, name)
 
     # -- the watched operations --
     def save(self, step, *args, **kwargs):
+        self.poll()  # a failed save in flight stops the run before Orbax blocks on it
         self._check_space(step)
         error = None
         try:
@@ -236,12 +265,14 @@ class WatchedManager:
 
     def poll(self) -> None:
         """At a logged step: has the save in flight failed? Never blocks on a running save."""
-        failed = False
-        if self.pending is not None and not self._manager.is_saving_in_progress():
+        failed = bool(_BACKGROUND_ERRORS) and self.pending is not None
+        if not failed and self.pending is not None and not self._manager.is_saving_in_progress():
             failed = not self._note_committed()
         if _any_process(failed):
             error = None
-            if failed:
+            if _BACKGROUND_ERRORS:
+                error = _BACKGROUND_ERRORS[0]
+            elif failed:
                 try:  # the save has finished (failed): this returns at once, raising its error
                     self._manager.wait_until_finished()
                 except Exception as e:  # noqa: BLE001
@@ -296,6 +327,9 @@ class WatchedManager:
         from meditron_jax import checkpoint as ckpt
 
         self.failed = True
+        # With several processes Orbax's save threads now wait at barriers that the failed
+        # process never reaches (for 10 minutes): the CLI exits at once after the one line.
+        self.multi = jax.process_count() > 1
         removed = True
         if jax.process_index() == 0:
             removed = _remove_temporaries(self.root, step)
@@ -308,12 +342,18 @@ class WatchedManager:
         hint = f"the checkpoint at step {step} was not saved ({kept}); {resume}"
         operation = f"checkpoint save at step {step} to"
         if error is None:  # this process's save went through, another's did not (that one names the cause)
-            return PeerSaveFailed(operation, self.root, 0, hint=f"it failed on another process; {hint}")
+            return _exit_now(PeerSaveFailed(operation, self.root, 0, hint=f"it failed on another process; {hint}"),
+                             self.multi)
         fault = storage_fault(error, operation, None, needed=self.last_size or self.state_bytes, hint=hint)
         if fault is None:
             return error  # not the environment: a bug keeps its traceback
-        return StorageFault(operation, self.root, fault.errno, needed=fault.needed, hint=hint,
-                            detail=f"{fault.path or ''} {fault.detail}".strip())
+        return _exit_now(StorageFault(operation, self.root, fault.errno, needed=fault.needed, hint=hint,
+                                      detail=f"{fault.path or ''} {fault.detail}".strip()), self.multi)
+
+
+def _exit_now(fault: StorageFault, flag: bool) -> StorageFault:
+    fault.exit_now = flag  # the CLI ends the process with os._exit after printing it
+    return fault
 
 
 def _remove_temporaries(root: str, step: int, timeout_s: float = 10.0) -> bool:

@@ -465,3 +465,44 @@ def test_tensorboard_write_fault_raises_instead_of_hanging(tmp_path):
     assert isinstance(outcome[0], errors.StorageFault) and outcome[1] == "closed", outcome
     assert f"writing TensorBoard events to {tb}" in str(outcome[0]) and "ENOSPC" in str(outcome[0])
     assert len((w / "metrics.jsonl").read_text().splitlines()) < 2000
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_stop_together_on_a_failed_save(tmp_path, demo):
+    """Two processes (4 devices each) share a checkpoint filesystem with room for one checkpoint:
+    the save at step 10 fails (on one process or both). Orbax's own report would wait 10 minutes
+    at its barriers; both processes stop at the same logged step with exit 74, the one whose
+    write failed naming the OS error, step 5 kept as the newest."""
+    w = new_workdir(tmp_path / "w", demo)
+    port = _free_port()
+    params = ["train.steps=30", "train.global_batch_size=8", "train.micro_batch_size=1"]
+    with small_fs(w / "checkpoints", CKPT_FS):
+        procs = []
+        for i in range(2):
+            cmd = [sys.executable, "-m", "meditron_jax", "train", "--gin_file", "configs/tiny.gin", "--workdir", str(w),
+                   "--coordinator_address", f"localhost:{port}", "--num_processes", "2", "--process_id", str(i)]
+            for p in [*BASE, *params]:
+                cmd += ["--gin_param", p]
+            env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=4")
+            procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True))
+        outs = []
+        try:
+            for p in procs:
+                outs.append(p.communicate(timeout=TIMEOUT)[1])
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        lines = [one_storage_line(p.returncode, err, "checkpoint save at step 10", "step 5: a rerun resumes")
+                 for p, err in zip(procs, outs)]
+        assert any("No space left on device" in ln for ln in lines), lines
+        assert sorted(os.listdir(w / "checkpoints")) == ["5"]
+    assert 10 <= max(r["step"] for r in records(w)) < 15
