@@ -32,7 +32,8 @@ import sys
 import tempfile
 import threading
 
-from meditron_jax.errors import StorageFault, UserError, format_bytes, free_bytes, storage_fault
+from meditron_jax.errors import (SPACE_ERRNOS, StorageFault, UserError, format_bytes, free_bytes,
+                                 storage_fault)
 
 PARTIAL = ".partial-"
 LOCK_SUFFIX = ".lock"
@@ -128,10 +129,7 @@ def staging_dir(out: str, command: str, legacy_prefixes: tuple[str, ...] = ()) -
         remove_stale_partials(out, command, legacy_prefixes)
         fd, lock_path = tempfile.mkstemp(prefix=_prefix(out), suffix=LOCK_SUFFIX, dir=parent)
     except OSError as e:
-        fault = storage_fault(e, f"{command}: cannot create the output", out)
-        if fault is not None:
-            raise fault from None
-        raise UserError(f"cannot create output next to {out}: {e.strerror}") from None
+        raise _creation_error(e, command, out) from None
     tmp = lock_path[:-len(LOCK_SUFFIX)]
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -140,13 +138,20 @@ def staging_dir(out: str, command: str, legacy_prefixes: tuple[str, ...] = ()) -
     except OSError as e:
         os.close(fd)
         _unlink(lock_path)
-        fault = storage_fault(e, f"{command}: cannot create the output", out)
-        if fault is not None:
-            raise fault from None
-        raise
+        raise _creation_error(e, command, out) from None
     with _HELD_LOCK:
         _HELD[tmp] = fd
     return tmp
+
+
+def _creation_error(e: OSError, command: str, out: str) -> Exception:
+    """A destination that cannot be written at all (read-only, forbidden, not a directory) is the
+    user's choice to fix, like a read-only workdir: exit 2. A full disk or an I/O error: 74."""
+    import errno
+
+    if e.errno in SPACE_ERRNOS + (errno.EIO,):
+        return storage_fault(e, "creating the output", out)
+    return UserError(f"cannot create output next to {out}: {e.strerror}")
 
 
 def _release(tmp: str) -> None:

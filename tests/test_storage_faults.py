@@ -198,8 +198,8 @@ def test_metrics_write_fault(tmp_path, demo, baseline):
         (full / "metrics.jsonl").touch()
         os.symlink(full / "metrics.jsonl", w / "metrics.jsonl")
         rc, err = train(w)
-        one_storage_line(rc, err, "writing metrics to", "metrics.jsonl", "No space left on device",
-                         "a rerun resumes")
+        print(one_storage_line(rc, err, "writing metrics to", "metrics.jsonl", "No space left on device",
+                               "a rerun resumes"))
     after = snapshot(w / "checkpoints")
     assert {k: after.get(k) for k in before} == before
     assert ckpt.complete_steps(str(w / "checkpoints")) == [10]
@@ -233,6 +233,8 @@ def test_full_disk_outputs(tmp_path, demo, small_model, capfd, what):
                                 "partial output was removed")
         if what != "preprocess":
             assert "needs" in line, line
+        with capfd.disabled():
+            print(line)
         _assert_no_partials(fs, {"earlier.txt"})
         assert snapshot(fs) == before
 
