@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         fault = errors.storage_fault(e, name)
         if fault is None:
             raise
+        fault = fault.remeasured()  # free space after the partial output was removed
         _traceback(debug)
         print(f"meditron-jax {name}: storage error: {fault}", file=sys.stderr, flush=True)
         if getattr(fault, "exit_now", False):  # threads stuck on a failed multi-process save

@@ -68,6 +68,15 @@ class StorageFault(Exception):
             msg += f"; {self.hint}"
         return msg
 
+    def remeasured(self) -> "StorageFault":
+        """The same fault with the free space measured now (after the failed command removed its
+        partial output: what the user has to work with)."""
+        if self.errno not in SPACE_ERRNOS or not self.path:
+            return self
+        fault = StorageFault(self.operation, self.path, self.errno, self.needed, None, self.hint, self.detail)
+        fault.__dict__.update({k: v for k, v in self.__dict__.items() if k not in fault.__dict__})
+        return fault
+
     def with_context(self, operation: str | None = None, hint: str | None = None,
                      needed: int | None = None) -> "StorageFault":
         """The same fault, re-described by a caller that knows more (the step, what was kept)."""

@@ -411,7 +411,7 @@ def test_space_warning_before_a_save_that_will_not_fit(tmp_path, monkeypatch, ca
             return True
 
         def is_saving_in_progress(self):
-            return False
+            return True  # saves stay in flight: nothing to notice but the space
 
     w = tmp_path / "w"
     (w / "checkpoints").mkdir(parents=True)

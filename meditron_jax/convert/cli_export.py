@@ -23,7 +23,7 @@ import os
 import re
 import shutil
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import ml_dtypes
 import numpy as np
@@ -137,7 +137,7 @@ def export_hf(reader: CheckpointReader, out: str, dtype: np.dtype, max_shard: in
     # One writer thread: tensor i goes to disk while tensor i+1 is read and converted (at
     # most two tensors in memory).
     with ThreadPoolExecutor(1, thread_name_prefix="export_write") as pool:
-        pending = None
+        pending = w = None
         try:
             for fname, shard in zip(names, shards):
                 specs = [(key, hf.hf_shape(name, cfg), dtype) for key, name, _ in shard]
@@ -155,6 +155,9 @@ def export_hf(reader: CheckpointReader, out: str, dtype: np.dtype, max_shard: in
         finally:
             if pending is not None:
                 pending.cancel()
+                wait([pending])
+            if w is not None:
+                w.abort()  # no-op after close(); after a failure it releases the file's space
             bar.close()
     if len(shards) > 1:
         _write_json(os.path.join(out, "model.safetensors.index.json"),
