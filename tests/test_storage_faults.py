@@ -508,3 +508,36 @@ def test_two_processes_stop_together_on_a_failed_save(tmp_path, demo):
         assert any("No space left on device" in ln for ln in lines), lines
         assert sorted(os.listdir(w / "checkpoints")) == ["5"]
     assert 10 <= max(r["step"] for r in records(w)) < 15
+
+
+def test_sigkilled_export_command_leaves_a_partial_the_next_export_removes(tmp_path, capfd):
+    """The issue's case, with the real command: `meditron-jax export` SIGKILLed while writing
+    leaves `.OUT.partial-*`; the next export to OUT removes it, says so, and completes."""
+    cfg = LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=688, num_layers=2, num_heads=4,
+                      num_kv_heads=4, max_position_embeddings=128)  # ~5.6M params: ~22 MB to write
+    manager = ckpt.make_manager(str(tmp_path / "ck"))
+    rng = np.random.default_rng(0)
+    ckpt.save(manager, 0, {k: rng.standard_normal(s, np.float32) for k, s in param_shapes(cfg).items()},
+              meta=ckpt.meta_record(cfg, "", None))
+    manager.wait_until_finished()
+    manager.close()
+    out = tmp_path / "exported"
+    proc = subprocess.Popen([sys.executable, "-m", "meditron_jax", "export", str(tmp_path / "ck"), "--to", "hf",
+                             "--out", str(out), "--dtype", "float32"], cwd=REPO, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + TIMEOUT
+    partial = None
+    while partial is None and proc.poll() is None and time.monotonic() < deadline:
+        found = [p for p in tmp_path.glob(".exported.partial-*") if p.is_dir() and any(p.iterdir())]
+        partial = found[0] if found else None
+        time.sleep(0.002)
+    proc.kill()
+    proc.wait()
+    assert partial is not None and partial.exists() and not out.exists(), "the export finished before the kill"
+    capfd.readouterr()
+    assert main(["export", str(tmp_path / "ck"), "--to", "hf", "--out", str(out), "--dtype", "float32"]) == 0
+    err = capfd.readouterr().err
+    lines = [ln for ln in err.splitlines() if "partial output" in ln]
+    assert len(lines) == 1 and partial.name in lines[0] and str(out) in lines[0], err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert (out / "model.safetensors").stat().st_size > 20 << 20
