@@ -12,8 +12,9 @@ it never is); 74 a storage fault (a full disk or quota, an I/O error: a failed c
 save, noticed at the next logged step, or a failed metrics write; one line naming the step and
 the newest complete checkpoint a rerun resumes from: `storage.WatchedManager`); 75 preempted by
 SIGTERM/SIGINT after saving a checkpoint (rerun the same command to resume). A second signal
-aborts at once (130). When another process of a multi-host run dies, the JAX coordination service terminates the survivors within
-`--heartbeat_timeout_s` (+ a few seconds) with a non-zero status (SIGABRT).
+aborts at once (130). When another process of a multi-host run dies, the JAX coordination
+service terminates the survivors within `--heartbeat_timeout_s` (+ a few seconds) with a
+non-zero status (SIGABRT).
 
 Resume (docs/reliability.md): the newest checkpoint that restores is used; an unreadable newer
 one is named in a warning and moved to `WORKDIR/checkpoints_unreadable/`. If checkpoints exist
