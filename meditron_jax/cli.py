@@ -1,13 +1,16 @@
 """`meditron-jax SUBCOMMAND ...`: a thin dispatcher. Each subcommand lives in the module that
 owns the work and exposes `add_arguments(parser)` and `run(args) -> int`; only the chosen
 module is imported. User errors (`meditron_jax.errors.UserError`) become one line on stderr
-and exit status 2.
+and exit status 2; storage faults (a full disk or quota, an I/O error, a read-only or forbidden
+filesystem, from any writer: `meditron_jax.errors.StorageFault`) one line and exit status 74.
+`--debug` (before or right after the subcommand name) or MEDITRON_JAX_DEBUG=1 adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help)
@@ -33,6 +36,10 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    debug = False
+    while argv and argv[0] == "--debug" or len(argv) > 1 and argv[1] == "--debug":
+        argv = argv[1:] if argv[0] == "--debug" else argv[:1] + argv[2:]
+        debug = True
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
@@ -43,11 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     module_name, help_ = SUBCOMMANDS[name]
     import logging
 
+    from meditron_jax import errors
     from meditron_jax.errors import UserError
     from meditron_jax.hostmem import keep_freed_memory
 
     keep_freed_memory()  # before JAX starts its threads: reuse freed host memory (hostmem.py)
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's info/warning chatter
+    debug = debug or errors.debug_enabled()
+    if not debug:  # the one line below says it; Orbax's threads would log the same fault with tracebacks
+        errors.quiet_fault_logs()
 
     try:
         module = importlib.import_module(module_name)
@@ -56,11 +67,29 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv[1:])
         return int(module.run(args) or 0)
     except UserError as e:
+        _traceback(debug)
         print(f"meditron-jax {name}: error: {e}", file=sys.stderr)
-        return 2
+        return errors.EXIT_USER
+    except Exception as e:
+        fault = errors.storage_fault(e, name)
+        if fault is None:
+            raise
+        fault = fault.remeasured()  # free space after the partial output was removed
+        _traceback(debug)
+        print(f"meditron-jax {name}: storage error: {fault}", file=sys.stderr, flush=True)
+        if getattr(fault, "exit_now", False):  # threads stuck on a failed multi-process save
+            sys.stdout.flush()
+            os._exit(errors.EXIT_STORAGE)
+        return errors.EXIT_STORAGE
     except KeyboardInterrupt:
         print(f"meditron-jax {name}: interrupted", file=sys.stderr)
         return 130
+
+
+def _traceback(debug: bool) -> None:
+    if debug:
+        import traceback
+        traceback.print_exc()
 
 
 if __name__ == "__main__":

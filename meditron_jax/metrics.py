@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 
 import jax
 
 from meditron_jax.config import LlamaConfig
+from meditron_jax.errors import storage_fault, storage_faults
+
+_RERUN = "the checkpoints are untouched: a rerun resumes from the newest"
 
 # Dense bf16 peak FLOP/s per device (vendor spec sheets, no sparsity).
 PEAK_FLOPS_BF16 = {
@@ -55,14 +59,19 @@ class MetricsWriter:
         self._tb = self._wandb = self._bar = None
         if not self.enabled:
             return
-        self._file = open(self.path, "a")
+        with storage_faults("opening", self.path):
+            self._file = open(self.path, "a")
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
                 # purge_step: TensorBoard hides events of earlier files at steps >= it, i.e. what
                 # an interrupted run logged after the checkpoint this run resumes from (the same
                 # records truncate_metrics moves out of metrics.jsonl), so no step shows twice
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
+                # max_queue: tensorboardX's writer thread dies on a failed write; a small queue then
+                # blocks add_scalar forever, a large one lets write() notice the dead thread first
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1,
+                                         max_queue=1000)
+                _capture_tensorboard_thread_errors()
             except ImportError:
                 pass
         if wandb_project:
@@ -81,17 +90,42 @@ class MetricsWriter:
             return
         record = {"step": int(step), **{k: (float(v) if not isinstance(v, (int, str)) else v)
                                         for k, v in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        with storage_faults("writing metrics to", self.path, hint=_RERUN):
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
         if self._tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self._tb.add_scalar(f"train/{k}" if not k.startswith("eval") else k, v, step)
+            self._check_tensorboard()
+            with storage_faults("writing TensorBoard events to", getattr(self._tb, "logdir", None), hint=_RERUN):
+                for k, v in record.items():
+                    if k != "step" and isinstance(v, (int, float)):
+                        self._tb.add_scalar(f"train/{k}" if not k.startswith("eval") else k, v, step)
         if self._wandb is not None:
             self._wandb.log(record, step=step)
         if self._bar is not None and "loss" in record:
             self._bar.set_postfix(loss=f"{record['loss']:.4f}",
                                   tok_s=f"{record.get('tokens_per_sec', 0):.0f}", refresh=False)
+
+    def _check_tensorboard(self):
+        """tensorboardX writes events in a thread, which dies on a failed write (a full disk):
+        raise its error here, in the loop, instead of losing events or blocking on its queue."""
+        dead = [ev for ev in _event_writers(self._tb) if getattr(ev, "_worker", None) is not None
+                and not ev._worker.is_alive() and not getattr(ev, "_closed", False)]
+        if not dead:
+            return
+        error = getattr(dead[0]._worker, "_meditron_error", None)
+        logdir = getattr(self._tb, "logdir", None)
+        self._abandon_tensorboard()
+        fault = storage_fault(error, "writing TensorBoard events to", logdir, hint=_RERUN) if error else None
+        if fault is not None:
+            raise fault from error
+        raise RuntimeError(f"the TensorBoard writer thread for {logdir} stopped ({error!r})")
+
+    def _abandon_tensorboard(self):
+        """Marks the event writers closed without flushing (a dead thread's queue would block, its
+        failed file would fail again at exit)."""
+        for ev in _event_writers(self._tb):
+            ev._closed = True
+        self._tb = None
 
     def advance(self, n: int = 1):
         if self._bar is not None:
@@ -100,13 +134,43 @@ class MetricsWriter:
     def close(self):
         if not self.enabled:
             return
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:
+            pass  # a failed write already raised (and named the file); close must not mask it
         if self._tb is not None:
-            self._tb.close()
+            if any(getattr(ev, "_worker", None) is not None and not ev._worker.is_alive()
+                   for ev in _event_writers(self._tb)):
+                self._abandon_tensorboard()
+            else:
+                try:
+                    self._tb.close()
+                except OSError:
+                    self._abandon_tensorboard()
         if self._bar is not None:
             self._bar.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _event_writers(tb) -> list:
+    return [w.event_writer for w in (getattr(tb, "all_writers", None) or {}).values() if hasattr(w, "event_writer")]
+
+
+def _capture_tensorboard_thread_errors():
+    """A failed write kills tensorboardX's writer thread with a traceback on stderr: keep the
+    error on the thread (`MetricsWriter` raises it as one line) and print nothing."""
+    previous = threading.excepthook
+    if getattr(previous, "_meditron_tensorboard", False):
+        return
+
+    def hook(args):
+        if type(args.thread).__name__ == "_EventLoggerThread" and isinstance(args.exc_value, OSError):
+            args.thread._meditron_error = args.exc_value
+            return
+        previous(args)
+    hook._meditron_tensorboard = True
+    threading.excepthook = hook
 
 
 class StepTimer:

@@ -8,10 +8,13 @@ layouts (sharding.py), the data pipeline (data/) or the checkpoint format (check
 
 Exit status: 0 finished; 2 a user error (one line on stderr); 3 stopped after
 `train.max_bad_steps` consecutive non-finite steps (or a non-finite state about to be saved:
-it never is); 75 preempted by SIGTERM/SIGINT after saving a checkpoint (rerun the same
-command to resume). A second signal aborts at once (130). When another process of a
-multi-host run dies, the JAX coordination service terminates the survivors within
-`--heartbeat_timeout_s` (+ a few seconds) with a non-zero status (SIGABRT).
+it never is); 74 a storage fault (a full disk or quota, an I/O error: a failed checkpoint
+save, noticed at the next logged step, or a failed metrics write; one line naming the step and
+the newest complete checkpoint a rerun resumes from: `storage.WatchedManager`); 75 preempted by
+SIGTERM/SIGINT after saving a checkpoint (rerun the same command to resume). A second signal
+aborts at once (130). When another process of a multi-host run dies, the JAX coordination
+service terminates the survivors within `--heartbeat_timeout_s` (+ a few seconds) with a
+non-zero status (SIGABRT).
 
 Resume (docs/reliability.md): the newest checkpoint that restores is used; an unreadable newer
 one is named in a warning and moved to `WORKDIR/checkpoints_unreadable/`. If checkpoints exist
@@ -41,7 +44,7 @@ import numpy as np
 
 from meditron_jax import checkpoint as ckpt
 from meditron_jax import init_from as init_from_lib
-from meditron_jax import sharding
+from meditron_jax import sharding, storage
 from meditron_jax.config import LlamaConfig, model_config
 from meditron_jax.errors import UserError
 from meditron_jax.hostmem import keep_freed_memory
@@ -461,6 +464,8 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
     tx = make_optimizer(oc, tc.steps)
     lr_schedule = schedule(oc, tc.steps)
     manager = ckpt.make_manager(workdir)  # removes temporary directories of interrupted saves
+    state_bytes = 12 * cfg.num_params()  # one checkpoint: fp32 params + 2 Adam moments
+    manager = storage.WatchedManager(manager, workdir, state_bytes)  # failed saves: one line, exit 74
     is_main = jax.process_index() == 0
     preempt = _Preemption()
     preempt.install()
@@ -469,6 +474,8 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
             layers_fn = layers_fn_for(cfg, mesh)
             state, start, data_state, state_sh = build_state(cfg, tc, tx, mesh, rules, zero1, workdir, manager,
                                                              restart_from_scratch)
+            storage.startup_space_check(workdir, state_bytes, ckpt.manager_options().max_to_keep,
+                                        _saves(tc, start), len(manager.all_steps()))
             it = data.train_iterator()
             if data_state is not None:
                 it.set_state(data_state)
@@ -556,6 +563,7 @@ def _loop(tc, cfg, state, start, it, data, mesh, jitted, eval_fn, finite_fn, man
                         record["pipeline_bubble"] = bubble
                 writer.write(step - len(fetched) + i + 1, record)
             pending = []
+            manager.poll()  # a failed async save stops the run here (storage.WatchedManager)
         if tc.eval_every and step % tc.eval_every == 0:
             _evaluate(eval_fn, state["params"], data, tc, mesh, writer, step)
         if bad_streak >= tc.max_bad_steps > 0:
@@ -573,6 +581,12 @@ def _loop(tc, cfg, state, start, it, data, mesh, jitted, eval_fn, finite_fn, man
         if stop:
             return step, EXIT_PREEMPTED
     return step, 0
+
+
+def _saves(tc, start: int) -> int:
+    """How many checkpoints a run from `start` to `train.steps` saves."""
+    e = tc.checkpoint_every
+    return max(0, tc.steps // e - start // e) + (tc.steps % e != 0 and tc.steps > start)
 
 
 def _abstract_batch(tc, mesh):

@@ -23,7 +23,7 @@ import os
 import re
 import shutil
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import ml_dtypes
 import numpy as np
@@ -34,7 +34,8 @@ from meditron_jax.convert.io import SafetensorsWriter
 from meditron_jax.convert.stream import (CheckpointReader, assign, block_indices, commit_dir,
                                          progress, staging_dir)
 from meditron_jax.convert.tokenizer_files import write_tokenizer_files
-from meditron_jax.errors import UserError
+from meditron_jax import storage
+from meditron_jax.errors import UserError, storage_faults
 from meditron_jax.model import param_shapes
 
 DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32),
@@ -136,7 +137,7 @@ def export_hf(reader: CheckpointReader, out: str, dtype: np.dtype, max_shard: in
     # One writer thread: tensor i goes to disk while tensor i+1 is read and converted (at
     # most two tensors in memory).
     with ThreadPoolExecutor(1, thread_name_prefix="export_write") as pool:
-        pending = None
+        pending = w = None
         try:
             for fname, shard in zip(names, shards):
                 specs = [(key, hf.hf_shape(name, cfg), dtype) for key, name, _ in shard]
@@ -154,6 +155,9 @@ def export_hf(reader: CheckpointReader, out: str, dtype: np.dtype, max_shard: in
         finally:
             if pending is not None:
                 pending.cancel()
+                wait([pending])
+            if w is not None:
+                w.abort()  # no-op after close(); after a failure it releases the file's space
             bar.close()
     if len(shards) > 1:
         _write_json(os.path.join(out, "model.safetensors.index.json"),
@@ -230,20 +234,22 @@ def export(checkpoint: str, target: str, out: str, step: int | None = None, dtyp
         raise UserError(f"--tokenizer {tokenizer}: no such file")
     if added and tokenizer is None:
         raise UserError("--added-tokens needs --tokenizer")
-    tmp = staging_dir(out, overwrite)
+    tmp = staging_dir(out, overwrite, "export")
+    needed = reader.cfg.num_params() * dt.itemsize  # the tensors; the JSON and tokenizer files are small
     try:
-        if target == "hf":
-            if tokenizer is not None:  # first: a bad tokenizer fails before the long part
-                write_tokenizer_files(tokenizer, added, reader.cfg.vocab_size,
-                                      reader.cfg.max_position_embeddings, tmp)
-            export_hf(reader, tmp, dt, max_shard)
-        else:
-            export_meta(reader, tmp, dt)
-            if tokenizer is not None:
-                shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.model"))
-        commit_dir(tmp, out)
+        with storage_faults("export to", os.path.abspath(out), needed=needed, hint="the partial output was removed"):
+            if target == "hf":
+                if tokenizer is not None:  # first: a bad tokenizer fails before the long part
+                    write_tokenizer_files(tokenizer, added, reader.cfg.vocab_size,
+                                          reader.cfg.max_position_embeddings, tmp)
+                export_hf(reader, tmp, dt, max_shard)
+            else:
+                export_meta(reader, tmp, dt)
+                if tokenizer is not None:
+                    shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.model"))
+            commit_dir(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        storage.discard_dir(tmp)
         raise
     return os.path.abspath(out)
 

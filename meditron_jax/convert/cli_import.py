@@ -25,7 +25,7 @@ from meditron_jax.convert import hf
 from meditron_jax.convert.io import ConversionError, HFWeights, Scratch
 from meditron_jax.convert.stream import (StreamedArray, assign, block_indices, block_plan,
                                          write_checkpoint)
-from meditron_jax.errors import UserError
+from meditron_jax.errors import UserError, storage_faults
 from meditron_jax.model import param_shapes
 
 ARCH_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
@@ -145,8 +145,10 @@ def import_weights(fmt: str, src: str, out: str, preset_name: str | None = None,
     check_source(src_cfg, weights, src, "config.json" if fmt == "hf" else "params.json")
     cfg = with_preset(src_cfg, preset_name)
     meta = ckpt.meta_record(cfg, tokenizer=source_tokenizer(src), source={"format": fmt, "path": src})
-    return write_checkpoint(out, streamed_params(cfg, weights, src), meta, overwrite=overwrite,
-                            desc=f"import {os.path.basename(src)}")
+    with storage_faults("import to", os.path.abspath(out), needed=4 * cfg.num_params(),
+                        hint="the partial output was removed"):
+        return write_checkpoint(out, streamed_params(cfg, weights, src), meta, overwrite=overwrite,
+                                desc=f"import {os.path.basename(src)}")
 
 
 def run(args) -> int:

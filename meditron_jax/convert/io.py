@@ -149,6 +149,10 @@ class SafetensorsWriter:
         write_all(self._f.fileno(), memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
         self._next += 1
 
+    def abort(self):
+        """Closes the file after a failure (its space is freed once the partial is deleted)."""
+        self._f.close()
+
     def close(self):
         self._f.close()
         if self._next != len(self._order):

@@ -21,8 +21,6 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-import shutil
-import tempfile
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -35,6 +33,7 @@ from etils import epath
 from tqdm import tqdm
 
 from meditron_jax import checkpoint as ckpt
+from meditron_jax import storage
 from meditron_jax.config import LlamaConfig
 from meditron_jax.errors import UserError
 from meditron_jax.model import PARAM_AXES, param_shapes
@@ -148,19 +147,16 @@ def assign(dst: np.ndarray, src: np.ndarray) -> None:
 
 
 # ---- output directories -------------------------------------------------------------------
-def staging_dir(out: str, overwrite: bool) -> str:
-    """Check `out` may be written and return a fresh temporary sibling to build it in."""
+def staging_dir(out: str, overwrite: bool, command: str = "export") -> str:
+    """Check `out` may be written and return a fresh temporary sibling to build it in (locked
+    while this run lives; partials of dead earlier runs for `out` are removed first, with one
+    line: `storage.staging_dir`). Release it with `commit_dir` or `storage.discard_dir`."""
     out = os.path.abspath(out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"{out} exists and is not a directory")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise UserError(f"output directory {out} exists and is not empty (pass --overwrite to replace it)")
-    parent = os.path.dirname(out)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        return tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
-    except OSError as e:
-        raise UserError(f"cannot create output next to {out}: {e.strerror}") from None
+    return storage.staging_dir(out, command)
 
 
 def sync_filesystem(path: str) -> None:
@@ -180,18 +176,7 @@ def sync_filesystem(path: str) -> None:
 def commit_dir(tmp: str, out: str) -> None:
     """Durably and atomically put the finished `tmp` at `out`: its data reaches the disk before
     the rename makes it visible (an old `out` is moved aside, then removed)."""
-    out = os.path.abspath(out)
-    sync_filesystem(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
-    old = None
-    if os.path.exists(out):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
-        os.rename(out, os.path.join(old, "x"))
-    os.rename(tmp, out)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    storage.commit_dir(tmp, out, sync=sync_filesystem)
 
 
 def progress(total_bytes: int, desc: str) -> tqdm:
@@ -298,7 +283,7 @@ class _StreamingStandardHandler(ocp.StandardCheckpointHandler):
 def write_checkpoint(out: str, params: dict[str, StreamedArray], meta: dict, overwrite: bool = False,
                      desc: str = "import") -> str:
     """Write `out/0/{params,meta}` (a checkpoints directory holding step 0); returns `out/0`."""
-    tmp = staging_dir(out, overwrite)
+    tmp = staging_dir(out, overwrite, "import")
     bar = progress(sum(p.nbytes for p in params.values()), desc)
     handler = _StreamingStandardHandler(bar)
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
@@ -315,7 +300,7 @@ def write_checkpoint(out: str, params: dict[str, StreamedArray], meta: dict, ove
             raise handler.leaf_handler.error
         commit_dir(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        storage.discard_dir(tmp)
         raise
     return os.path.join(os.path.abspath(out), "0")
 

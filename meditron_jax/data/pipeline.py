@@ -53,7 +53,7 @@ from grain.experimental import (
     ThreadPrefetchIterDataset,
 )
 
-from meditron_jax.data.preprocess import load_manifest
+from meditron_jax.data.preprocess import ShardError, check_shards, load_manifest
 from meditron_jax.data.tokenizer import Tokenizer
 from meditron_jax.errors import UserError
 
@@ -115,9 +115,18 @@ class _ReadDocuments:
     """[(source, doc index), ...] -> [{"tokens": int32 [n-1, 2] (input, next token)} per document]; one batched
     ArrayRecord read per source."""
 
-    def __init__(self, readers: Sequence[Any], dtypes: Sequence[np.dtype]):
+    def __init__(self, readers: Sequence[Any], dtypes: Sequence[np.dtype], sources: Sequence[Any] = ()):
         self._readers = readers
         self._dtypes = dtypes
+        self._sources = sources  # _Source per reader: a read error names the shard
+
+    def _read(self, s: int, indices: list[int]):
+        try:
+            return self._readers[s].__getitems__(indices)
+        except Exception as e:  # noqa: BLE001 - re-raised naming the shard
+            if not self._sources:
+                raise
+            raise _read_error(self._sources[s], self._readers[s], indices, e) from None
 
     def __call__(self, pairs: Sequence[tuple[int, int]]) -> list[dict[str, np.ndarray]]:
         by_source: dict[int, list[int]] = {}
@@ -125,11 +134,40 @@ class _ReadDocuments:
             by_source.setdefault(s, []).append(k)
         out: list[Any] = [None] * len(pairs)
         for s, ks in by_source.items():
-            records = self._readers[s].__getitems__([int(pairs[k][1]) for k in ks])
+            records = self._read(s, [int(pairs[k][1]) for k in ks])
             for k, rec in zip(ks, records):
                 t = np.frombuffer(rec, dtype=self._dtypes[s]).astype(np.int32)
                 out[k] = {"tokens": np.stack((t[:-1], t[1:]), axis=1)}
         return out
+
+
+def _read_error(source, reader, indices: list[int], error: Exception) -> Exception:
+    """The failed batched read, re-done record by record to find the record, named by its shard
+    (a storage fault for an OS-level read error, else a damaged shard)."""
+    from meditron_jax.errors import storage_fault
+
+    bad = indices[0]
+    for i in indices:
+        try:
+            reader[i]
+        except Exception as e:  # noqa: BLE001
+            bad, error = i, e
+            break
+    start = 0
+    shard = source.manifest["shards"][-1]
+    for sh in source.manifest["shards"]:
+        if bad < start + sh["documents"]:
+            shard = sh
+            break
+        start += sh["documents"]
+    path = os.path.join(source.directory, shard["file"])
+    reason = " ".join(str(error).split())[:200]
+    hint = (f"document {bad - start} of the shard is unreadable; run `meditron-jax data verify {source.directory}`, "
+            f"then re-run preprocess for source {source.name!r}")
+    fault = storage_fault(error, f"data: reading source {source.name!r} shard", path, hint=hint)
+    if fault is not None:
+        return fault
+    return ShardError(f"source {source.name!r}: cannot read shard {path} ({reason}); {hint}")
 
 
 class _Unbatch(FlatMapTransform):
@@ -318,7 +356,8 @@ class DataPipeline:
 
     # pretraining ---------------------------------------------------------------------------
     def _documents(self, index_ds: grain.MapDataset, threads: int) -> grain.IterDataset:
-        reader = _ReadDocuments([s.reader for s in self.sources], [np.dtype(s.manifest["dtype"]) for s in self.sources])
+        reader = _ReadDocuments([s.reader for s in self.sources], [np.dtype(s.manifest["dtype"]) for s in self.sources],
+                                self.sources)
         grouped = index_ds.batch(self.cfg.read_group, batch_fn=list).map(reader)
         opts = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
         return FlatMapIterDataset(grouped.to_iter_dataset(opts), _Unbatch(self.cfg.read_group))
@@ -441,6 +480,7 @@ def _open_source(name: str, directory: str, tok: Tokenizer) -> _Source:
     if mt["fingerprint"] != tok.fingerprint:
         raise DataConfigError(f"{where}: source {name!r} was tokenized with tokenizer {mt['fingerprint'][:12]} "
                               f"({mt['path']}), but the run uses {tok.fingerprint[:12]} ({tok.path}); re-run preprocess")
+    check_shards(directory, manifest, name)  # sizes and counts: a truncated shard is refused here
     paths = [os.path.join(directory, s["file"]) for s in manifest["shards"]]
     reader = grain.sources.ArrayRecordDataSource(paths)
     if len(reader) != manifest["documents"]:

@@ -6,8 +6,11 @@ newline-aligned byte chunks; chunk and shard boundaries depend only on the data,
 byte-identical whatever `--workers` is), writing one ArrayRecord record per document (raw uint16
 when the vocabulary fits, else int32; `group_size:1` so grain can read documents at random), and
 the manifest the pipeline checks before training (documents, tokens, skipped empty documents,
-tokenizer fingerprint and vocab, dtype). Output is built in a temporary directory that is renamed
-into place only when complete.
+tokenizer fingerprint and vocab, dtype; per shard its documents, tokens, byte size and SHA-256,
+which `train` checks (counts and sizes, at start) and `meditron-jax data verify` checks in full).
+Output is built in a temporary directory that is renamed into place only when complete; a
+partial output left by a killed earlier run for the same destination is removed at start
+(`storage.staging_dir`).
 
 Does not own: mixing, shuffling or packing (`data.pipeline`), SFT formats (`data.sft`).
 """
@@ -15,12 +18,11 @@ Does not own: mixing, shuffling or packing (`data.pipeline`), SFT formats (`data
 from __future__ import annotations
 
 import gzip
+import hashlib
 import itertools
 import json
 import multiprocessing
 import os
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -28,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+from meditron_jax import storage
 from meditron_jax.data.tokenizer import Tokenizer
-from meditron_jax.errors import UserError
+from meditron_jax.errors import UserError, storage_faults
 
 MANIFEST = "manifest.json"
 FORMAT = "meditron-jax/tokenized-documents/v1"
@@ -212,17 +215,32 @@ def preprocess(
     if workers < 1:
         raise PreprocessError(f"--workers must be >= 1, got {workers}")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(storage.staging_dir(str(out), "preprocess", legacy_prefixes=(".tmp-",)))
     try:
-        manifest = _run(inputs, tok, tmp, text_key, workers, dtype, progress, chunk_bytes, shard_tokens)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        with storage_faults("preprocess to", str(out.absolute()), hint="the partial output was removed"):
+            manifest = _run(inputs, tok, tmp, text_key, workers, dtype, progress, chunk_bytes, shard_tokens)
+            storage.commit_dir(str(tmp), str(out))
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        storage.discard_dir(str(tmp))
         raise
     return manifest
+
+
+HASH_BLOCK = 8 << 20
+
+
+def file_sha256(path: str | os.PathLike, progress=None) -> str:
+    """SHA-256 of a file, read in 8 MiB blocks; `progress(n)` after each block."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(HASH_BLOCK)
+            if not block:
+                break
+            h.update(block)
+            if progress is not None:
+                progress(len(block))
+    return h.hexdigest()
 
 
 def _run(inputs, tok, tmp: Path, text_key, workers, dtype, progress, chunk_bytes, shard_tokens) -> dict:
@@ -268,6 +286,10 @@ def _run(inputs, tok, tmp: Path, text_key, workers, dtype, progress, chunk_bytes
     if docs == 0:
         what = f"{empty} empty documents" if empty else "no documents"
         raise PreprocessError(f"nothing to train on in {', '.join(inputs)}: {what}")
+    for shard in writer.shards:  # what train (sizes) and `data verify` (checksums) check
+        path = tmp / shard["file"]
+        shard["bytes"] = path.stat().st_size
+        shard["sha256"] = file_sha256(path)
     manifest = {
         "format": FORMAT,
         "layout": DOCUMENT_LAYOUT,
@@ -304,6 +326,74 @@ def load_manifest(directory: str | os.PathLike) -> dict:
         if not (d / s["file"]).is_file():
             raise UserError(f"{d}: shard {s['file']} listed in {MANIFEST} is missing")
     return manifest
+
+
+# -- checking shards ------------------------------------------------------------------------------
+class ShardError(UserError):
+    """A shard that does not match its manifest (truncated, damaged, replaced): re-run preprocess."""
+
+
+def _rerun(directory, name: str | None) -> str:
+    what = f"source {name!r} ({directory})" if name else str(directory)
+    return f"re-run `meditron-jax preprocess ... --out {directory} --overwrite` for {what}"
+
+
+def check_shards(directory: str | os.PathLike, manifest: dict, name: str | None = None) -> None:
+    """The cheap check `train` runs on every source at start: each shard's byte size (where the
+    manifest records it) and record count match the manifest. One `ShardError` line naming the
+    shard and its source otherwise."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    d = Path(directory)
+    src = f"source {name!r}: " if name else ""
+    for shard in manifest["shards"]:
+        path = d / shard["file"]
+        size = path.stat().st_size
+        if "bytes" in shard and size != shard["bytes"]:
+            how = "truncated" if size < shard["bytes"] else "longer than written"
+            raise ShardError(f"{src}shard {path} is {size} bytes, its manifest says {shard['bytes']} ({how}); "
+                             f"{_rerun(d, name)}")
+        try:
+            reader = ArrayRecordReader(str(path), "readahead_buffer_size:0")
+            try:
+                count = reader.num_records()
+            finally:
+                reader.close()
+        except (RuntimeError, OSError, ValueError) as e:
+            raise ShardError(f"{src}shard {path} is unreadable ({' '.join(str(e).split())[:200]}); "
+                             f"{_rerun(d, name)}") from None
+        if count != shard["documents"]:
+            raise ShardError(f"{src}shard {path} holds {count} documents, its manifest says {shard['documents']}; "
+                             f"{_rerun(d, name)}")
+
+
+def verify(directory: str | os.PathLike, progress: bool = True) -> list[str]:
+    """`meditron-jax data verify DIR`: every shard's size and SHA-256 against the manifest, read
+    in full (with a progress bar over the bytes). Returns one problem line per bad shard."""
+    from tqdm import tqdm
+
+    d = Path(directory)
+    manifest = load_manifest(d)
+    shards = manifest["shards"]
+    if not all("sha256" in s and "bytes" in s for s in shards):
+        raise UserError(f"{d / MANIFEST} records no shard checksums (written by an older preprocess); "
+                        f"{_rerun(d, None)} to get them")
+    problems = []
+    total = sum(s["bytes"] for s in shards)
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"verify {d.name}",
+              disable=not progress, dynamic_ncols=True) as bar:
+        for s in shards:
+            path = d / s["file"]
+            size = path.stat().st_size
+            if size != s["bytes"]:
+                problems.append(f"shard {path} is {size} bytes, its manifest says {s['bytes']}")
+                bar.update(s["bytes"])
+                continue
+            digest = file_sha256(path, bar.update)
+            if digest != s["sha256"]:
+                problems.append(f"shard {path} is damaged: SHA-256 {digest[:16]}..., its manifest says "
+                                f"{s['sha256'][:16]}...")
+    return problems
 
 
 # -- CLI ------------------------------------------------------------------------------------------

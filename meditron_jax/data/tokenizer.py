@@ -215,10 +215,20 @@ def train_tokenizer(
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
         raise UserError(f"tokenizer training failed: {msg}") from None
     out = Path(str(out_prefix) + ".model")
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(model.getvalue())
-    os.replace(tmp, out)
+    from meditron_jax.errors import storage_faults
+    try:
+        with storage_faults("writing", str(out.absolute()), needed=len(model.getvalue()),
+                            hint="nothing was written"):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(model.getvalue())
+            os.replace(tmp, out)
+    except BaseException:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise
     return str(out)
 
 
