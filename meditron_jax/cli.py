@@ -40,13 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"meditron-jax: error: unknown subcommand {name!r}\n{_usage()}", file=sys.stderr)
         return 2
     module_name, help_ = SUBCOMMANDS[name]
-    import logging
-
     from meditron_jax.errors import UserError
     from meditron_jax.hostmem import keep_freed_memory
 
     keep_freed_memory()  # before JAX starts its threads: reuse freed host memory (hostmem.py)
-    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's info/warning chatter
+    from meditron_jax import console
+
+    console.setup()  # one timestamped line format for every subcommand; no absl/Orbax chatter
 
     try:
         module = importlib.import_module(module_name)

@@ -33,6 +33,8 @@ import shutil
 import signal
 import sys
 import time
+import tokenize
+from typing import Annotated
 
 import gin
 import jax
@@ -40,6 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from meditron_jax import checkpoint as ckpt
+from meditron_jax import configcheck
+from meditron_jax.configcheck import Range
+from meditron_jax import console
 from meditron_jax import sharding
 from meditron_jax.config import LlamaConfig, model_config
 from meditron_jax.errors import UserError
@@ -55,20 +60,20 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    steps: int
-    micro_batch_size: int
-    global_batch_size: int
-    seq_len: int
+class TrainConfig:  # Annotated ranges: checked with the types before anything runs (configcheck)
+    steps: Annotated[int, Range(min=1)]
+    micro_batch_size: Annotated[int, Range(min=1)]
+    global_batch_size: Annotated[int, Range(min=1)]
+    seq_len: Annotated[int, Range(min=2)]
     seed: int = 0
-    checkpoint_every: int = 1000
-    log_every: int = 10
+    checkpoint_every: Annotated[int, Range(min=1)] = 1000
+    log_every: Annotated[int, Range(min=1)] = 10
     init_from: str | None = None
-    eval_every: int = 0
-    eval_batches: int = 4
-    max_bad_steps: int = 10
-    spike_threshold: float | None = None
-    loss_chunk: int | None = None
+    eval_every: Annotated[int, Range(min=0)] = 0
+    eval_batches: Annotated[int, Range(min=1)] = 4
+    max_bad_steps: Annotated[int, Range(min=0)] = 10
+    spike_threshold: Annotated[float | None, Range(min=0)] = None
+    loss_chunk: Annotated[int | None, Range(min=1)] = None
     poison_steps: tuple = ()
     wandb_project: str | None = None
     progress: bool = True
@@ -104,9 +109,9 @@ def parse_gin(gin_files, gin_params):
         for f in gin_files:
             _refuse_gin_imports(f)
         gin.parse_config_files_and_bindings(gin_files, gin_params, skip_unknown=False)
-    except (ValueError, KeyError, TypeError, SyntaxError, IOError) as e:
-        msg = " ".join(str(e).split())
-        raise UserError(f"gin: {msg}") from None
+    except (ValueError, KeyError, TypeError, SyntaxError, IOError, tokenize.TokenError) as e:
+        raise UserError(f"gin: {configcheck.explain_parse_error(str(e), gin_params)}") from None
+    configcheck.check_bindings()  # types and ranges of every bound value, before anything runs
 
 
 def _refuse_gin_imports(path: str, seen=None):
@@ -447,6 +452,7 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
     validate(tc, cfg, sizes, workdir)
 
     from meditron_jax.data.pipeline import build_pipeline
+    log0("building data")
     data = build_pipeline(tc.seq_len, tc.global_batch_size, tc.seed, jax.process_index(),
                           jax.process_count(), workdir=workdir)
     tok = data.tokenizer_info
@@ -473,6 +479,8 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
             it = data.train_iterator()
             if data_state is not None:
                 it.set_state(data_state)
+            if start:
+                log0(f"resumed from step {start} ({os.path.join(ckpt.checkpoint_dir(workdir), str(start))})")
             if is_main:
                 truncate_metrics(workdir, start)
                 with open(os.path.join(workdir, "config.gin"), "w") as f:
@@ -492,7 +500,9 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
             meta = ckpt.meta_record(cfg, gin.operative_config_str(), tok, train={"seq_len": tc.seq_len})
             writer = MetricsWriter(workdir, tc.steps, start, tensorboard=tc.tensorboard,
                                    wandb_project=tc.wandb_project, progress=tc.progress and is_main,
-                                   config={"model": cfg.to_dict()})
+                                   config={"model": cfg.to_dict()},
+                                   tokens_per_step=tc.global_batch_size * tc.seq_len,
+                                   config_text=gin.operative_config_str())
             if start >= tc.steps:
                 print(f"workdir {workdir} already at step {start} >= train.steps {tc.steps}; nothing to do",
                       file=sys.stderr)
@@ -502,6 +512,9 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
             finally:
                 manager.wait_until_finished()
                 manager.close()
+                if is_main and manager.latest_step() is not None:
+                    final = manager.latest_step()
+                    writer.summary(os.path.join(ckpt.checkpoint_dir(workdir), str(final)))
                 writer.close()
     finally:
         preempt.uninstall()
@@ -532,7 +545,13 @@ def _loop(tc, cfg, state, start, it, data, mesh, jitted, eval_fn, finite_fn, man
     while step < tc.steps:
         batch = sharding.global_batch(next(it), mesh)
         poison = poisoned if step + 1 in tc.poison_steps else clean
-        state, metrics = jitted(state, batch, poison)
+        if step == start:  # the first call compiles (dispatch returns once the executable exists)
+            log0("compiling the train step")
+            with console.Timer() as t:
+                state, metrics = jitted(state, batch, poison)
+            log0(f"compiled ({t.seconds:.1f} s)")
+        else:
+            state, metrics = jitted(state, batch, poison)
         step += 1
         pending.append(metrics)
         writer.advance()
@@ -571,9 +590,16 @@ def _loop(tc, cfg, state, start, it, data, mesh, jitted, eval_fn, finite_fn, man
                 return step, EXIT_BAD_STEPS
             ckpt.save(manager, step, state["params"], state["opt_state"], it.get_state(),
                       {**meta, "step": step, "bad_streak": bad_streak})
+            log0(f"saved checkpoint {step} (committing in the background)")
         if stop:
             return step, EXIT_PREEMPTED
     return step, 0
+
+
+def log0(msg: str):
+    """An INFO console line, from process 0 only."""
+    if jax.process_index() == 0:
+        console.log.info(msg)
 
 
 def _abstract_batch(tc, mesh):
@@ -650,7 +676,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    logging.getLogger("absl").setLevel(logging.ERROR)
+    console.setup()
     return train(args.workdir, args.gin_file, args.gin_param, args.coordinator_address, args.num_processes,
                  args.process_id, args.restart_from_scratch, args.heartbeat_timeout_s, args.shutdown_timeout_s,
                  args.init_timeout_s)
