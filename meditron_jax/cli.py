@@ -21,11 +21,13 @@ SUBCOMMANDS = {
     "eval": ("meditron_jax.eval.cli", "perplexity and k-shot medical multiple-choice exams"),
     "generate": ("meditron_jax.eval.generate", "sample text with a KV cache"),
     "plan": ("meditron_jax.plan", "compile the train step ahead of time and report memory / FLOPs"),
+    "config": ("meditron_jax.config_cli", "print the operative gin config with its defaults (no data, no compile)"),
+    "checkpoints": ("meditron_jax.checkpoints_cli", "list a workdir's checkpoints: step, time, size, loss"),
 }
 
 
 def _usage() -> str:
-    lines = ["usage: meditron-jax SUBCOMMAND [args...]", "", "subcommands:"]
+    lines = ["usage: meditron-jax [--version] SUBCOMMAND [args...]", "", "subcommands:"]
     lines += [f"  {name:<11} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
     return "\n".join(lines)
 
@@ -35,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
+    if argv[0] in ("--version", "-V"):
+        from meditron_jax import __version__
+        print(f"meditron-jax {__version__}")
+        return 0
     name = argv[0]
     if name not in SUBCOMMANDS:
         print(f"meditron-jax: error: unknown subcommand {name!r}\n{_usage()}", file=sys.stderr)

@@ -42,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from meditron_jax import checkpoint as ckpt
-from meditron_jax import configcheck
+from meditron_jax import configcheck, ginfiles
+from meditron_jax import workdir as workdir_mod
 from meditron_jax.configcheck import Range
 from meditron_jax import console
 from meditron_jax import sharding
@@ -97,24 +98,29 @@ def train_config(steps: int = gin.REQUIRED, micro_batch_size: int = gin.REQUIRED
 # ---------------------------------------------------------------------------------------
 # gin and validation
 
-def parse_gin(gin_files, gin_params):
+def parse_gin(gin_files, gin_params, search_path=()):
+    """Parses (and checks, `configcheck`) the gin files and bindings; files are found through
+    `ginfiles` (cwd, `--gin_search_path`, the configs shipped with the package)."""
     gin.clear_config()
-    for path in (REPO_ROOT, os.getcwd()):
-        gin.add_config_file_search_path(path)
+    resolved = []
     for f in gin_files:
-        if not os.path.exists(f) and not os.path.exists(os.path.join(REPO_ROOT, f)):
-            raise UserError(f"gin file not found: {f}")
+        full = ginfiles.find(f, search_path)
+        if full is None:
+            raise UserError(f"gin file not found: {f} (searched {', '.join(ginfiles.search_paths(search_path))}; "
+                            "add a directory with --gin_search_path)")
+        resolved.append(full)
     _register_configurables()
     try:
-        for f in gin_files:
-            _refuse_gin_imports(f)
-        gin.parse_config_files_and_bindings(gin_files, gin_params, skip_unknown=False)
+        with ginfiles.plain_file_reading(search_path):
+            for f in resolved:
+                _refuse_gin_imports(f, search=search_path)
+            gin.parse_config_files_and_bindings(resolved, gin_params, skip_unknown=False)
     except (ValueError, KeyError, TypeError, SyntaxError, IOError, tokenize.TokenError) as e:
         raise UserError(f"gin: {configcheck.explain_parse_error(str(e), gin_params)}") from None
     configcheck.check_bindings()  # types and ranges of every bound value, before anything runs
 
 
-def _refuse_gin_imports(path: str, seen=None):
+def _refuse_gin_imports(path: str, seen=None, search=()):
     """Gin files are configuration: values are literals (gin uses `ast.literal_eval`), and the
     `import` statements gin would execute (running a module's code) are refused here, in the
     file and in everything it includes."""
@@ -127,8 +133,7 @@ def _refuse_gin_imports(path: str, seen=None):
         def macro(self, name):
             return None
 
-    full = next((c for c in (path, os.path.join(REPO_ROOT, path), os.path.join(os.getcwd(), path))
-                 if os.path.isfile(c)), None)
+    full = ginfiles.find(path, search)
     seen = set() if seen is None else seen
     if full is None or os.path.realpath(full) in seen:
         return  # gin itself reports a missing include
@@ -139,9 +144,9 @@ def _refuse_gin_imports(path: str, seen=None):
                 raise UserError(f"{path} line {st.location.line_num}: `{st.format()}` is not allowed: gin files "
                                 "are configuration, they may not import Python code")
             if isinstance(st, config_parser.IncludeStatement):
-                _refuse_gin_imports(st.filename, seen)
+                _refuse_gin_imports(st.filename, seen, search)
                 if not os.path.isabs(st.filename):
-                    _refuse_gin_imports(os.path.join(os.path.dirname(full), st.filename), seen)
+                    _refuse_gin_imports(os.path.join(os.path.dirname(full), st.filename), seen, search)
 
 
 def _register_configurables():
@@ -332,14 +337,19 @@ def accumulation_steps(tc: TrainConfig, cfg: LlamaConfig, sizes: dict) -> int:
     return tc.global_batch_size // per_step
 
 
-def build_state(cfg, tc, tx, mesh, rules, zero1, workdir, manager, restart_from_scratch=False):
-    """Returns (state, start_step, data_state, state_shardings)."""
+def build_state(cfg, tc, tx, mesh, rules, zero1, workdir, manager, restart_from_scratch=False, resume_step=None):
+    """Returns (state, start_step, data_state, state_shardings). `resume_step`: exactly that
+    checkpoint (newer ones are set aside first, `workdir.set_aside_newer`)."""
     abstract_params = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in param_shapes(cfg).items()}
     abstract_state = jax.eval_shape(lambda p: init_state(p, tx), abstract_params)
     state_sh = state_shardings(cfg, tx, mesh, rules, zero1)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_state, state_sh)
+    if resume_step is not None:
+        workdir_mod.set_aside_newer(manager, workdir, resume_step)
     resumed = restore_newest_readable(manager, target, workdir, restart_from_scratch)
+    if resume_step is not None and (resumed is None or resumed[1] != resume_step):
+        raise UserError(f"--resume_step {resume_step}: that checkpoint does not restore (see the warning above)")
     if resumed is not None:
         state, step, data_state = resumed
         return state, step, data_state, state_sh
@@ -436,20 +446,23 @@ def _all_finite(tree):
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+@workdir_mod.releases_lock
 def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, num_processes=None,
           process_id=None, restart_from_scratch=False, heartbeat_timeout_s=60, shutdown_timeout_s=30,
-          init_timeout_s=300) -> int:
+          init_timeout_s=300, resume_step=None, gin_search_path=()) -> int:
     """Run (or resume) training in `workdir`; returns the exit status documented above."""
     keep_freed_memory()  # the CLI did this already; here for callers of this function
     init_distributed(coordinator_address, num_processes, process_id, timeout_s=init_timeout_s,
                      heartbeat_timeout_s=heartbeat_timeout_s, shutdown_timeout_s=shutdown_timeout_s)
-    parse_gin(list(gin_files), list(gin_params))
+    parse_gin(list(gin_files), list(gin_params), search_path=gin_search_path)
     tc = _gin_call(train_config)
     cfg = _gin_call(model_config)
     oc = _gin_call(optimizer_config)
     sizes = _gin_call(sharding.mesh_shape)
     rules, zero1 = _gin_call(sharding.logical_rules)
     validate(tc, cfg, sizes, workdir)
+    workdir_mod.check_resume_step(workdir, resume_step)
+    workdir_mod.acquire_for_run(workdir)  # one run per workdir (released when train returns)
 
     from meditron_jax.data.pipeline import build_pipeline
     log0("building data")
@@ -475,7 +488,7 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
         with sharding.use_mesh(mesh, rules):
             layers_fn = layers_fn_for(cfg, mesh)
             state, start, data_state, state_sh = build_state(cfg, tc, tx, mesh, rules, zero1, workdir, manager,
-                                                             restart_from_scratch)
+                                                             restart_from_scratch, resume_step)
             it = data.train_iterator()
             if data_state is not None:
                 it.set_state(data_state)
@@ -542,6 +555,7 @@ def _loop(tc, cfg, state, start, it, data, mesh, jitted, eval_fn, finite_fn, man
     clean, poisoned = jnp.asarray(False), jnp.asarray(True)  # made once, not a transfer per step
     step = start
     pending = []
+    last_loss = None  # recorded in each checkpoint's meta (`meditron-jax checkpoints`)
     while step < tc.steps:
         batch = sharding.global_batch(next(it), mesh)
         poison = poisoned if step + 1 in tc.poison_steps else clean
@@ -564,6 +578,8 @@ def _loop(tc, cfg, state, start, it, data, mesh, jitted, eval_fn, finite_fn, man
         bad_streak = int(state["bad_streak"]) if log_now else 0
         if log_now:
             fetched = jax.device_get(pending)
+            last_loss = float(fetched[-1]["loss"]) if "loss" in fetched[-1] else None
+            last_loss = last_loss if last_loss is not None and np.isfinite(last_loss) else None
             dt = timer.lap()
             for i, m in enumerate(fetched):
                 record = {k: float(v) for k, v in m.items()}
@@ -589,7 +605,7 @@ def _loop(tc, cfg, state, start, it, data, mesh, jitted, eval_fn, finite_fn, man
                       "it, last good checkpoint kept", file=sys.stderr)
                 return step, EXIT_BAD_STEPS
             ckpt.save(manager, step, state["params"], state["opt_state"], it.get_state(),
-                      {**meta, "step": step, "bad_streak": bad_streak})
+                      {**meta, "step": step, "bad_streak": bad_streak, "loss": last_loss})
             log0(f"saved checkpoint {step} (committing in the background)")
         if stop:
             return step, EXIT_PREEMPTED
@@ -658,19 +674,23 @@ def _evaluate(eval_fn, params, data, tc, mesh, writer, step):
 # CLI
 
 def add_arguments(p):
-    p.add_argument("--gin_file", action="append", default=[], help="gin config file (repeatable)")
-    p.add_argument("--gin_param", action="append", default=[], help="gin binding, e.g. 'train.steps=100'")
+    from meditron_jax.config_cli import add_gin_arguments
+
+    add_gin_arguments(p)
     p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, config.gin go here")
+    p.add_argument("--resume_step", type=int, default=None,
+                   help="resume from this checkpoint step (default: the newest that restores); newer ones "
+                        "are moved to WORKDIR/checkpoints_superseded/")
     p.add_argument("--coordinator_address", default=None, help="host:port of process 0 (multi-host)")
-    p.add_argument("--num_processes", type=int, default=None)
-    p.add_argument("--process_id", type=int, default=None)
+    p.add_argument("--num_processes", type=int, default=None, help="multi-host: number of processes")
+    p.add_argument("--process_id", type=int, default=None, help="multi-host: this process's index (0 = coordinator)")
     p.add_argument("--init_timeout_s", type=int, default=300,
                    help="multi-host: how long to wait for every process to join before giving up")
     p.add_argument("--heartbeat_timeout_s", type=int, default=60,
                    help="multi-host: a process silent this long is declared dead and the others stop")
     p.add_argument("--shutdown_timeout_s", type=int, default=30,
                    help="multi-host: how long a finishing process waits for the others at exit")
-    p.add_argument("--restart-from-scratch", dest="restart_from_scratch", action="store_true",
+    p.add_argument("--restart_from_scratch", "--restart-from-scratch", dest="restart_from_scratch", action="store_true",
                    help="start at step 0 when the workdir has checkpoints but none can be restored "
                         "(they are moved to WORKDIR/checkpoints_unreadable/)")
 
@@ -679,4 +699,4 @@ def run(args) -> int:
     console.setup()
     return train(args.workdir, args.gin_file, args.gin_param, args.coordinator_address, args.num_processes,
                  args.process_id, args.restart_from_scratch, args.heartbeat_timeout_s, args.shutdown_timeout_s,
-                 args.init_timeout_s)
+                 args.init_timeout_s, resume_step=args.resume_step, gin_search_path=args.gin_search_path)
