@@ -43,6 +43,7 @@ import numpy as np
 
 from meditron_jax import checkpoint as ckpt
 from meditron_jax import configcheck, ginfiles
+from meditron_jax import profiling, tokenizer_store
 from meditron_jax import workdir as workdir_mod
 from meditron_jax.configcheck import Range
 from meditron_jax import console
@@ -79,6 +80,8 @@ class TrainConfig:  # Annotated ranges: checked with the types before anything r
     wandb_project: str | None = None
     progress: bool = True
     tensorboard: bool = True
+    profile_steps: tuple = ()  # (first, last): jax.profiler trace into WORKDIR/profile (profiling.py)
+    compilation_cache_dir: str | None = None  # JAX's persistent compilation cache
 
 
 @gin.configurable("train")
@@ -88,11 +91,13 @@ def train_config(steps: int = gin.REQUIRED, micro_batch_size: int = gin.REQUIRED
                  eval_every: int = 0, eval_batches: int = 4, max_bad_steps: int = 10,
                  spike_threshold: float | None = None, loss_chunk: int | None = None,
                  poison_steps=(), wandb_project: str | None = None, progress: bool = True,
-                 tensorboard: bool = True) -> TrainConfig:
+                 tensorboard: bool = True, profile_steps=(), compilation_cache_dir: str | None = None) -> TrainConfig:
     """gin `train.*`. `poison_steps` (tests only) makes those steps' loss NaN (fault injection)."""
     return TrainConfig(steps, micro_batch_size, global_batch_size, seq_len, seed, checkpoint_every, log_every,
                        init_from, eval_every, eval_batches, max_bad_steps, spike_threshold, loss_chunk,
-                       tuple(poison_steps), wandb_project, progress, tensorboard)
+                       tuple(poison_steps), wandb_project, progress, tensorboard,
+                       tuple(profile_steps) if isinstance(profile_steps, (list, tuple)) else profile_steps,
+                       compilation_cache_dir)
 
 
 # ---------------------------------------------------------------------------------------
@@ -460,9 +465,11 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
     oc = _gin_call(optimizer_config)
     sizes = _gin_call(sharding.mesh_shape)
     rules, zero1 = _gin_call(sharding.logical_rules)
+    profiling.parse_steps(tc.profile_steps)
     validate(tc, cfg, sizes, workdir)
     workdir_mod.check_resume_step(workdir, resume_step)
     workdir_mod.acquire_for_run(workdir)  # one run per workdir (released when train returns)
+    profiling.enable_compilation_cache(tc.compilation_cache_dir)
 
     from meditron_jax.data.pipeline import build_pipeline
     log0("building data")
@@ -510,7 +517,8 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
                               in_shardings=(state_sh["params"], _batch_shardings(mesh)),
                               out_shardings=sharding.replicated(mesh))
             finite_fn = jax.jit(_all_finite, out_shardings=sharding.replicated(mesh))
-            meta = ckpt.meta_record(cfg, gin.operative_config_str(), tok, train={"seq_len": tc.seq_len})
+            tok_rec = tokenizer_store.record(data.tokenizer) if getattr(data, "tokenizer", None) else tok
+            meta = ckpt.meta_record(cfg, gin.operative_config_str(), tok_rec, train={"seq_len": tc.seq_len})
             writer = MetricsWriter(workdir, tc.steps, start, tensorboard=tc.tensorboard,
                                    wandb_project=tc.wandb_project, progress=tc.progress and is_main,
                                    config={"model": cfg.to_dict()},
@@ -531,6 +539,7 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
                 writer.close()
     finally:
         preempt.uninstall()
+        profiling.stop_active()
     if exit_code == EXIT_PREEMPTED and is_main:
         print(f"preempted: checkpoint at step {step} committed; rerun the same command to resume",
               file=sys.stderr)
@@ -555,10 +564,12 @@ def _loop(tc, cfg, state, start, it, data, mesh, jitted, eval_fn, finite_fn, man
     clean, poisoned = jnp.asarray(False), jnp.asarray(True)  # made once, not a transfer per step
     step = start
     pending = []
+    profiler = profiling.StepProfiler(tc.profile_steps, os.path.dirname(writer.path))
     last_loss = None  # recorded in each checkpoint's meta (`meditron-jax checkpoints`)
     while step < tc.steps:
         batch = sharding.global_batch(next(it), mesh)
         poison = poisoned if step + 1 in tc.poison_steps else clean
+        profiler.before(step + 1)
         if step == start:  # the first call compiles (dispatch returns once the executable exists)
             log0("compiling the train step")
             with console.Timer() as t:
@@ -567,6 +578,7 @@ def _loop(tc, cfg, state, start, it, data, mesh, jitted, eval_fn, finite_fn, man
         else:
             state, metrics = jitted(state, batch, poison)
         step += 1
+        profiler.after(step, metrics)
         pending.append(metrics)
         writer.advance()
         stop = vote(preempt.requested)
