@@ -66,7 +66,7 @@ def run(tmp_path_factory, demo_data):
                                                                         "train.profile_steps=(3, 4)")],
                             cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=err, timeout=600).returncode
     assert rc == 0, log.read_text()[-3000:]
-    return w, log.read_text()
+    return w, log.read_bytes().decode()  # bytes: read_text would turn a bar's \r into \n
 
 
 # -- console ------------------------------------------------------------------------------------------
