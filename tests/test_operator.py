@@ -319,6 +319,15 @@ def test_resume_step_is_bitwise(run, tmp_path, capfd):
 
 def test_profile_trace_for_the_requested_steps(run):
     w, _ = run
+    import gzip
+
     traces = list((w / "profile").rglob("*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 0
-    assert list((w / "profile").rglob("*.trace.json.gz"))
+    (trace,) = list((w / "profile").rglob("*.trace.json.gz"))
+    calls = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in json.load(gzip.open(trace))["traceEvents"]
+                   if e.get("name") == "PjitFunction(train_step)")
+    outer, end = 0, -1.0  # top-level calls (each appears with a nested twin)
+    for t0, t1 in calls:
+        if t0 > end:
+            outer, end = outer + 1, t1
+    assert outer == 2, calls  # steps 3 and 4, nothing else
