@@ -72,7 +72,9 @@ def _logged_losses(workdir: str) -> dict[int, float]:
 def list_checkpoints(workdir: str) -> list[dict]:
     from meditron_jax import checkpoint as ckpt
 
-    workdir = os.path.abspath(workdir)
+    from meditron_jax.workdir import resolve_workdir
+
+    workdir = os.path.abspath(resolve_workdir(workdir))
     if os.path.basename(workdir) == "checkpoints" and not os.path.isdir(os.path.join(workdir, "checkpoints")):
         workdir = os.path.dirname(workdir)
     root = ckpt.checkpoint_dir(workdir)

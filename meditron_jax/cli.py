@@ -32,6 +32,32 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def accept_both_spellings(parser: argparse.ArgumentParser) -> None:
+    """Every `--long_flag` also answers to `--long-flag` and the other way round (sub-parsers
+    included), so one style works everywhere and the old spellings keep working. The help lists
+    the spelling each flag was defined with."""
+    for action in list(parser._actions):
+        for opt in list(action.option_strings):
+            if opt.startswith("--") and len(opt) > 3:
+                body = opt[2:]
+                alt = "--" + (body.replace("_", "-") if "_" in body else body.replace("-", "_"))
+                if alt != opt and alt not in parser._option_string_actions:
+                    parser._option_string_actions[alt] = action
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                accept_both_spellings(sub)
+
+
+def build_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of subcommand `name` (both flag spellings accepted)."""
+    module_name, help_ = SUBCOMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"meditron-jax {name}", description=help_)
+    module.add_arguments(parser)
+    accept_both_spellings(parser)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -58,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(module_name)
         parser = argparse.ArgumentParser(prog=f"meditron-jax {name}", description=help_)
         module.add_arguments(parser)
+        accept_both_spellings(parser)
         args = parser.parse_args(argv[1:])
         return int(module.run(args) or 0)
     except UserError as e:

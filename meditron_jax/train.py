@@ -457,6 +457,7 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
           init_timeout_s=300, resume_step=None, gin_search_path=()) -> int:
     """Run (or resume) training in `workdir`; returns the exit status documented above."""
     keep_freed_memory()  # the CLI did this already; here for callers of this function
+    workdir = workdir_mod.resolve_workdir(workdir)  # file:// URLs; other schemes refused up front
     init_distributed(coordinator_address, num_processes, process_id, timeout_s=init_timeout_s,
                      heartbeat_timeout_s=heartbeat_timeout_s, shutdown_timeout_s=shutdown_timeout_s)
     parse_gin(list(gin_files), list(gin_params), search_path=gin_search_path)

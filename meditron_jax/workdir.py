@@ -210,6 +210,26 @@ def acquire_for_run(workdir: str, **kwargs) -> RunLock | None:
     return lock
 
 
+# ---- where the workdir lives -----------------------------------------------------------------
+
+def resolve_workdir(path: str) -> str:
+    """A local path, or a `file://` URL (made a local path). Any other scheme (gs://, s3://, ...)
+    is refused in one line before anything runs: the trainer writes its lock, metrics.jsonl,
+    TensorBoard events and config.gin with local file I/O, so a remote workdir would train and
+    then fail (or write a local `gs:/bucket` directory). Use a mounted path (gcsfuse, NFS)."""
+    path = str(path)
+    if "://" not in path:
+        return path
+    scheme, rest = path.split("://", 1)
+    if scheme == "file":
+        if not rest.startswith("/"):
+            raise UserError(f"workdir {path}: a file:// URL needs an absolute path (file:///abs/path)")
+        return rest
+    raise UserError(f"workdir {path}: {scheme}:// storage is not supported by the trainer yet (it writes "
+                    f"metrics, TensorBoard and its lock with local file I/O); use a local or mounted path "
+                    f"(e.g. a gcsfuse mount of the bucket)")
+
+
 # ---- resuming from a chosen step -------------------------------------------------------------
 
 SUPERSEDED = "checkpoints_superseded"

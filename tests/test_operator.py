@@ -331,3 +331,76 @@ def test_profile_trace_for_the_requested_steps(run):
         if t0 > end:
             outer, end = outer + 1, t1
     assert outer == 2, calls  # steps 3 and 4, nothing else
+
+
+# -- the CLI -----------------------------------------------------------------------------------------
+
+def _actions(parser, name):
+    import argparse
+
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for sub_name, sub in a.choices.items():
+                yield from _actions(sub, f"{name} {sub_name}")
+        elif not isinstance(a, argparse._HelpAction):
+            yield name, parser, a
+
+
+def test_every_flag_has_help_and_both_spellings(capfd):
+    from meditron_jax.cli import SUBCOMMANDS, build_parser
+
+    missing, spellings = [], 0
+    for name in SUBCOMMANDS:
+        for where, parser, action in _actions(build_parser(name), name):
+            if not action.help:
+                missing.append(f"{where} {action.option_strings or action.dest}")
+            for opt in action.option_strings:
+                if opt.startswith("--") and ("_" in opt or "-" in opt[2:]):
+                    alt = "--" + (opt[2:].replace("_", "-") if "_" in opt else opt[2:].replace("-", "_"))
+                    assert parser._option_string_actions.get(alt) is action, (where, opt, alt)
+                    spellings += 1
+    assert not missing, missing
+    assert spellings > 40
+    assert main(["--version"]) == 0
+    import meditron_jax
+    assert capfd.readouterr().out.strip() == f"meditron-jax {meditron_jax.__version__}"
+
+
+def test_workdir_urls():
+    from meditron_jax.errors import UserError
+    from meditron_jax.workdir import resolve_workdir
+
+    assert resolve_workdir("/tmp/x") == "/tmp/x" and resolve_workdir("file:///tmp/x") == "/tmp/x"
+    with pytest.raises(UserError, match="gs:// storage is not supported"):
+        resolve_workdir("gs://bucket/run")
+
+
+def test_remote_workdir_refused_before_anything(tmp_path, capfd, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    capfd.readouterr()
+    assert main(_argv("gs://bucket/run", "train.steps=2")) == 2
+    assert len(_error_lines(capfd.readouterr().err)) == 1
+    assert list(tmp_path.iterdir()) == []  # no local gs:/bucket directory
+
+
+def test_tensorboard_groups_config_tokens_and_wall_time(tmp_path):
+    from meditron_jax.metrics import MetricsWriter
+    from tests.test_reliability import _tb_events
+
+    w = MetricsWriter(str(tmp_path), total_steps=2, enabled=True, progress=False, console=False,
+                      tokens_per_step=256, config_text="train.steps = 2\n")
+    w.write(1, {"loss": 3.0})
+    w.write(2, {"loss": 2.0, "eval_loss": 2.5, "eval_ppl": 12.0})
+    w.close()
+    tags = {}
+    texts = []
+    for ev in _tb_events(tmp_path / "tensorboard"):
+        for v in ev.summary.value:
+            tags.setdefault(v.tag, {})[ev.step] = v.simple_value
+            if v.metadata.plugin_data.plugin_name == "text":
+                texts.append(v.tensor.string_val[0].decode())
+    assert tags["train/loss"] == {1: 3.0, 2: 2.0} and tags["eval/loss"] == {2: 2.5} and tags["eval/ppl"] == {2: 12.0}
+    assert tags["train/tokens"] == {1: 256.0, 2: 512.0}
+    assert set(tags["train/elapsed_s"]) == {1, 2}
+    assert not [t for t in tags if t.startswith("train/eval")]
+    assert any("train.steps = 2" in t for t in texts), texts

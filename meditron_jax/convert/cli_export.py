@@ -45,7 +45,8 @@ DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float
 def add_arguments(parser) -> None:
     parser.add_argument("checkpoint", help="a workdir, its checkpoints/ directory, or one step directory")
     parser.add_argument("--step", type=int, default=None, help="step to export (default: the latest)")
-    parser.add_argument("--to", dest="target", choices=("hf", "meta"), required=True)
+    parser.add_argument("--to", dest="target", choices=("hf", "meta"), required=True,
+                        help="hf: Hugging Face safetensors dir; meta: params.json + consolidated.00.pth")
     parser.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
                         help="tensor dtype of the export (default bfloat16)")
