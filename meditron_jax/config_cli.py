@@ -53,7 +53,20 @@ def operative_config(gin_files, gin_params, search_path=(), devices: int | None 
     _gin_call(data_config)
     _gin_call(checkpoint.manager_options)
     validate_shapes(tc, cfg, sizes)
-    return gin.operative_config_str()
+    from meditron_jax.train import accumulation_steps
+
+    resolved = ["", "# Resolved (what the presets and -1s above become):",
+                "#   model: " + ", ".join(f"{k}={v!r}" for k, v in cfg.to_dict().items()),
+                f"#   model parameters: {cfg.num_params():,}",
+                "#   mesh: " + " ".join(f"{k}={v}" for k, v in sizes.items()) + f" ({_prod(sizes)} devices)",
+                f"#   gradient accumulation steps per global batch: {accumulation_steps(tc, cfg, sizes)}",
+                f"#   tokens per step: {tc.global_batch_size * tc.seq_len:,}", ""]
+    return gin.operative_config_str() + "\n".join(resolved)
+
+
+def _prod(sizes) -> int:
+    import math
+    return math.prod(sizes.values())
 
 
 def run(args) -> int:
