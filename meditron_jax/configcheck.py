@@ -179,7 +179,8 @@ def check_value(key: str, value, hint) -> None:
     ok = _matches(value, hint)
     if ok is False:
         expected = _describe(hint)
-        got = f"the string {value!r}" if isinstance(value, str) else f"a {type(value).__name__}"
+        kind = type(value).__name__
+        got = f"the string {value!r}" if isinstance(value, str) else f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
         hint_text = ""
         if isinstance(value, str) and _numeric(value) is not None and _matches(_numeric(value), hint):
             hint_text = f" (drop the quotes: {key}={value})"
