@@ -140,12 +140,14 @@ class MetricsWriter:
             eta = per_step * (self.total_steps - step)
         console.log.info(console.step_line(step, self.total_steps, record, eta))
 
-    def summary(self, checkpoint: str | None = None) -> str:
+    def summary(self, checkpoint: str | None = None, exit_code: int = 0) -> str:
         """The end-of-run line (logged on process 0; returned for callers)."""
         from meditron_jax import console
 
         line = console.summary_line(self.last_step, self.total_steps, self.last,
                                     self.last_step * self.tokens_per_step, time.time() - self.t0, checkpoint)
+        if exit_code:
+            line = line.replace("done:", f"stopped (exit {exit_code}):", 1)
         if self._console:
             console.log.info(line)
         return line

@@ -533,14 +533,15 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
                                         manager, meta, writer, preempt)
             finally:
                 manager.wait_until_finished()
+                final = manager.latest_step()
                 manager.close()
-                if is_main and manager.latest_step() is not None:
-                    final = manager.latest_step()
-                    writer.summary(os.path.join(ckpt.checkpoint_dir(workdir), str(final)))
                 writer.close()
     finally:
         preempt.uninstall()
         profiling.stop_active()
+    if is_main:  # the end-of-run line (not after an exception: that one speaks for itself)
+        writer.summary(os.path.join(ckpt.checkpoint_dir(workdir), str(final)) if final is not None else None,
+                       exit_code)
     if exit_code == EXIT_PREEMPTED and is_main:
         print(f"preempted: checkpoint at step {step} committed; rerun the same command to resume",
               file=sys.stderr)
