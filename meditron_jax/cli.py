@@ -25,13 +25,41 @@ SUBCOMMANDS = {
     "generate": ("meditron_jax.eval.generate", "sample text with a KV cache"),
     "lm-eval": ("meditron_jax.eval.lm_eval_cli", "lm-evaluation-harness with the meditron-jax model type"),
     "plan": ("meditron_jax.plan", "compile the train step ahead of time and report memory / FLOPs"),
+    "config": ("meditron_jax.config_cli", "print the operative gin config with its defaults (no data, no compile)"),
+    "checkpoints": ("meditron_jax.checkpoints_cli", "list a workdir's checkpoints: step, time, size, loss"),
 }
 
 
 def _usage() -> str:
-    lines = ["usage: meditron-jax SUBCOMMAND [args...]", "", "subcommands:"]
+    lines = ["usage: meditron-jax [--version] SUBCOMMAND [args...]", "", "subcommands:"]
     lines += [f"  {name:<11} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
     return "\n".join(lines)
+
+
+def accept_both_spellings(parser: argparse.ArgumentParser) -> None:
+    """Every `--long_flag` also answers to `--long-flag` and the other way round (sub-parsers
+    included), so one style works everywhere and the old spellings keep working. The help lists
+    the spelling each flag was defined with."""
+    for action in list(parser._actions):
+        for opt in list(action.option_strings):
+            if opt.startswith("--") and len(opt) > 3:
+                body = opt[2:]
+                alt = "--" + (body.replace("_", "-") if "_" in body else body.replace("-", "_"))
+                if alt != opt and alt not in parser._option_string_actions:
+                    parser._option_string_actions[alt] = action
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                accept_both_spellings(sub)
+
+
+def build_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of subcommand `name` (both flag spellings accepted)."""
+    module_name, help_ = SUBCOMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"meditron-jax {name}", description=help_)
+    module.add_arguments(parser)
+    accept_both_spellings(parser)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,19 +71,23 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
+    if argv[0] in ("--version", "-V"):
+        from meditron_jax import __version__
+        print(f"meditron-jax {__version__}")
+        return 0
     name = argv[0]
     if name not in SUBCOMMANDS:
         print(f"meditron-jax: error: unknown subcommand {name!r}\n{_usage()}", file=sys.stderr)
         return 2
     module_name, help_ = SUBCOMMANDS[name]
-    import logging
-
     from meditron_jax import errors
     from meditron_jax.errors import UserError
     from meditron_jax.hostmem import keep_freed_memory
 
     keep_freed_memory()  # before JAX starts its threads: reuse freed host memory (hostmem.py)
-    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's info/warning chatter
+    from meditron_jax import console
+
+    console.setup()  # one timestamped line format for every subcommand; no absl/Orbax chatter
     debug = debug or errors.debug_enabled()
     if not debug:  # the one line below says it; Orbax's threads would log the same fault with tracebacks
         errors.quiet_fault_logs()
@@ -64,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(module_name)
         parser = argparse.ArgumentParser(prog=f"meditron-jax {name}", description=help_)
         module.add_arguments(parser)
+        accept_both_spellings(parser)
         args = parser.parse_args(argv[1:])
         return int(module.run(args) or 0)
     except UserError as e:

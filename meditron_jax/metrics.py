@@ -14,6 +14,7 @@ lookup costs no FLOPs; remat recomputation is not counted (it is overhead, not m
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import threading
@@ -49,16 +50,35 @@ def device_peak_flops(device=None) -> float | None:
 
 
 class MetricsWriter:
-    """metrics.jsonl (+ TensorBoard events, + wandb if enabled and installed, + a tqdm bar)."""
+    """metrics.jsonl (+ TensorBoard events, + wandb if enabled and installed, + a tqdm bar, + the
+    console lines of `meditron_jax.console`).
+
+    Every record gets `time` (UTC, ISO 8601) and `elapsed_s` (wall seconds since this writer
+    opened, i.e. since this run started), and `tokens` (cumulative tokens trained, counting from
+    step 0 across resumes) when `tokens_per_step` is given. TensorBoard tags are `train/*` and
+    `eval/*` (`eval_loss` -> `eval/loss`); the operative config is written once as text.
+    The bar is drawn only when `progress` and stderr is a terminal; a plain log line is written
+    at every record with a loss (and every eval record) when `console`.
+    """
 
     def __init__(self, workdir: str, total_steps: int, start_step: int = 0, enabled: bool | None = None,
                  tensorboard: bool = True, wandb_project: str | None = None, progress: bool = True,
-                 config: dict | None = None):
+                 config: dict | None = None, tokens_per_step: int = 0, config_text: str | None = None,
+                 console: bool = True):
+        from meditron_jax import console as _console
+
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = self._wandb = self._bar = None
+        self.total_steps, self.start_step, self.tokens_per_step = total_steps, start_step, tokens_per_step
+        self.t0 = time.time()
+        self._t_first = None  # (time, step) of the first step line: ETA excludes the compile
+        self.last: dict = {}  # newest value of each metric (the end-of-run summary)
+        self.last_step = start_step
+        self._console = console and self.enabled
         if not self.enabled:
             return
+        progress = _console.progress_enabled(progress)
         with storage_faults("opening", self.path):
             self._file = open(self.path, "a")
         if tensorboard:
@@ -72,6 +92,9 @@ class MetricsWriter:
                 self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1,
                                          max_queue=1000)
                 _capture_tensorboard_thread_errors()
+                if config_text:  # markdown: indent 4 = a code block, the config stays readable
+                    self._tb.add_text("config/operative_gin", "\n".join("    " + ln for ln in config_text.splitlines()),
+                                      start_step)
             except ImportError:
                 pass
         if wandb_project:
@@ -88,17 +111,26 @@ class MetricsWriter:
     def write(self, step: int, metrics: dict):
         if not self.enabled:
             return
+        now = time.time()
         record = {"step": int(step), **{k: (float(v) if not isinstance(v, (int, str)) else v)
                                         for k, v in metrics.items()}}
+        if self.tokens_per_step:
+            record["tokens"] = int(step) * self.tokens_per_step
+        record["time"] = datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(timespec="milliseconds")
+        record["elapsed_s"] = round(now - self.t0, 3)
         with storage_faults("writing metrics to", self.path, hint=_RERUN):
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+        self.last.update({k: v for k, v in record.items() if isinstance(v, (int, float))})
+        self.last_step = max(self.last_step, int(step))
         if self._tb is not None:
             self._check_tensorboard()
             with storage_faults("writing TensorBoard events to", getattr(self._tb, "logdir", None), hint=_RERUN):
                 for k, v in record.items():
                     if k != "step" and isinstance(v, (int, float)):
-                        self._tb.add_scalar(f"train/{k}" if not k.startswith("eval") else k, v, step)
+                        self._tb.add_scalar(tensorboard_tag(k), v, step)
+        if self._console:
+            self._console_line(int(step), record, now)
         if self._wandb is not None:
             self._wandb.log(record, step=step)
         if self._bar is not None and "loss" in record:
@@ -126,6 +158,33 @@ class MetricsWriter:
         for ev in _event_writers(self._tb):
             ev._closed = True
         self._tb = None
+
+    def _console_line(self, step: int, record: dict, now: float):
+        from meditron_jax import console
+
+        if "eval_loss" in record:
+            console.log.info(console.eval_line(step, record))
+        if "loss" not in record or "tokens_per_sec" not in record:
+            return  # only the step that closes a logging interval carries the rates
+        eta = None
+        if self._t_first is None:
+            self._t_first = (now, step)
+        elif step > self._t_first[1]:
+            per_step = (now - self._t_first[0]) / (step - self._t_first[1])
+            eta = per_step * (self.total_steps - step)
+        console.log.info(console.step_line(step, self.total_steps, record, eta))
+
+    def summary(self, checkpoint: str | None = None, exit_code: int = 0) -> str:
+        """The end-of-run line (logged on process 0; returned for callers)."""
+        from meditron_jax import console
+
+        line = console.summary_line(self.last_step, self.total_steps, self.last,
+                                    self.last_step * self.tokens_per_step, time.time() - self.t0, checkpoint)
+        if exit_code:
+            line = line.replace("done:", f"stopped (exit {exit_code}):", 1)
+        if self._console:
+            console.log.info(line)
+        return line
 
     def advance(self, n: int = 1):
         if self._bar is not None:
@@ -171,6 +230,13 @@ def _capture_tensorboard_thread_errors():
         previous(args)
     hook._meditron_tensorboard = True
     threading.excepthook = hook
+
+
+def tensorboard_tag(key: str) -> str:
+    """`eval_loss` -> `eval/loss`, `eval_ppl` -> `eval/ppl`, anything else -> `train/<key>`."""
+    if key.startswith("eval_"):
+        return "eval/" + key[len("eval_"):]
+    return "train/" + key
 
 
 class StepTimer:

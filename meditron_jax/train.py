@@ -36,6 +36,8 @@ import shutil
 import signal
 import sys
 import time
+import tokenize
+from typing import Annotated
 
 import gin
 import jax
@@ -43,7 +45,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from meditron_jax import checkpoint as ckpt
+from meditron_jax import configcheck, ginfiles
 from meditron_jax import init_from as init_from_lib
+from meditron_jax import profiling, tokenizer_store
+from meditron_jax import workdir as workdir_mod
+from meditron_jax.configcheck import Range
+from meditron_jax import console
 from meditron_jax import sharding, storage
 from meditron_jax.config import LlamaConfig, model_config
 from meditron_jax.errors import UserError
@@ -59,24 +66,26 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    steps: int
-    micro_batch_size: int
-    global_batch_size: int
-    seq_len: int
+class TrainConfig:  # Annotated ranges: checked with the types before anything runs (configcheck)
+    steps: Annotated[int, Range(min=1)]
+    micro_batch_size: Annotated[int, Range(min=1)]
+    global_batch_size: Annotated[int, Range(min=1)]
+    seq_len: Annotated[int, Range(min=2)]
     seed: int = 0
-    checkpoint_every: int = 1000
-    log_every: int = 10
+    checkpoint_every: Annotated[int, Range(min=1)] = 1000
+    log_every: Annotated[int, Range(min=1)] = 10
     init_from: str | None = None
-    eval_every: int = 0
-    eval_batches: int = 4
-    max_bad_steps: int = 10
-    spike_threshold: float | None = None
-    loss_chunk: int | None = None
+    eval_every: Annotated[int, Range(min=0)] = 0
+    eval_batches: Annotated[int, Range(min=1)] = 4
+    max_bad_steps: Annotated[int, Range(min=0)] = 10
+    spike_threshold: Annotated[float | None, Range(min=0)] = None
+    loss_chunk: Annotated[int | None, Range(min=1)] = None
     poison_steps: tuple = ()
     wandb_project: str | None = None
     progress: bool = True
     tensorboard: bool = True
+    profile_steps: tuple = ()  # (first, last): jax.profiler trace into WORKDIR/profile (profiling.py)
+    compilation_cache_dir: str | None = None  # JAX's persistent compilation cache
 
 
 @gin.configurable("train")
@@ -86,34 +95,41 @@ def train_config(steps: int = gin.REQUIRED, micro_batch_size: int = gin.REQUIRED
                  eval_every: int = 0, eval_batches: int = 4, max_bad_steps: int = 10,
                  spike_threshold: float | None = None, loss_chunk: int | None = None,
                  poison_steps=(), wandb_project: str | None = None, progress: bool = True,
-                 tensorboard: bool = True) -> TrainConfig:
+                 tensorboard: bool = True, profile_steps=(), compilation_cache_dir: str | None = None) -> TrainConfig:
     """gin `train.*`. `poison_steps` (tests only) makes those steps' loss NaN (fault injection)."""
     return TrainConfig(steps, micro_batch_size, global_batch_size, seq_len, seed, checkpoint_every, log_every,
                        init_from, eval_every, eval_batches, max_bad_steps, spike_threshold, loss_chunk,
-                       tuple(poison_steps), wandb_project, progress, tensorboard)
+                       tuple(poison_steps), wandb_project, progress, tensorboard,
+                       tuple(profile_steps) if isinstance(profile_steps, (list, tuple)) else profile_steps,
+                       compilation_cache_dir)
 
 
 # ---------------------------------------------------------------------------------------
 # gin and validation
 
-def parse_gin(gin_files, gin_params):
+def parse_gin(gin_files, gin_params, search_path=()):
+    """Parses (and checks, `configcheck`) the gin files and bindings; files are found through
+    `ginfiles` (cwd, `--gin_search_path`, the configs shipped with the package)."""
     gin.clear_config()
-    for path in (REPO_ROOT, os.getcwd()):
-        gin.add_config_file_search_path(path)
+    resolved = []
     for f in gin_files:
-        if not os.path.exists(f) and not os.path.exists(os.path.join(REPO_ROOT, f)):
-            raise UserError(f"gin file not found: {f}")
+        full = ginfiles.find(f, search_path)
+        if full is None:
+            raise UserError(f"gin file not found: {f} (searched {', '.join(ginfiles.search_paths(search_path))}; "
+                            "add a directory with --gin_search_path)")
+        resolved.append(full)
     _register_configurables()
     try:
-        for f in gin_files:
-            _refuse_gin_imports(f)
-        gin.parse_config_files_and_bindings(gin_files, gin_params, skip_unknown=False)
-    except (ValueError, KeyError, TypeError, SyntaxError, IOError) as e:
-        msg = " ".join(str(e).split())
-        raise UserError(f"gin: {msg}") from None
+        with ginfiles.plain_file_reading(search_path):
+            for f in resolved:
+                _refuse_gin_imports(f, search=search_path)
+            gin.parse_config_files_and_bindings(resolved, gin_params, skip_unknown=False)
+    except (ValueError, KeyError, TypeError, SyntaxError, IOError, tokenize.TokenError) as e:
+        raise UserError(f"gin: {configcheck.explain_parse_error(str(e), gin_params)}") from None
+    configcheck.check_bindings()  # types and ranges of every bound value, before anything runs
 
 
-def _refuse_gin_imports(path: str, seen=None):
+def _refuse_gin_imports(path: str, seen=None, search=()):
     """Gin files are configuration: values are literals (gin uses `ast.literal_eval`), and the
     `import` statements gin would execute (running a module's code) are refused here, in the
     file and in everything it includes."""
@@ -126,8 +142,7 @@ def _refuse_gin_imports(path: str, seen=None):
         def macro(self, name):
             return None
 
-    full = next((c for c in (path, os.path.join(REPO_ROOT, path), os.path.join(os.getcwd(), path))
-                 if os.path.isfile(c)), None)
+    full = ginfiles.find(path, search)
     seen = set() if seen is None else seen
     if full is None or os.path.realpath(full) in seen:
         return  # gin itself reports a missing include
@@ -138,9 +153,9 @@ def _refuse_gin_imports(path: str, seen=None):
                 raise UserError(f"{path} line {st.location.line_num}: `{st.format()}` is not allowed: gin files "
                                 "are configuration, they may not import Python code")
             if isinstance(st, config_parser.IncludeStatement):
-                _refuse_gin_imports(st.filename, seen)
+                _refuse_gin_imports(st.filename, seen, search)
                 if not os.path.isabs(st.filename):
-                    _refuse_gin_imports(os.path.join(os.path.dirname(full), st.filename), seen)
+                    _refuse_gin_imports(os.path.join(os.path.dirname(full), st.filename), seen, search)
 
 
 def _register_configurables():
@@ -329,14 +344,19 @@ def accumulation_steps(tc: TrainConfig, cfg: LlamaConfig, sizes: dict) -> int:
     return tc.global_batch_size // per_step
 
 
-def build_state(cfg, tc, tx, mesh, rules, zero1, workdir, manager, restart_from_scratch=False):
-    """Returns (state, start_step, data_state, state_shardings)."""
+def build_state(cfg, tc, tx, mesh, rules, zero1, workdir, manager, restart_from_scratch=False, resume_step=None):
+    """Returns (state, start_step, data_state, state_shardings). `resume_step`: exactly that
+    checkpoint (newer ones are set aside first, `workdir.set_aside_newer`)."""
     abstract_params = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in param_shapes(cfg).items()}
     abstract_state = jax.eval_shape(lambda p: init_state(p, tx), abstract_params)
     state_sh = state_shardings(cfg, tx, mesh, rules, zero1)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_state, state_sh)
+    if resume_step is not None:
+        workdir_mod.set_aside_newer(manager, workdir, resume_step)
     resumed = restore_newest_readable(manager, target, workdir, restart_from_scratch)
+    if resume_step is not None and (resumed is None or resumed[1] != resume_step):
+        raise UserError(f"--resume_step {resume_step}: that checkpoint does not restore (see the warning above)")
     if resumed is not None:
         state, step, data_state = resumed
         who = f" (process {jax.process_index()} of {jax.process_count()})" if jax.process_count() > 1 else ""
@@ -429,23 +449,30 @@ def _all_finite(tree):
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+@workdir_mod.releases_lock
 def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, num_processes=None,
           process_id=None, restart_from_scratch=False, heartbeat_timeout_s=60, shutdown_timeout_s=30,
-          init_timeout_s=300) -> int:
+          init_timeout_s=300, resume_step=None, gin_search_path=()) -> int:
     """Run (or resume) training in `workdir`; returns the exit status documented above."""
     keep_freed_memory()  # the CLI did this already; here for callers of this function
+    workdir = workdir_mod.resolve_workdir(workdir)  # file:// URLs; other schemes refused up front
     init_distributed(coordinator_address, num_processes, process_id, timeout_s=init_timeout_s,
                      heartbeat_timeout_s=heartbeat_timeout_s, shutdown_timeout_s=shutdown_timeout_s)
-    parse_gin(list(gin_files), list(gin_params))
+    parse_gin(list(gin_files), list(gin_params), search_path=gin_search_path)
     tc = _gin_call(train_config)
     cfg, init_ref, init_changes = _gin_call(lambda: init_from_lib.run_model_config(tc))
     oc = _gin_call(optimizer_config)
     sizes = _gin_call(sharding.mesh_shape)
     rules, zero1 = _gin_call(sharding.logical_rules)
+    profiling.parse_steps(tc.profile_steps)
     validate(tc, cfg, sizes, workdir)
+    workdir_mod.check_resume_step(workdir, resume_step)
+    workdir_mod.acquire_for_run(workdir)  # one run per workdir (released when train returns)
+    profiling.enable_compilation_cache(tc.compilation_cache_dir)
 
     from meditron_jax.data.pipeline import build_pipeline
     mesh = sharding.make_mesh(sizes)
+    log0("building data")
     data = build_pipeline(tc.seq_len, tc.global_batch_size, tc.seed, jax.process_index(),
                           jax.process_count(), workdir=workdir,
                           rows=sharding.host_rows(mesh, tc.global_batch_size))
@@ -473,12 +500,14 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
         with sharding.use_mesh(mesh, rules):
             layers_fn = layers_fn_for(cfg, mesh)
             state, start, data_state, state_sh = build_state(cfg, tc, tx, mesh, rules, zero1, workdir, manager,
-                                                             restart_from_scratch)
+                                                             restart_from_scratch, resume_step)
             storage.startup_space_check(workdir, state_bytes, ckpt.manager_options().max_to_keep,
                                         _saves(tc, start), len(manager.all_steps()))
             it = data.train_iterator()
             if data_state is not None:
                 it.set_state(data_state)
+            if start:
+                log0(f"resumed from step {start} ({os.path.join(ckpt.checkpoint_dir(workdir), str(start))})")
             if is_main:
                 truncate_metrics(workdir, start)
                 with open(os.path.join(workdir, "config.gin"), "w") as f:
@@ -495,10 +524,13 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
                               in_shardings=(state_sh["params"], _batch_shardings(mesh)),
                               out_shardings=sharding.replicated(mesh))
             finite_fn = jax.jit(_all_finite, out_shardings=sharding.replicated(mesh))
-            meta = ckpt.meta_record(cfg, gin.operative_config_str(), tok, train={"seq_len": tc.seq_len})
+            tok_rec = tokenizer_store.record(data.tokenizer) if getattr(data, "tokenizer", None) else tok
+            meta = ckpt.meta_record(cfg, gin.operative_config_str(), tok_rec, train={"seq_len": tc.seq_len})
             writer = MetricsWriter(workdir, tc.steps, start, tensorboard=tc.tensorboard,
                                    wandb_project=tc.wandb_project, progress=tc.progress and is_main,
-                                   config={"model": cfg.to_dict()})
+                                   config={"model": cfg.to_dict()},
+                                   tokens_per_step=tc.global_batch_size * tc.seq_len,
+                                   config_text=gin.operative_config_str())
             if start >= tc.steps:
                 print(f"workdir {workdir} already at step {start} >= train.steps {tc.steps}; nothing to do",
                       file=sys.stderr)
@@ -507,10 +539,15 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
                                         manager, meta, writer, preempt)
             finally:
                 manager.wait_until_finished()
+                final = manager.latest_step()
                 manager.close()
                 writer.close()
     finally:
         preempt.uninstall()
+        profiling.stop_active()
+    if is_main:  # the end-of-run line (not after an exception: that one speaks for itself)
+        writer.summary(os.path.join(ckpt.checkpoint_dir(workdir), str(final)) if final is not None else None,
+                       exit_code)
     if exit_code == EXIT_PREEMPTED and is_main:
         print(f"preempted: checkpoint at step {step} committed; rerun the same command to resume",
               file=sys.stderr)
@@ -535,11 +572,21 @@ def _loop(tc, cfg, state, start, it, data, mesh, jitted, eval_fn, finite_fn, man
     clean, poisoned = jnp.asarray(False), jnp.asarray(True)  # made once, not a transfer per step
     step = start
     pending = []
+    profiler = profiling.StepProfiler(tc.profile_steps, os.path.dirname(writer.path))
+    last_loss = None  # recorded in each checkpoint's meta (`meditron-jax checkpoints`)
     while step < tc.steps:
         batch = sharding.global_batch(next(it), mesh, tc.global_batch_size)
         poison = poisoned if step + 1 in tc.poison_steps else clean
-        state, metrics = jitted(state, batch, poison)
+        profiler.before(step + 1)
+        if step == start:  # the first call compiles (dispatch returns once the executable exists)
+            log0("compiling the train step")
+            with console.Timer() as t:
+                state, metrics = jitted(state, batch, poison)
+            log0(f"compiled ({t.seconds:.1f} s)")
+        else:
+            state, metrics = jitted(state, batch, poison)
         step += 1
+        profiler.after(step, metrics)
         pending.append(metrics)
         writer.advance()
         stop = vote(preempt.requested)
@@ -551,6 +598,8 @@ def _loop(tc, cfg, state, start, it, data, mesh, jitted, eval_fn, finite_fn, man
         bad_streak = int(state["bad_streak"]) if log_now else 0
         if log_now:
             fetched = jax.device_get(pending)
+            last_loss = float(fetched[-1]["loss"]) if "loss" in fetched[-1] else None
+            last_loss = last_loss if last_loss is not None and np.isfinite(last_loss) else None
             dt = timer.lap()
             for i, m in enumerate(fetched):
                 record = {k: float(v) for k, v in m.items()}
@@ -577,7 +626,8 @@ def _loop(tc, cfg, state, start, it, data, mesh, jitted, eval_fn, finite_fn, man
                       "it, last good checkpoint kept", file=sys.stderr)
                 return step, EXIT_BAD_STEPS
             ckpt.save(manager, step, state["params"], state["opt_state"], it.get_state(),
-                      {**meta, "step": step, "bad_streak": bad_streak})
+                      {**meta, "step": step, "bad_streak": bad_streak, "loss": last_loss})
+            log0(f"saved checkpoint {step} (committing in the background)")
         if stop:
             return step, EXIT_PREEMPTED
     return step, 0
@@ -587,6 +637,12 @@ def _saves(tc, start: int) -> int:
     """How many checkpoints a run from `start` to `train.steps` saves."""
     e = tc.checkpoint_every
     return max(0, tc.steps // e - start // e) + (tc.steps % e != 0 and tc.steps > start)
+
+
+def log0(msg: str):
+    """An INFO console line, from process 0 only."""
+    if jax.process_index() == 0:
+        console.log.info(msg)
 
 
 def _abstract_batch(tc, mesh):
@@ -647,25 +703,29 @@ def _evaluate(eval_fn, params, data, tc, mesh, writer, step):
 # CLI
 
 def add_arguments(p):
-    p.add_argument("--gin_file", action="append", default=[], help="gin config file (repeatable)")
-    p.add_argument("--gin_param", action="append", default=[], help="gin binding, e.g. 'train.steps=100'")
+    from meditron_jax.config_cli import add_gin_arguments
+
+    add_gin_arguments(p)
     p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, config.gin go here")
+    p.add_argument("--resume_step", type=int, default=None,
+                   help="resume from this checkpoint step (default: the newest that restores); newer ones "
+                        "are moved to WORKDIR/checkpoints_superseded/")
     p.add_argument("--coordinator_address", default=None, help="host:port of process 0 (multi-host)")
-    p.add_argument("--num_processes", type=int, default=None)
-    p.add_argument("--process_id", type=int, default=None)
+    p.add_argument("--num_processes", type=int, default=None, help="multi-host: number of processes")
+    p.add_argument("--process_id", type=int, default=None, help="multi-host: this process's index (0 = coordinator)")
     p.add_argument("--init_timeout_s", type=int, default=300,
                    help="multi-host: how long to wait for every process to join before giving up")
     p.add_argument("--heartbeat_timeout_s", type=int, default=60,
                    help="multi-host: a process silent this long is declared dead and the others stop")
     p.add_argument("--shutdown_timeout_s", type=int, default=30,
                    help="multi-host: how long a finishing process waits for the others at exit")
-    p.add_argument("--restart-from-scratch", dest="restart_from_scratch", action="store_true",
+    p.add_argument("--restart_from_scratch", "--restart-from-scratch", dest="restart_from_scratch", action="store_true",
                    help="start at step 0 when the workdir has checkpoints but none can be restored "
                         "(they are moved to WORKDIR/checkpoints_unreadable/)")
 
 
 def run(args) -> int:
-    logging.getLogger("absl").setLevel(logging.ERROR)
+    console.setup()
     return train(args.workdir, args.gin_file, args.gin_param, args.coordinator_address, args.num_processes,
                  args.process_id, args.restart_from_scratch, args.heartbeat_timeout_s, args.shutdown_timeout_s,
-                 args.init_timeout_s)
+                 args.init_timeout_s, resume_step=args.resume_step, gin_search_path=args.gin_search_path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -246,6 +247,9 @@ CASES = {
 }
 
 
+_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ [IW] ")  # meditron_jax.console's INFO/WARNING lines
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input(case, tmp_path, inputs, capfd, monkeypatch):
     build, words = CASES[case]
@@ -262,7 +266,7 @@ def test_bad_input(case, tmp_path, inputs, capfd, monkeypatch):
     err = capfd.readouterr().err
     # warnings may precede the error (e.g. eval: a tokenizer other than the recorded one)
     lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(("WARNING:absl", "W0", "I0"))
-             and not ln.startswith("warning:")]
+             and not ln.startswith("warning:") and not _LOG_LINE.match(ln)]  # console progress lines
     print(f"[{case}] rc={rc} {lines}")
     assert rc == 2, err
     assert len(lines) == 1 and ": error: " in lines[0], err

@@ -227,6 +227,8 @@ def test_checkpoints_from_sharded_meshes_export_identically(tmp_path, imported):
         assert main(["export", str(workdir), "--step", "7", "--to", "hf", "--out", str(out), "--dtype", "float32"]) == 0
         assert sorted(os.listdir(out)) == sorted(os.listdir(ref))
         for f in os.listdir(ref):
+            if f == "meditron_jax_export.json":  # names the source checkpoint and step: differs by design
+                continue
             assert (out / f).read_bytes() == (ref / f).read_bytes(), f
 
 

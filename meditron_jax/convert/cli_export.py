@@ -38,6 +38,7 @@ from meditron_jax import storage
 from meditron_jax.errors import UserError, storage_faults
 from meditron_jax.model import param_shapes
 
+SOURCE_FILE = "meditron_jax_export.json"  # which checkpoint and step an export came from
 DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32),
           "float16": np.dtype(np.float16)}
 
@@ -45,7 +46,8 @@ DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float
 def add_arguments(parser) -> None:
     parser.add_argument("checkpoint", help="a workdir, its checkpoints/ directory, or one step directory")
     parser.add_argument("--step", type=int, default=None, help="step to export (default: the latest)")
-    parser.add_argument("--to", dest="target", choices=("hf", "meta"), required=True)
+    parser.add_argument("--to", dest="target", choices=("hf", "meta"), required=True,
+                        help="hf: Hugging Face safetensors dir; meta: params.json + consolidated.00.pth")
     parser.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
                         help="tensor dtype of the export (default bfloat16)")
@@ -227,9 +229,17 @@ def export(checkpoint: str, target: str, out: str, step: int | None = None, dtyp
     max_shard = parse_size(max_shard_size)
     added = _added_tokens(added_tokens)
     recorded = reader.meta.get("tokenizer") or {}
-    if use_recorded_tokenizer and tokenizer is None and recorded.get("path") and os.path.isfile(recorded["path"]):
-        tokenizer = recorded["path"]
-        added = added or list(recorded.get("added_tokens") or [])
+    recorded = {"path": recorded} if isinstance(recorded, str) else recorded
+    from_record = use_recorded_tokenizer and tokenizer is None and bool(recorded)
+    if from_record:
+        from meditron_jax.tokenizer_store import recorded_file
+        tokenizer = recorded_file(recorded)  # the recorded file, or the copy stored in the checkpoint
+        if tokenizer is not None:
+            added = added or list(recorded.get("added_tokens") or [])
+        elif recorded.get("path"):
+            from meditron_jax import console
+            console.log.warning(f"the checkpoint records tokenizer {recorded['path']}, which does not exist here "
+                                "and is not stored in the checkpoint: no tokenizer files written (pass --tokenizer)")
     if tokenizer is not None and not os.path.isfile(tokenizer):
         raise UserError(f"--tokenizer {tokenizer}: no such file")
     if added and tokenizer is None:
@@ -247,6 +257,10 @@ def export(checkpoint: str, target: str, out: str, step: int | None = None, dtyp
                 export_meta(reader, tmp, dt)
                 if tokenizer is not None:
                     shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.model"))
+            _write_json(os.path.join(tmp, SOURCE_FILE),
+                        {"checkpoint": reader.root, "step": reader.step, "format": target, "dtype": dtype,
+                         "tokenizer": (recorded.get("path") if from_record else tokenizer) if tokenizer else None,
+                         "tokenizer_fingerprint": recorded.get("fingerprint") if tokenizer and from_record else None})
             commit_dir(tmp, out)
     except BaseException:
         storage.discard_dir(tmp)
@@ -259,5 +273,7 @@ def run(args) -> int:
                  max_shard_size=args.max_shard_size, tokenizer=args.tokenizer,
                  added_tokens=args.added_tokens, overwrite=args.overwrite,
                  use_recorded_tokenizer=not args.no_tokenizer)
-    print(f"wrote {out}")
+    with open(os.path.join(out, SOURCE_FILE)) as f:
+        src = json.load(f)
+    print(f"exported step {src['step']} of {src['checkpoint']} to {out}")
     return 0

@@ -400,13 +400,13 @@ def verify(directory: str | os.PathLike, progress: bool = True) -> list[str]:
 def add_arguments(parser) -> None:
     parser.add_argument("--input", nargs="+", required=True, metavar="FILE", help="JSONL or JSONL.gz, one document per line")
     parser.add_argument("--tokenizer", required=True, metavar="FILE", help="SentencePiece tokenizer.model")
-    parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory for the shards and manifest.json")
     parser.add_argument("--text-key", default="text", help="JSON key holding the document text (default: text)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     parser.add_argument("--added-tokens", nargs="*", default=(), metavar="TOKEN",
                         help="special tokens appended after the base vocabulary (Meditron's 17)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:

@@ -238,7 +238,7 @@ def add_arguments(parser) -> None:
     t = sub.add_parser("train", help="train a BPE SentencePiece model with byte fallback (Llama-2 style)")
     t.add_argument("--input", nargs="+", required=True, metavar="FILE",
                    help="plain text (one sentence per line) or JSONL (.jsonl/.jsonl.gz) files")
-    t.add_argument("--vocab-size", type=int, required=True, metavar="N")
+    t.add_argument("--vocab-size", type=int, required=True, metavar="N", help="vocabulary size of the model")
     t.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.model")
     t.add_argument("--text-key", default=None, help="JSON key holding the text (forces JSONL parsing)")
 

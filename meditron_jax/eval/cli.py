@@ -23,7 +23,7 @@ def add_arguments(parser):
     loader.add_model_arguments(ppl)
     ppl.add_argument("--data", required=True, help="directory written by `meditron-jax preprocess`")
     ppl.add_argument("--seq-len", type=int, default=None, help="tokens per row (default: model context)")
-    ppl.add_argument("--batch-size", type=int, default=4)
+    ppl.add_argument("--batch-size", type=int, default=4, help="rows per forward pass (default 4)")
     ppl.add_argument("--max-batches", type=int, default=None, help="stop after N batches")
     ppl.add_argument("--out", default=None, help="also write the JSON result here")
 
@@ -48,14 +48,15 @@ def add_arguments(parser):
                      help="truthfulqa_mc: demonstrations drawn from the file (default) or the release's fixed "
                           "six-pair QA primer")
     mcq.add_argument("--seeds", default="1234,432,32", help="comma-separated demonstration seeds")
-    mcq.add_argument("--scoring", choices=("top_token", "loglik"), default="top_token")
+    mcq.add_argument("--scoring", choices=("top_token", "loglik"), default="top_token",
+                     help="top_token: the label's first token; loglik: each option's log-likelihood")
     mcq.add_argument("--limit", type=int, default=None, help="first N test items only")
     mcq.add_argument("--max-length", type=int, default=None, help="context length (default: the model's)")
-    mcq.add_argument("--batch-size", type=int, default=8)
+    mcq.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
     mcq.add_argument("--prompts", default=None, help="template file (default: the packaged prompts.json)")
     mcq.add_argument("--out", required=True, help="results JSON; per-item records go next to it (.items.jsonl)")
     mcq.add_argument("--records", default=None, help="per-item JSONL path (default: OUT minus .json + .items.jsonl)")
-    mcq.add_argument("--no-progress", action="store_true")
+    mcq.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _writer() -> bool:

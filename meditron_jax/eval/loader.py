@@ -99,7 +99,11 @@ def load_tokenizer(path: str, added_tokens=None):
 
 def resolve_tokenizer(checkpoint: str, tokenizer: str | None, step: int | None = None):
     rec = recorded_tokenizer(checkpoint, step)
-    path = tokenizer or rec.get("path")
+    if tokenizer is None:  # the recorded file, or the copy stored in the checkpoint (tokenizer_store)
+        from meditron_jax.tokenizer_store import recorded_file
+        path = recorded_file(rec) or rec.get("path")
+    else:
+        path = tokenizer
     if path is None:
         raise LoadError(f"{checkpoint} records no tokenizer; pass --tokenizer FILE.model")
     if tokenizer is None and not os.path.exists(path):

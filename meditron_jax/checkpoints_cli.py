@@ -1,0 +1,127 @@
+"""`meditron-jax checkpoints WORKDIR [--json]`: what a workdir holds, one line per checkpoint.
+
+Columns: step, commit time (UTC, from Orbax's commit timestamp), size on disk, the training loss
+logged at that step (recorded in the checkpoint since this version; older checkpoints: looked up
+in WORKDIR/metrics.jsonl), and a state: `ok`, `incomplete` (remains of an interrupted save or
+deletion: a resume skips it) or, under `checkpoints_unreadable/`, `quarantined`. Reads only
+metadata; loads no array. Pick one with `train --resume_step N` or `export --step N`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+
+from meditron_jax.errors import UserError
+
+
+def add_arguments(p):
+    p.add_argument("workdir", help="a training workdir (or its checkpoints/ directory)")
+    p.add_argument("--json", action="store_true", help="one JSON object per checkpoint instead of a table")
+
+
+def _size(path: str) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(dirpath, f))
+            except OSError:
+                pass
+    return total
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _commit_time(step_dir: str) -> str | None:
+    try:
+        with open(os.path.join(step_dir, "_CHECKPOINT_METADATA")) as f:
+            ns = json.load(f).get("commit_timestamp_nsecs")
+        t = ns / 1e9
+    except (OSError, ValueError, TypeError, AttributeError):
+        try:
+            t = os.path.getmtime(step_dir)
+        except OSError:
+            return None
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _logged_losses(workdir: str) -> dict[int, float]:
+    out = {}
+    try:
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                    if "loss" in r:
+                        out[int(r["step"])] = float(r["loss"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+    except OSError:
+        pass
+    return out
+
+
+def list_checkpoints(workdir: str) -> list[dict]:
+    from meditron_jax import checkpoint as ckpt
+
+    from meditron_jax.workdir import resolve_workdir
+
+    workdir = os.path.abspath(resolve_workdir(workdir))
+    if os.path.basename(workdir) == "checkpoints" and not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        workdir = os.path.dirname(workdir)
+    root = ckpt.checkpoint_dir(workdir)
+    if not os.path.isdir(workdir):
+        raise UserError(f"{workdir}: no such workdir")
+    if not os.path.isdir(root):
+        raise UserError(f"{workdir} has no checkpoints/ directory")
+    losses = _logged_losses(workdir)
+    rows = []
+    for where, state_ok in ((root, "ok"), (ckpt.quarantine_dir(workdir), "quarantined")):
+        if not os.path.isdir(where):
+            continue
+        for name in os.listdir(where):
+            step_s = name.split(".")[0]
+            if not step_s.isdigit():
+                continue
+            d = os.path.join(where, name)
+            step = int(step_s)
+            state = state_ok if (state_ok != "ok" or ckpt.is_complete(d)) else "incomplete"
+            loss = None
+            try:
+                with open(os.path.join(d, "meta", "metadata")) as f:
+                    meta = json.load(f)
+                loss = meta.get("loss")
+            except (OSError, ValueError):
+                meta = {}
+            if loss is None and state != "quarantined":
+                loss = losses.get(step)
+            rows.append({"step": step, "time": _commit_time(d), "bytes": _size(d), "loss": loss, "state": state,
+                         "path": d, "has_opt_state": os.path.isdir(os.path.join(d, "opt_state")),
+                         "tokenizer_stored": bool((meta.get("tokenizer") or {}).get("model_b64"))
+                         if isinstance(meta.get("tokenizer"), dict) else False})
+    rows.sort(key=lambda r: (r["state"] == "quarantined", r["step"]))
+    return rows
+
+
+def run(args) -> int:
+    rows = list_checkpoints(args.workdir)
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+        return 0
+    if not rows:
+        print(f"{args.workdir}: no checkpoints")
+        return 0
+    print(f"{'step':>8}  {'time (UTC)':<20}  {'size':>10}  {'loss':>8}  state")
+    for r in rows:
+        loss = f"{r['loss']:.4f}" if isinstance(r["loss"], (int, float)) else "-"
+        print(f"{r['step']:>8}  {r['time'] or '-':<20}  {human_size(r['bytes']):>10}  {loss:>8}  {r['state']}")
+    return 0

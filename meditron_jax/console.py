@@ -1,0 +1,135 @@
+"""Console output for people and for log files: one `logging` format across subcommands.
+
+Owns: `setup()` (called once by the CLI: a stderr handler on the `meditron_jax` logger with
+timestamped plain lines, UTC; absl / Orbax / JAX info chatter lowered to warnings), `log`
+(the logger every module uses), the training line formats (`step_line`, `eval_line`,
+`summary_line`) and `progress_enabled()`: the tqdm bar is drawn only when stderr is a
+terminal, so a SLURM log file gets plain lines and never an endless `\\r` line.
+
+A line looks like
+    2026-12-01 22:31:05Z I step 20/150 loss 6.2351 lr 3.00e-03 gnorm 1.21 tok/s 5123 mfu 41.2% eta 1m12s
+Lines go through `tqdm.write`, so they stay readable above a live bar on a terminal.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+log = logging.getLogger("meditron_jax")
+
+# Loggers of libraries that print progress chatter at INFO (Orbax through absl, JAX's
+# compilation cache, tensorstore through absl): warnings and errors still come through.
+_QUIET = ("absl", "orbax", "jax", "jax._src", "tensorstore", "etils", "grain", "asyncio")
+
+
+class _Formatter(logging.Formatter):
+    converter = time.gmtime
+
+    def __init__(self):
+        super().__init__("%(asctime)sZ %(levelname).1s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+
+
+class _Handler(logging.Handler):
+    """Writes through tqdm (keeps an active bar intact) to the *current* sys.stderr."""
+
+    def emit(self, record):
+        try:
+            msg = self.format(record)
+            try:
+                from tqdm import tqdm
+                tqdm.write(msg, file=sys.stderr)
+            except ImportError:  # pragma: no cover - tqdm is a dependency
+                print(msg, file=sys.stderr)
+            sys.stderr.flush()
+        except Exception:  # never let logging kill a run
+            self.handleError(record)
+
+
+def setup(level: int = logging.INFO) -> logging.Logger:
+    """Installs the one handler (idempotent) and quiets the libraries' INFO chatter."""
+    if not any(isinstance(h, _Handler) for h in log.handlers):
+        h = _Handler()
+        h.setFormatter(_Formatter())
+        log.addHandler(h)
+    log.setLevel(level)
+    log.propagate = False
+    for name in _QUIET:
+        logging.getLogger(name).setLevel(logging.WARNING if name != "absl" else logging.ERROR)
+    try:  # absl's own verbosity (Orbax logs through absl.logging)
+        from absl import logging as absl_logging
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    except ImportError:
+        pass
+    return log
+
+
+def progress_enabled(requested: bool = True, stream=None) -> bool:
+    """The bar only when asked for and stderr is a terminal."""
+    stream = sys.stderr if stream is None else stream
+    try:
+        return bool(requested) and stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def duration(seconds: float) -> str:
+    s = int(round(max(0.0, seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def step_line(step: int, total: int, record: dict, eta_s: float | None) -> str:
+    parts = [f"step {step}/{total}"]
+    if "loss" in record:
+        parts.append(f"loss {record['loss']:.4f}")
+    if "lr" in record:
+        parts.append(f"lr {record['lr']:.2e}")
+    if "grad_norm" in record:
+        parts.append(f"gnorm {record['grad_norm']:.3g}")
+    if "tokens_per_sec" in record:
+        parts.append(f"tok/s {record['tokens_per_sec']:.0f}")
+    if record.get("mfu") is not None:
+        parts.append(f"mfu {100 * record['mfu']:.1f}%")
+    if record.get("skipped"):
+        parts.append("skipped (non-finite)")
+    if eta_s is not None:
+        parts.append(f"eta {duration(eta_s)}")
+    return " ".join(parts)
+
+
+def eval_line(step: int, record: dict) -> str:
+    line = f"eval step {step}: loss {record['eval_loss']:.4f}"
+    if "eval_ppl" in record:
+        line += f" ppl {record['eval_ppl']:.2f}"
+    return line
+
+
+def summary_line(step: int, total: int, last: dict, tokens: int, wall_s: float, checkpoint: str | None) -> str:
+    parts = [f"done: step {step}/{total}"]
+    if "loss" in last:
+        parts.append(f"final loss {last['loss']:.4f}")
+    if "eval_loss" in last:
+        parts.append(f"eval loss {last['eval_loss']:.4f}")
+    parts.append(f"{tokens:,} tokens")
+    parts.append(f"wall {duration(wall_s)}")
+    if checkpoint:
+        parts.append(f"checkpoint {checkpoint}")
+    return ", ".join(parts)
+
+
+class Timer:
+    """`with Timer() as t: ...; t.seconds`."""
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
+        return False

@@ -1,0 +1,276 @@
+"""A workdir that one run owns, and resuming from a chosen step.
+
+Owns:
+- `RunLock`: `WORKDIR/run.lock`, a JSON file naming host, pid, start time and a heartbeat
+  (rewritten every `heartbeat_s` by a daemon thread). It is created with O_CREAT|O_EXCL, so of
+  two runs starting together exactly one gets it. A second run refuses in one line naming the
+  holder. A lock is stale, and taken over with a warning, when its pid is dead on this host,
+  or when its heartbeat is older than `stale_after_s` (a run on another host that died), or
+  when it is unreadable and older than that. Multi-host: process 0 holds it and all processes
+  learn the outcome (`acquire_for_run`), so a refused start stops every process.
+- `releases_lock`: a decorator that releases the locks a call acquired, however it ends.
+- `check_resume_step` / `set_aside_newer`: `train --resume_step N` restores exactly step N
+  (refusing one that isn't there, before anything is built); checkpoints newer than N are moved
+  to `WORKDIR/checkpoints_superseded/`, never deleted, and metrics.jsonl is cut back to N by the
+  trainer's usual resume rule.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+
+from meditron_jax.errors import UserError
+
+LOCK_NAME = "run.lock"
+STALE_AFTER_S = 600.0
+HEARTBEAT_S = 30.0
+
+
+class WorkdirLocked(UserError):
+    """Another live run owns the workdir."""
+
+
+def _now_iso(t: float | None = None) -> str:
+    return datetime.datetime.fromtimestamp(time.time() if t is None else t, datetime.timezone.utc).strftime(
+        "%Y-%m-%d %H:%M:%SZ")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OSError, OverflowError, ValueError):
+        return False
+    return True
+
+
+_held: dict[str, "RunLock"] = {}  # token -> lock, the locks this process holds
+_call_stack = threading.local()
+
+
+class RunLock:
+    def __init__(self, workdir: str, stale_after_s: float = STALE_AFTER_S, heartbeat_s: float = HEARTBEAT_S,
+                 command: str = "train"):
+        self.workdir = os.path.abspath(workdir)
+        self.path = os.path.join(self.workdir, LOCK_NAME)
+        self.stale_after_s, self.heartbeat_s = stale_after_s, heartbeat_s
+        self.token = uuid.uuid4().hex
+        now = time.time()
+        self.record = {"host": socket.gethostname(), "pid": os.getpid(), "started": _now_iso(now),
+                       "heartbeat": now, "heartbeat_utc": _now_iso(now), "command": command, "token": self.token}
+        self._stop = threading.Event()
+        self._thread = None
+
+    # -- acquiring -------------------------------------------------------------------------
+    def acquire(self) -> "RunLock":
+        os.makedirs(self.workdir, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._read()
+                reason = self._stale_reason(holder)
+                if reason is None:
+                    raise WorkdirLocked(self._refusal(holder)) from None
+                from meditron_jax import console
+                console.log.warning(f"taking over the stale lock of workdir {self.workdir} ({reason})")
+                self._write(replace=True)
+                time.sleep(0.05)  # two runs taking over together: the last write wins, the other sees it
+                if (self._read() or {}).get("token") != self.token:
+                    raise WorkdirLocked(self._refusal(self._read())) from None
+                break
+            else:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(self.record, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                break
+        else:  # pragma: no cover - the lock keeps vanishing and reappearing
+            raise WorkdirLocked(f"workdir {self.workdir}: cannot take its lock {self.path}")
+        _held[self.token] = self
+        stack = getattr(_call_stack, "locks", None)
+        if stack is not None:
+            stack.append(self)
+        self._thread = threading.Thread(target=self._beat, name="meditron-jax-workdir-lock", daemon=True)
+        self._thread.start()
+        return self
+
+    def _read(self) -> dict | None:
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+            return data if isinstance(data, dict) else None
+        except (OSError, ValueError):
+            return None
+
+    def _stale_reason(self, holder: dict | None) -> str | None:
+        if holder is None:
+            try:
+                age = time.time() - os.path.getmtime(self.path)
+            except OSError:
+                return "it vanished"
+            return f"unreadable lock file, {age:.0f} s old" if age > min(self.stale_after_s, 10.0) else None
+        if holder.get("token") in _held:
+            return None  # held by a live lock of this very process: refuse like any other holder
+        host, pid = holder.get("host"), holder.get("pid")
+        if host == socket.gethostname() and isinstance(pid, int):
+            if pid == os.getpid():
+                return f"left by an earlier run in this process (pid {pid})"
+            if not _pid_alive(pid):
+                return f"pid {pid} on {host} is not running"
+        beat = holder.get("heartbeat")
+        if isinstance(beat, (int, float)) and time.time() - beat > self.stale_after_s:
+            return (f"no heartbeat from {host} pid {pid} since {holder.get('heartbeat_utc', _now_iso(beat))}, "
+                    f"more than {self.stale_after_s:.0f} s")
+        return None
+
+    def _refusal(self, holder: dict | None) -> str:
+        if holder is None:
+            return (f"workdir {self.workdir} is locked by {self.path} (unreadable; if no run uses it, remove it)")
+        return (f"workdir {self.workdir} is in use by another run: host {holder.get('host')} pid {holder.get('pid')}, "
+                f"started {holder.get('started')}, last heartbeat {holder.get('heartbeat_utc')} ({self.path}; "
+                f"it is taken over once that pid is gone or after {self.stale_after_s:.0f} s without a heartbeat)")
+
+    def _write(self, replace: bool):
+        tmp = f"{self.path}.{self.token}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.record, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    # -- holding ---------------------------------------------------------------------------
+    def _beat(self):
+        while not self._stop.wait(self.heartbeat_s):
+            if (self._read() or {}).get("token") != self.token:
+                return  # someone took it over (we were declared stale): never write over theirs
+            now = time.time()
+            self.record.update(heartbeat=now, heartbeat_utc=_now_iso(now))
+            try:
+                self._write(replace=True)
+            except OSError:
+                pass
+
+    def release(self):
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        if _held.pop(self.token, None) is not None and (self._read() or {}).get("token") == self.token:
+            try:
+                os.remove(self.path)
+            except OSError:
+                pass
+
+
+def releases_lock(fn):
+    """Releases every `RunLock` acquired during the call to `fn`, on any exit."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        outer = getattr(_call_stack, "locks", None)
+        _call_stack.locks = []
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for lock in reversed(_call_stack.locks):
+                lock.release()
+            _call_stack.locks = outer
+    return wrapper
+
+
+def acquire_for_run(workdir: str, **kwargs) -> RunLock | None:
+    """Process 0 takes the lock; every process learns whether it got it (one device broadcast
+    when there are several), so a refused start stops all of them with exit 2."""
+    import jax
+
+    lock, error = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = RunLock(workdir, **kwargs).acquire()
+        except UserError as e:
+            error = e
+    if jax.process_count() > 1:
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+        if not ok and error is None:
+            raise WorkdirLocked(f"workdir {workdir}: process 0 could not take the workdir lock (see its log)")
+    if error is not None:
+        raise error
+    return lock
+
+
+# ---- where the workdir lives -----------------------------------------------------------------
+
+def resolve_workdir(path: str) -> str:
+    """A local path, or a `file://` URL (made a local path). Any other scheme (gs://, s3://, ...)
+    is refused in one line before anything runs: the trainer writes its lock, metrics.jsonl,
+    TensorBoard events and config.gin with local file I/O, so a remote workdir would train and
+    then fail (or write a local `gs:/bucket` directory). Use a mounted path (gcsfuse, NFS)."""
+    path = str(path)
+    if "://" not in path:
+        return path
+    scheme, rest = path.split("://", 1)
+    if scheme == "file":
+        if not rest.startswith("/"):
+            raise UserError(f"workdir {path}: a file:// URL needs an absolute path (file:///abs/path)")
+        return rest
+    raise UserError(f"workdir {path}: {scheme}:// storage is not supported by the trainer yet (it writes "
+                    f"metrics, TensorBoard and its lock with local file I/O); use a local or mounted path "
+                    f"(e.g. a gcsfuse mount of the bucket)")
+
+
+# ---- resuming from a chosen step -------------------------------------------------------------
+
+SUPERSEDED = "checkpoints_superseded"
+
+
+def check_resume_step(workdir: str, step: int | None) -> None:
+    """`--resume_step N`: N must be a complete checkpoint of this workdir (checked up front)."""
+    if step is None:
+        return
+    from meditron_jax import checkpoint as ckpt
+
+    if step < 0:
+        raise UserError(f"--resume_step {step}: must be >= 0")
+    steps = ckpt.complete_steps(ckpt.checkpoint_dir(workdir))
+    if step not in steps:
+        have = f"it has {steps}" if steps else "it has none"
+        raise UserError(f"--resume_step {step}: workdir {os.path.abspath(workdir)} has no complete checkpoint "
+                        f"at step {step} ({have})")
+
+
+def set_aside_newer(manager, workdir: str, step: int) -> list[int]:
+    """Moves checkpoints newer than `step` to WORKDIR/checkpoints_superseded/ (process 0; all
+    processes wait), so the resumed run can save those steps again. Returns the moved steps."""
+    import jax
+
+    from meditron_jax import checkpoint as ckpt
+    from meditron_jax import console
+
+    newer = sorted(s for s in manager.all_steps() if s > step)
+    if newer and jax.process_index() == 0:
+        dest_root = os.path.join(os.path.abspath(workdir), SUPERSEDED)
+        os.makedirs(dest_root, exist_ok=True)
+        for s in newer:
+            dest, n = os.path.join(dest_root, str(s)), 1
+            while os.path.exists(dest):
+                dest, n = os.path.join(dest_root, f"{s}.{n}"), n + 1
+            os.rename(os.path.join(ckpt.checkpoint_dir(workdir), str(s)), dest)
+        console.log.warning(f"--resume_step {step}: newer checkpoints {newer} moved to {dest_root}")
+    if newer and jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("meditron_jax_superseded")
+    if newer:
+        manager.reload()
+    return newer
