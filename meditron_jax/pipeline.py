@@ -39,7 +39,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, PartitionSpec as P
 
 from meditron_jax.config import LlamaConfig
-from meditron_jax.model import PARAM_AXES, run_layers
+from meditron_jax.model import LAYER_KEYS, PARAM_AXES, run_layers
 from meditron_jax import sharding
 from meditron_jax.sharding import MeshError, constrain
 
@@ -131,6 +131,55 @@ def to_pipeline_layout(layers: dict, stages: int, repeats: int) -> dict:
 def from_pipeline_layout(layers: dict, stages: int, repeats: int) -> dict:
     """Inverse of `to_pipeline_layout` (for checkpoints, which stay canonical)."""
     return layers if repeats == 1 else _swap_layer_blocks(layers, stages, repeats)
+
+
+def _map_layer_leaves(fn, tree, num_layers: int):
+    """Apply `fn` to every leaf of `tree` that sits under a decoder-layer key (LAYER_KEYS) and
+    has the leading [L, ...] axis: the stacked params, their Adam moments, their gradients."""
+    def leaf(path, a):
+        under_layer = any(getattr(k, "key", None) in LAYER_KEYS for k in path)
+        if under_layer and getattr(a, "ndim", 0) >= 1 and a.shape[0] == num_layers:
+            return fn(a)
+        return a
+    return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
+class TrainerLayout:
+    """Train state held in the pipeline layout in memory; checkpoints stay canonical.
+
+    With circular repeats (R > 1) each stage owns non-contiguous canonical layers. Keeping
+    params and optimizer state permuted in memory (`to_memory`, once after init or restore)
+    lets every step run `pipeline_layers(..., pipeline_layout=True)` with no weight or
+    gradient movement across stages; `to_checkpoint` gives canonical copies to save, so a
+    checkpoint written with stage 4 x repeats 2 restores with stage 1 and the reverse.
+    Identity (no copies, no compiles) when stages or repeats is 1. The conversion keeps each
+    leaf's sharding (leading axis over `stage`); saving holds one canonical copy of params and
+    optimizer state per device until the save has read it.
+    """
+
+    def __init__(self, cfg: LlamaConfig, stages: int, repeats: int, state_shardings=None):
+        self.stages, self.repeats, self.num_layers = stages, repeats, cfg.num_layers
+        self.active = stages > 1 and repeats > 1
+        self._to = self._from = None
+        if self.active:
+            S, R, L = stages, repeats, cfg.num_layers
+            to = lambda t: _map_layer_leaves(lambda a: to_pipeline_layout({"a": a}, S, R)["a"], t, L)
+            back = lambda t: _map_layer_leaves(lambda a: from_pipeline_layout({"a": a}, S, R)["a"], t, L)
+            sh = state_shardings
+            self._to = jax.jit(to, in_shardings=(sh,), out_shardings=sh, donate_argnums=0)
+            part = None if sh is None else {k: sh[k] for k in ("params", "opt_state")}
+            self._from = jax.jit(back, in_shardings=(part,), out_shardings=part)
+
+    def to_memory(self, state: dict) -> dict:
+        """Canonical train state (fresh or restored) -> pipeline layout (donates `state`)."""
+        return self._to(state) if self.active else state
+
+    def to_checkpoint(self, params, opt_state):
+        """In-memory (pipeline layout) params and optimizer state -> canonical copies."""
+        if not self.active:
+            return params, opt_state
+        out = self._from({"params": params, "opt_state": opt_state})
+        return out["params"], out["opt_state"]
 
 
 # ---- the schedule -------------------------------------------------------------------------
