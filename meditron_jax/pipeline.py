@@ -52,10 +52,21 @@ class PipelineSettings:
 
 
 @gin.configurable("pipeline")
-def pipeline_settings(microbatches: int | None = None, repeats: int = 1,
-                      stage_remat: bool = False) -> PipelineSettings:
+def _pipeline_gin(microbatches: int | None = None, repeats: int = 1, stage_remat: bool = False):
+    return microbatches, repeats, stage_remat
+
+
+def pipeline_settings() -> PipelineSettings:
     """gin: `pipeline.microbatches` (None = 2 x stages), `pipeline.repeats` (1 = plain GPipe),
-    `pipeline.stage_remat` (recompute each chunk in the backward pass, see `pipeline_layers`)."""
+    `pipeline.stage_remat` (recompute each chunk in the backward pass, see `pipeline_layers`).
+
+    Validated here, outside the configurable, so that a bad value is one line (MeshError)."""
+    microbatches, repeats, stage_remat = _pipeline_gin()
+    if not isinstance(stage_remat, bool):
+        raise MeshError(f"pipeline.stage_remat {stage_remat!r} is not one of True, False")
+    for name, v in (("microbatches", microbatches), ("repeats", repeats)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise MeshError(f"pipeline.{name} {v!r} is not an integer")
     return PipelineSettings(microbatches=microbatches, repeats=repeats, stage_remat=stage_remat)
 
 

@@ -342,3 +342,17 @@ def test_stage_remat_lowers_temporaries():
     # residuals; with it only the tick input (measured 297 -> 79 MiB at T = 128).
     with_remat, without = _plan_temporaries(4, True), _plan_temporaries(4, False)
     assert with_remat < 0.6 * without, (with_remat / 2**20, without / 2**20)
+
+
+@pytest.mark.parametrize("binding, match", [
+    ("pipeline.stage_remat = 'yes'", r"pipeline.stage_remat 'yes' is not one of True, False"),
+    ("pipeline.repeats = 2.5", "pipeline.repeats 2.5 is not an integer"),
+])
+def test_bad_pipeline_settings(binding, match):
+    gin.clear_config()
+    try:
+        gin.parse_config([binding])
+        with pytest.raises(MeshError, match=match):
+            pipeline.pipeline_settings()
+    finally:
+        gin.clear_config()
