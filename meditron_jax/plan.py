@@ -167,9 +167,11 @@ def compile_step(gin_files, gin_params, devices: int | None = None, target: str 
             lowered = jit_train_step(step_fn, state_sh, mesh).lower(state_in, batch_in, poison)
         except Exception as e:
             msg = " ".join(str(e).split())
-            if "cuDNN" in msg or "cudnn" in msg:
+            if "cuDNN not found" in msg:
                 raise UserError(f"model.attention='cudnn' for --target {tgt.name} needs cuDNN's library at compile "
-                                f"time (no GPU needed): pip install nvidia-cudnn-cu12 ({msg[:160]})") from None
+                                f"time (no GPU needed): pip install nvidia-cudnn-cu12") from None
+            if "attention='cudnn' needs a CUDA GPU" in msg:
+                raise UserError(f"--target {tgt.name}: {msg[:300]}") from None
             raise
         t1 = time.perf_counter()
         try:
@@ -179,6 +181,10 @@ def compile_step(gin_files, gin_params, devices: int | None = None, target: str 
             msg = " ".join(str(e).split())
             if "RESOURCE_EXHAUSTED" in msg or "exceeds available" in msg or "Out of memory" in msg:
                 hbm_error = msg
+            elif "custom_partitioner" in msg and getattr(cfg, "attention", "") == "cudnn" and sizes["stage"] > 1:
+                raise UserError("model.attention='cudnn' does not compile inside the pipeline (mesh.stage > 1) with "
+                                "this jax: its custom partitioning rejects the partially manual mesh; use "
+                                "model.attention='xla' or mesh.stage=1") from None
             else:
                 raise UserError(f"compilation failed: {msg[:400]}") from None
         t2 = time.perf_counter()
@@ -406,18 +412,19 @@ def plan(gin_files, gin_params, devices: int | None = None, target: str = "cpu",
          top: int = 12) -> dict:
     import shutil
 
-    from meditron_jax import hlo_stats
-    from meditron_jax.metrics import flops_per_token
     tgt_is_accel = target.lower() != "cpu"
     built = compile_step(gin_files, gin_params, devices, target, dump=explain or tgt_is_accel)
     try:
-        return _report(built, explain, top, flops_per_token, hlo_stats)
+        return report(built, explain, top)
     finally:
         if built.dump_dir:
             shutil.rmtree(built.dump_dir, ignore_errors=True)
 
 
-def _report(built: Built, explain: bool, top: int, flops_per_token, hlo_stats) -> dict:
+def report(built: Built, explain: bool = False, top: int = 12) -> dict:
+    """The plan of a compiled step (see the module docstring); `plan()` = compile + this."""
+    from meditron_jax import hlo_stats
+    from meditron_jax.metrics import flops_per_token
     cfg, tc, sizes, tgt = built.cfg, built.tc, built.mesh_sizes, built.target
     params_b = _per_device_bytes(built.state_in["params"])
     opt_b = _per_device_bytes(built.state_in["opt_state"])
@@ -482,7 +489,7 @@ def _report(built: Built, explain: bool, top: int, flops_per_token, hlo_stats) -
         report["flops"] = {
             "model_per_step": report["model_flops_per_step"],
             "xla_cost_analysis_per_step": xla_flops,
-            "hlo_dots_per_step": dot * len(tgt.devices), "hlo_dot_ops": ndots,
+            "hlo_dots_per_step": dot * len(tgt.devices) if ndots else None, "hlo_dot_ops": ndots,
             "note": "XLA counts are per device x devices; hlo_dots counts dot/gemm ops weighted by loop trip "
                     "counts (attention custom calls and convolutions excluded)"}
         report["collectives"] = collective_report(built, hlo_text, top)
@@ -505,9 +512,10 @@ def _print(report: dict, explain: bool):
         print(f"compiler: {report['compile_error'][:300]}")
     fl = report.get("flops")
     if fl:
-        xla = fl["xla_cost_analysis_per_step"]
-        print(f"FLOPs per step: model {fl['model_per_step']:.3e}; XLA cost analysis "
-              f"{'n/a on this target' if xla is None else f'{xla:.3e}'}; HLO dots {fl['hlo_dots_per_step']:.3e}")
+        xla, dots = fl["xla_cost_analysis_per_step"], fl["hlo_dots_per_step"]
+        xla_s = "n/a on this target" if xla is None else f"{xla:.3e}"
+        dots_s = "n/a (no dot ops: convolutions)" if dots is None else f"{dots:.3e}"
+        print(f"FLOPs per step: model {fl['model_per_step']:.3e}; XLA cost analysis {xla_s}; HLO dots {dots_s}")
     else:
         print(f"model FLOPs per step {report['model_flops_per_step']:.3e}")
     print(f"lower {report['lower_seconds']:.1f} s, compile {report['compile_seconds']:.1f} s")
