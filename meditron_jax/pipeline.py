@@ -257,15 +257,17 @@ def _gather_over_fsdp(layers: dict, mesh: Mesh) -> dict:
         return _constrain_layers(layers)
 
 
-def _boundary_dtype(dtype):
+def _boundary_dtype(dtype, mesh=None):
     """dtype of the two reductions over `stage` (output broadcast, d/dx).
 
     Both only add zeros, so any dtype gives the same numbers. XLA:CPU aborts compiling a
     bfloat16 all-reduce emitted from a partially manual shard_map (its AllReducePromotion
     pass meets a `copy` in the reducer that JAX's lowering leaves there), so on CPU they
     run in float32; accelerators keep the compute dtype (half the bytes on the wire).
+    The platform is the mesh's (`mesh`, else the mesh being traced under), not the host's
+    default backend: `plan --target a100-80gb` compiles GPU code on a CPU host.
     """
-    return jnp.float32 if jax.default_backend() == "cpu" else dtype
+    return jnp.float32 if sharding.mesh_platform(mesh) == "cpu" else dtype
 
 
 # Name of each tick's stage-weight slice (circular repeats): never saved for the backward pass.
@@ -384,7 +386,7 @@ def pipeline_layers(cfg: LlamaConfig, layers: dict, x, positions, segment_ids, *
     layers = _gather_over_fsdp(layers, mesh)
 
     dtype = x.dtype
-    x_mb = _split_microbatches(x, M).astype(_boundary_dtype(dtype))
+    x_mb = _split_microbatches(x, M).astype(_boundary_dtype(dtype, mesh))
     x_mb = constrain(x_mb, (None, "batch", "length", "embed"))
     pos_mb = constrain(_split_microbatches(positions, M), (None, "batch", "length"))
     seg_mb = constrain(_split_microbatches(segment_ids, M), (None, "batch", "length"))
