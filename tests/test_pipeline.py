@@ -361,3 +361,28 @@ def test_bad_pipeline_settings(binding, match):
             pipeline.pipeline_settings()
     finally:
         gin.clear_config()
+
+
+@pytest.mark.parametrize("name, mesh, accumulation", [
+    ("meditron_70b.gin", {"data": 2, "stage": 8, "fsdp": 1, "tensor": 8}, 8),
+    ("meditron_7b_8xa100.gin", {"data": 2, "stage": 4, "fsdp": 1, "tensor": 1}, 10),
+])
+def test_recipe_pipelines_have_small_bubbles(name, mesh, accumulation):
+    # The shipped pipelined recipes: bubble <= 10%, and the batch splits exactly (compile-free).
+    import os
+    import meditron_jax.data.pipeline  # noqa: F401  (gin `data.*`)
+    from meditron_jax.config import model_config
+    from meditron_jax.train import accumulation_steps, train_config
+    root = os.path.join(os.path.dirname(__file__), "..")
+    gin.clear_config()
+    try:
+        gin.add_config_file_search_path(root)
+        gin.parse_config_files_and_bindings([os.path.join(root, "configs", name)],
+                                            ["train.init_from = None", "data.tokenizer = None"])
+        s = pipeline.pipeline_settings()
+        assert sharding.mesh_shape(num_devices=int(np.prod(list(mesh.values())))) == mesh
+        assert accumulation_steps(train_config(), model_config(), mesh) == accumulation
+        assert pipeline.bubble_fraction(mesh["stage"], s.microbatches, s.repeats) <= 0.10
+        assert s.stage_remat
+    finally:
+        gin.clear_config()
