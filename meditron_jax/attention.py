@@ -179,10 +179,18 @@ def dpa_attention(q, k, v, q_segment, kv_segment, implementation: str):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=implementation)
 
 
+def _platform() -> str:
+    """The platform being compiled for: the traced mesh's devices (jax's abstract mesh), else
+    the default backend. Not `jax.default_backend()` alone: `plan --target h100-80gb` traces
+    for GPU devices on a CPU host."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return getattr(device, "platform", None) or jax.default_backend()
+
+
 def cudnn_attention(q, k, v, q_segment, kv_segment):
-    if jax.default_backend() != "gpu":
+    if _platform() != "gpu":
         raise RuntimeError(
-            f"attention='cudnn' needs a CUDA GPU, but JAX's backend is {jax.default_backend()!r}; "
+            f"attention='cudnn' needs a CUDA GPU, but the devices are {_platform()!r}; "
             "use model.attention='xla'")
     return dpa_attention(q, k, v, q_segment, kv_segment, "cudnn")  # cuDNN flash attention
 

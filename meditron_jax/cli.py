@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     from meditron_jax.hostmem import keep_freed_memory
 
     keep_freed_memory()  # before JAX starts its threads: reuse freed host memory (hostmem.py)
+    from meditron_jax.targets import quiet_cuda_plugin_notice
+    quiet_cuda_plugin_notice()  # the compile-only CUDA plugin's "no driver" notices (plan extra)
     from meditron_jax import console
 
     console.setup()  # one timestamped line format for every subcommand; no absl/Orbax chatter

@@ -53,13 +53,15 @@ class Instr:
     opcode: str
     operands: list[str]
     attrs: str  # everything after the operand list
+    root: bool = False
+    args: str = ""  # the raw operand list (a constant's literal)
 
     def metadata(self, key: str) -> str | None:
         m = re.search(key + r'=("(?:[^"\\]|\\.)*"|[^ ,}]+)', self.attrs)
         if m is None:
             return None
         v = m.group(1)
-        return json.loads(v) if v.startswith('"') else v
+        return re.sub(r"\\(.)", r"\1", v[1:-1]) if v.startswith('"') else v
 
 
 @dataclasses.dataclass
@@ -124,7 +126,7 @@ def _balanced(s: str, i: int) -> int:
     return len(s)
 
 
-_INSTR_HEAD = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*")
+_INSTR_HEAD = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*")
 
 
 def _parse_instr(line: str) -> Instr | None:
@@ -146,7 +148,7 @@ def _parse_instr(line: str) -> Instr | None:
     opcode = rest[:k].strip()
     end = _balanced(rest, k)
     operands = re.findall(r"%([\w.\-]+)", rest[k:end])
-    return Instr(m.group(1), shape, opcode, operands, rest[end:])
+    return Instr(m.group(2), shape, opcode, operands, rest[end:], root=bool(m.group(1)), args=rest[k + 1:end - 1])
 
 
 def parse(text: str) -> Module:
@@ -207,6 +209,36 @@ def _called(ins: Instr) -> list[str]:
     return out
 
 
+def _constant(ins: Instr | None) -> int | None:
+    if ins is None or ins.opcode != "constant":
+        return None
+    return int(ins.args) if re.fullmatch(r"-?\d+", ins.args.strip()) else None
+
+
+def _trip_from_condition(mod: Module, loop: Instr, caller: list[Instr]) -> tuple[int, bool] | None:
+    """Trip count of a while whose backend_config does not carry one (e.g. TPU): the condition
+    `compare(get-tuple-element(param, k), constant(N)), direction=LT` with the loop's tuple
+    operand k a constant I gives N - I. (N, False) when I is not a visible constant."""
+    cm = re.search(r"\bcondition=%?([\w.\-]+)", loop.attrs)
+    if cm is None or cm.group(1) not in mod.computations:
+        return None
+    cond = mod.computations[cm.group(1)]
+    local = {i.name: i for i in cond}
+    root = next((i for i in cond if i.root), cond[-1] if cond else None)
+    if root is None or root.opcode != "compare" or "direction=LT" not in root.attrs or len(root.operands) != 2:
+        return None
+    gte, bound = local.get(root.operands[0]), _constant(local.get(root.operands[1]))
+    if gte is None or gte.opcode != "get-tuple-element" or bound is None:
+        return None
+    k = int(re.search(r"index=(\d+)", gte.attrs).group(1))
+    in_caller = {i.name: i for i in caller}
+    init_tuple = in_caller.get(loop.operands[0]) if loop.operands else None
+    init = None
+    if init_tuple is not None and init_tuple.opcode == "tuple" and k < len(init_tuple.operands):
+        init = _constant(in_caller.get(init_tuple.operands[k]))
+    return (bound - init, True) if init is not None else (bound, False)
+
+
 def _multiplicity(mod: Module) -> dict[str, tuple[int, bool]]:
     callers: dict[str, list[tuple[str, int, bool]]] = {}
     for cname, instrs in mod.computations.items():
@@ -214,7 +246,8 @@ def _multiplicity(mod: Module) -> dict[str, tuple[int, bool]]:
             trip, known = 1, True
             if ins.opcode == "while":
                 m = _TRIP_RE.search(ins.attrs)
-                trip, known = (int(m.group(1)), True) if m else (1, False)
+                inferred = None if m else _trip_from_condition(mod, ins, instrs)
+                trip, known = (int(m.group(1)), True) if m else inferred if inferred else (1, False)
             body = re.search(r"\bbody=%?([\w.\-]+)", ins.attrs) if ins.opcode == "while" else None
             for callee in _called(ins):
                 is_body = body is not None and callee == body.group(1)

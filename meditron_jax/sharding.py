@@ -255,6 +255,17 @@ def active() -> tuple[Mesh, dict] | None:
     return _ACTIVE[-1] if _ACTIVE else None
 
 
+def mesh_platform(mesh=None) -> str:
+    """'cpu', 'gpu' or 'tpu' of `mesh`'s devices, else of the mesh being traced under (jax's
+    abstract mesh carries its device kind), else of JAX's default backend. Backend-dependent
+    choices ask this, so that compiling for a GPU/TPU target from a CPU host takes the
+    target's branch."""
+    if mesh is not None and getattr(mesh, "devices", None) is not None and mesh.devices.size:
+        return mesh.devices.flat[0].platform
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return getattr(device, "platform", None) or jax.default_backend()
+
+
 def constrain(x, axes: Sequence[str | None]):
     """Pin an activation's layout by logical axis names; a no-op when no mesh is active."""
     if not _ACTIVE:

@@ -318,7 +318,8 @@ def layers_fn_for(cfg: LlamaConfig, mesh):
     from meditron_jax import pipeline
     s = pipeline.pipeline_settings()
     return functools.partial(pipeline.pipeline_layers, mesh=mesh, microbatches=s.microbatches,
-                             repeats=s.repeats, stage_remat=s.stage_remat)
+                             repeats=s.repeats, stage_remat=s.stage_remat,
+                             pipeline_layout=s.repeats > 1)  # the trainer holds that layout (TrainerLayout)
 
 
 def accumulation_steps(tc: TrainConfig, cfg: LlamaConfig, sizes: dict) -> int:
@@ -501,6 +502,8 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
             layers_fn = layers_fn_for(cfg, mesh)
             state, start, data_state, state_sh = build_state(cfg, tc, tx, mesh, rules, zero1, workdir, manager,
                                                              restart_from_scratch, resume_step)
+            layout = _pipeline_layout(cfg, mesh, state_sh)
+            state = layout.to_memory(state)  # circular repeats: permuted in memory, canonical on disk
             storage.startup_space_check(workdir, state_bytes, ckpt.manager_options().max_to_keep,
                                         _saves(tc, start), len(manager.all_steps()))
             it = data.train_iterator()
@@ -536,7 +539,7 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
                       file=sys.stderr)
             try:
                 step, exit_code = _loop(tc, cfg, state, start, it, data, mesh, jitted, eval_fn, finite_fn,
-                                        manager, meta, writer, preempt)
+                                        manager, meta, writer, preempt, layout)
             finally:
                 manager.wait_until_finished()
                 final = manager.latest_step()
@@ -554,7 +557,13 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
     return exit_code
 
 
-def _loop(tc, cfg, state, start, it, data, mesh, jitted, eval_fn, finite_fn, manager, meta, writer, preempt):
+def _pipeline_layout(cfg, mesh, state_sh):
+    from meditron_jax import pipeline
+    return pipeline.TrainerLayout(cfg, mesh.shape["stage"], pipeline.pipeline_settings().repeats, state_sh)
+
+
+def _loop(tc, cfg, state, start, it, data, mesh, jitted, eval_fn, finite_fn, manager, meta, writer, preempt,
+          layout=None):
     """The step loop; returns (last step, exit status). Metrics are flushed before every save, so
     every step up to a committed checkpoint is in metrics.jsonl."""
     peak = device_peak_flops()
@@ -625,7 +634,9 @@ def _loop(tc, cfg, state, start, it, data, mesh, jitted, eval_fn, finite_fn, man
                 print(f"meditron-jax train: error: the train state at step {step} is not finite; not saving "
                       "it, last good checkpoint kept", file=sys.stderr)
                 return step, EXIT_BAD_STEPS
-            ckpt.save(manager, step, state["params"], state["opt_state"], it.get_state(),
+            params, opt_state = (state["params"], state["opt_state"]) if layout is None else \
+                layout.to_checkpoint(state["params"], state["opt_state"])
+            ckpt.save(manager, step, params, opt_state, it.get_state(),
                       {**meta, "step": step, "bad_streak": bad_streak, "loss": last_loss})
             log0(f"saved checkpoint {step} (committing in the background)")
         if stop:

@@ -414,8 +414,17 @@ def test_trainer_checkpoint_exports(trained_dp):
 def test_trainer_pipeline_checkpoint_exports_like_dp(trained_dp):
     tmp, exported = trained_dp
     pp = _train_and_export(tmp, tmp / "init", "pp", {"data": 1, "stage": 2, "fsdp": 2, "tensor": 2})
+    # Compare what training changed, not the weights: the updates are ~1e-4 (lr 1e-4, 2 Adam
+    # steps) on weights ~2e-2, so an absolute tolerance on the weights passes with zero or
+    # sign-flipped gradients. Zero gradients leave only weight decay (~1e-7), flipped ones
+    # the negated update: both miss the data-parallel update by ~100% of its size.
+    init = hfconv.to_hf(ckpt.load_params(str(tmp / "init"))[1], TRAIN_CFG)
     for k in exported:
-        np.testing.assert_allclose(pp[k], exported[k], atol=3e-4, err_msg=k)
+        want, got = exported[k] - init[k], pp[k] - init[k]
+        scale = np.abs(want).max()
+        assert scale > 1e-5, k  # training moved this tensor
+        err = np.abs(got - want).max()
+        assert err <= 1e-3 * scale, f"{k}: pipeline update differs by {err:.2e}, update size {scale:.2e}"
 
 
 def test_export_without_recorded_tokenizer(tmp_path, imported):

@@ -115,3 +115,48 @@ ENTRY %main (x: f32[8,16]) -> (s32[], f32[8,16]) {
 """
     flops, n = hlo_stats.dot_flops(text)
     assert n == 1 and flops == 7 * 2 * 8 * 16 * 16
+def test_trip_count_from_the_loop_condition_when_not_annotated():
+    """TPU modules carry no known_trip_count: read it off `i < N` with i starting at a constant."""
+    text = HLO.replace(', backend_config={"known_trip_count":{"n":"3"}}', "")
+    text = text.replace("""  %q = (s32[], bf16[4,256]{1,0}) parameter(0)
+  ROOT %c = pred[] constant(true)""", """  %q = (s32[], bf16[4,256]{1,0}) parameter(0)
+  %iq = s32[] get-tuple-element(%q), index=0
+  %n = s32[] constant(7)
+  ROOT %c = pred[] compare(%iq, %n), direction=LT""")
+    text = text.replace("%zero = s32[] constant(0)", "%zero = s32[] constant(3)")
+    ar = next(r for r in hlo_stats.collectives(text) if r.name == "ar")
+    assert ar.trip_count_product == (7 - 3) * 5 and ar.trip_count_known
+
+
+@pytest.mark.slow
+def test_pipeline_step_collectives_match_shapes():
+    """The real train step on (data 2, stage 2, tensor 2), tiny model, bf16 compute, seq 32,
+    batch 8 in 4 pipeline micro-batches: per-device micro-batch b = 8 / 4 / 2 = 1 row.
+
+    By hand: each pipeline tick sends one [b, T, D] = [1, 32, 128] activation to the next
+    stage, forward and backward, over M + S - 1 = 5 ticks: 2 x 5 x 16 KiB (fp32 on CPU). Data
+    parallel gradient sums move fp32 parameter bytes over `data`: the stage's layer weights per
+    device (tensor 2) are 92416 floats per layer. On CPU the two sums over `stage` run in fp32
+    (pipeline._boundary_dtype); test_plan_target checks bf16 for a GPU target."""
+    from meditron_jax.plan import compile_step
+    params = ["train.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=1",
+              "mesh.data=2", "mesh.stage=2", "mesh.tensor=2", "pipeline.microbatches=4", "model.dtype='bfloat16'"]
+    built = compile_step(["configs/tiny.gin"], params, devices=8)
+    recs = hlo_stats.collectives(built.compiled.as_text())
+    hlo_stats.assign_axes(recs, built.mesh_sizes)
+    perm = [r for r in recs if r.kind == "collective-permute"]
+    assert {r.axes for r in perm} == {("stage",)}
+    assert sum(r.trip_count_product for r in perm) == 2 * 5
+    # XLA:CPU computes bf16 in fp32 (float normalization), so the sends are fp32 here
+    assert sum(r.wire_bytes_per_step for r in perm) == 2 * 5 * 1 * 32 * 128 * 4
+    assert {r.dtype for r in perm} == {"f32"}
+    stage_sums = [r for r in recs if r.kind == "all-reduce" and r.axes == ("stage",) and r.bytes >= 4096]
+    assert stage_sums and {r.dtype for r in stage_sums} == {"f32"}  # the CPU branch
+    D, N, K, H, F, V = 128, 4, 2, 32, 352, 2048
+    per_layer = (D * N * H + 2 * D * K * H + N * H * D + 3 * D * F) // 2 + 2 * D  # tensor 2; norms whole
+    assert per_layer == 92416
+    over_data = [r for r in recs if r.axes == ("data",) and r.kind == "all-reduce"]
+    layer_grads = [r for r in over_data if r.bytes == per_layer * 4]
+    assert layer_grads, [(r.shape, r.bytes) for r in over_data]
+    # embed_tokens and lm_head, vocab over tensor: [V/2, D] each, summed over data once per step
+    assert sorted(r.bytes for r in over_data if r.bytes == V // 2 * D * 4) == [V // 2 * D * 4] * 2

@@ -5,6 +5,8 @@ the same activations and the same gradients (w.r.t. the stacked layer params and
 within 1e-5 relative. Each configuration is compiled once (value, grads and HLO together).
 """
 
+import re
+
 import gin
 import jax
 import jax.numpy as jnp
@@ -225,3 +227,162 @@ def test_pipeline_layers_rejects_bad_batch_before_compiling():
     mesh = sharding.make_mesh(MESHES["stage4_data2"])
     with sharding.use_mesh(mesh), pytest.raises(MeshError, match="data-parallel size 2"):
         pipeline.pipeline_layers(CFG, LAYERS, X, POS, SEG, mesh=mesh, microbatches=16)
+
+
+# ---- what the compiled step keeps and moves -----------------------------------------------
+_COMP_HEAD = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*->.*\{\s*$")
+_CALLEE = re.compile(r"\b(?:body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
+_CALLEES = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
+_COLLECTIVE = re.compile(r"\s(all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)(?:-start)?\(")
+
+
+def _collectives(hlo: str) -> dict:
+    """Collective ops of optimized HLO text, split by whether they run inside a while loop
+    (in a computation reachable from some loop's body) or outside: {"in_loop": [op, ...], ...}."""
+    comps, cur = {}, None
+    for line in hlo.splitlines():
+        m = _COMP_HEAD.match(line)
+        if m and not line.startswith(" "):
+            cur = m.group(2)
+            comps[cur] = []
+        elif cur is not None:
+            comps[cur].append(line)
+    calls = {c: set() for c in comps}
+    bodies = set()
+    for c, lines in comps.items():
+        for line in lines:
+            calls[c].update(_CALLEE.findall(line))
+            bodies.update(re.findall(r"\bbody=%?([\w.\-]+)", line))
+            for group in _CALLEES.findall(line):
+                calls[c].update(v.strip().lstrip("%") for v in group.split(","))
+    in_loop, stack = set(), list(bodies)
+    while stack:
+        c = stack.pop()
+        if c in comps and c not in in_loop:
+            in_loop.add(c)
+            stack.extend(calls[c])
+    out = {"in_loop": [], "outside": []}
+    for c, lines in comps.items():
+        for line in lines:
+            m = _COLLECTIVE.search(line)
+            if m:
+                out["in_loop" if c in in_loop else "outside"].append(m.group(1))
+    assert bodies, "no while loop in the compiled step"
+    return out
+
+
+def test_stage_fsdp_gathers_weights_once(reference):
+    # fsdp shards the stage's weights: they are gathered once per call, before the tick loop,
+    # never per layer per tick inside it (forward, recomputation or backward).
+    sizes = {"data": 2, "stage": 2, "fsdp": 2, "tensor": 1}
+    run = _run("stage2_fsdp2_data2", sizes, microbatches=4)
+    _assert_matches(run, reference, "stage2_fsdp2_data2")
+    colls = _collectives(run[3])
+    assert "all-gather" not in colls["in_loop"], colls
+    assert colls["in_loop"].count("collective-permute") >= 2, colls  # the ring, both directions
+    # ... and the weight gradients are summed over (data, fsdp) once, after the loop
+    assert set(colls["in_loop"]) == {"collective-permute"}, colls
+    assert "all-gather" in colls["outside"], colls
+
+
+def test_circular_layout_moves_no_weights(reference):
+    # Params held in the pipeline layout: outside the tick loop the step runs only all-reduces
+    # (the stage output broadcast / d/dx and the data-parallel gradient sum); no permutation
+    # of weights or gradients across stages (collective-permute / all-to-all / all-gather).
+    # With canonical params (pipeline_layout=False) this fails: all-to-alls and permutes.
+    circ = _run("stage4_data2_r2", MESHES["stage4_data2"], repeats=2, pipeline_layout=True)
+    colls = _collectives(circ[3])
+    assert set(colls["outside"]) == {"all-reduce"}, colls
+    # Inside the loop only the ring: each device accumulates its weight gradients over the
+    # ticks and they are summed over `data` once after the loop (before: one all-reduce of
+    # the gradients in the loop body, i.e. per tick).
+    assert set(colls["in_loop"]) == {"collective-permute"}, colls
+
+
+# Memory: the tiny pipelined recipe through `plan` (the whole train step), stage 4 on 4 devices,
+# a fixed batch of 16 sequences split into M micro-batches. Hidden 256 makes one stage's weights
+# (2 layers, fp32) 5.6 MiB, much more than one tick's input [b, 64, 256] (fp32: 64 KiB x b).
+_PLAN_BASE = ["model.preset = 'tiny'", "model.num_layers = 8", "model.hidden_size = 256",
+              "model.intermediate_size = 704", "mesh.data = 1", "mesh.stage = 4", "mesh.fsdp = 1",
+              "mesh.tensor = 1", "train.seq_len = 64", "train.global_batch_size = 16", "train.steps = 10"]
+_PLANS: dict = {}
+
+
+def _plan_temporaries(M: int, stage_remat: bool) -> int:
+    from meditron_jax import plan
+    key = (M, stage_remat)
+    if key not in _PLANS:
+        gin.clear_config()
+        try:
+            report = plan.plan([], _PLAN_BASE + [f"train.micro_batch_size = {16 // M}",
+                                                 f"pipeline.microbatches = {M}",
+                                                 f"pipeline.stage_remat = {stage_remat}"], devices=4)
+        finally:
+            gin.clear_config()
+        _PLANS[key] = int(round(report["per_device_gib"]["temporaries"] * 2**30))
+    return _PLANS[key]
+
+
+def test_more_microbatches_add_only_tick_inputs():
+    # Doubling M (same batch) adds M ticks. With stage_remat each tick saves only its chunk
+    # input [b, T, D], so the step may grow by at most M x that; before the fix every tick also
+    # saved its stage's weights (measured +23 MiB for 4 more ticks on this config).
+    S, T, D, L = 4, 64, 256, 8
+    cfg = LlamaConfig(vocab_size=2048, hidden_size=D, intermediate_size=704, num_layers=L,
+                      num_heads=4, num_kv_heads=2)
+    from meditron_jax.model import param_shapes
+    stage_weights = sum(4 * np.prod(s) for k, s in param_shapes(cfg).items() if k in LAYER_KEYS) // S
+    small, big = _plan_temporaries(4, True), _plan_temporaries(8, True)
+    extra_ticks = (8 + S - 1) - (4 + S - 1)
+    tick_input = (16 // 8) * T * D * 4  # b = 2 rows of [T, D] fp32 at M = 8
+    bound = extra_ticks * tick_input
+    assert bound < stage_weights / 4  # the bound separates activations from weights
+    assert big - small <= bound, (f"M 4 -> 8 adds {(big - small) / 2**20:.2f} MiB of temporaries, more than "
+                                  f"{extra_ticks} tick inputs ({bound / 2**20:.2f} MiB); a stage's weights "
+                                  f"are {stage_weights / 2**20:.2f} MiB")
+
+
+def test_stage_remat_lowers_temporaries():
+    # remat 'none' inside the stage: without stage_remat every tick keeps all its layers'
+    # residuals; with it only the tick input (measured 297 -> 79 MiB at T = 128).
+    with_remat, without = _plan_temporaries(4, True), _plan_temporaries(4, False)
+    assert with_remat < 0.6 * without, (with_remat / 2**20, without / 2**20)
+
+
+@pytest.mark.parametrize("binding, match", [
+    ("pipeline.stage_remat = 'yes'", r"pipeline.stage_remat 'yes' is not one of True, False"),
+    ("pipeline.repeats = 2.5", "pipeline.repeats 2.5 is not an integer"),
+])
+def test_bad_pipeline_settings(binding, match):
+    gin.clear_config()
+    try:
+        gin.parse_config([binding])
+        with pytest.raises(MeshError, match=match):
+            pipeline.pipeline_settings()
+    finally:
+        gin.clear_config()
+
+
+@pytest.mark.parametrize("name, mesh, accumulation", [
+    ("meditron_70b.gin", {"data": 2, "stage": 8, "fsdp": 1, "tensor": 8}, 8),
+    ("meditron_7b_8xa100.gin", {"data": 2, "stage": 4, "fsdp": 1, "tensor": 1}, 10),
+])
+def test_recipe_pipelines_have_small_bubbles(name, mesh, accumulation):
+    # The shipped pipelined recipes: bubble <= 10%, and the batch splits exactly (compile-free).
+    import os
+    import meditron_jax.data.pipeline  # noqa: F401  (gin `data.*`)
+    from meditron_jax.config import model_config
+    from meditron_jax.train import accumulation_steps, train_config
+    root = os.path.join(os.path.dirname(__file__), "..")
+    gin.clear_config()
+    try:
+        gin.add_config_file_search_path(root)
+        gin.parse_config_files_and_bindings([os.path.join(root, "configs", name)],
+                                            ["train.init_from = None", "data.tokenizer = None"])
+        s = pipeline.pipeline_settings()
+        assert sharding.mesh_shape(num_devices=int(np.prod(list(mesh.values())))) == mesh
+        assert accumulation_steps(train_config(), model_config(), mesh) == accumulation
+        assert pipeline.bubble_fraction(mesh["stage"], s.microbatches, s.repeats) <= 0.10
+        assert s.stage_remat
+    finally:
+        gin.clear_config()

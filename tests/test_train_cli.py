@@ -93,3 +93,17 @@ def test_pipeline_run_matches_and_restores_without_stages(tmp_path, demo_dir, un
     ref, got = _losses(uninterrupted), _losses(w)
     assert sorted(got) == list(range(1, 7))
     np.testing.assert_allclose([got[s] for s in range(1, 7)], [ref[s] for s in range(1, 7)], rtol=1e-5)
+
+
+def test_circular_pipeline_keeps_canonical_checkpoints(tmp_path, demo_dir, uninterrupted):
+    """stage 2 x repeats 2 holds its state permuted in memory, saves canonical checkpoints:
+    it resumes with stage 1, whose checkpoint resumes with stage 2 x repeats 2 again, and all
+    eight steps match the (data 8) run."""
+    w = _workdir(tmp_path, demo_dir, "run")
+    circular = ("mesh.data=2", "mesh.stage=2", "mesh.tensor=2", "pipeline.repeats=2")
+    assert _train(w, "train.steps=4", "train.checkpoint_every=2", mesh=circular) == 0
+    assert _train(w, "train.steps=6", "train.checkpoint_every=2") == 0
+    assert _train(w, "train.steps=8", "train.checkpoint_every=2", mesh=circular) == 0
+    ref, got = _losses(w), _losses(uninterrupted)
+    assert sorted(ref) == list(range(1, 9))
+    np.testing.assert_allclose([ref[s] for s in range(1, 9)], [got[s] for s in range(1, 9)], rtol=1e-5)
