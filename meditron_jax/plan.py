@@ -51,7 +51,9 @@ def _set_device_count(n: int | None):
     if n is None:
         return
     if "jax" in sys.modules:
-        return  # checked against the live device count when the target is resolved
+        from jax._src import xla_bridge
+        if xla_bridge.backends_are_initialized():
+            return  # checked against the live device count when the target is resolved
     flags = os.environ.get("XLA_FLAGS", "")
     flags = " ".join(f for f in flags.split() if not f.startswith("--xla_force_host_platform_device_count"))
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
@@ -330,8 +332,8 @@ def collective_report(built: Built, hlo_text: str, top: int = 12) -> dict:
     if dp > 1:  # gradient sum over data x fsdp of the fp32 gradients (= params per device)
         theory["gradient_sum_over_data"] = {
             "wire_gib": 2 * (dp - 1) / dp * params_b / GIB,
-            "formula": "2 x params bytes per device x (n-1)/n, n = data x fsdp (all-reduce, or reduce-scatter "
-                       "+ all-gather)"}
+            "formula": "2 x params bytes per device x (n-1)/n, n = data x fsdp, once per step (all-reduce, or "
+                       "reduce-scatter + all-gather; gradients accumulate locally over the accumulation steps)"}
     b = tc.global_batch_size // A // dp  # rows per device per accumulation step
     act = b * tc.seq_len * cfg.hidden_size * dtype_bytes  # one [b, T, D] activation
     if S > 1:
@@ -368,9 +370,12 @@ def collective_report(built: Built, hlo_text: str, top: int = 12) -> dict:
         why = None
         if r.wire_bytes_per_step < 2 ** 20 and r.wire_bytes < 4096:
             continue  # scalars and small sums (loss, norms, counters)
-        if pb and axes <= {"data", "fsdp"} and r.trip_count_product > A:
+        if pb and "fsdp" in axes and axes <= {"data", "fsdp"}:
+            continue  # FSDP gathers weights and scatters gradients per layer by design
+        if pb and axes == {"data"} and r.trip_count_product > 1:
             why = (f"parameter/gradient {r.kind} over {'+'.join(r.axes)} runs {r.trip_count_product}x per step "
-                   f"(theory: once per accumulation step, {A}x)")
+                   f"(theory: once per step; {A} accumulation steps x {cfg.num_layers // S} layers = "
+                   f"{A * cfg.num_layers // S})")
         elif axes == {"stage"} and r.kind == "collective-permute":
             continue
         elif axes == {"tensor"} and r.kind in ("all-reduce", "all-gather", "reduce-scatter"):
