@@ -58,6 +58,10 @@ def _set_device_count(n: int | None):
     flags = " ".join(f for f in flags.split() if not f.startswith("--xla_force_host_platform_device_count"))
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if "jax" in sys.modules:  # imported (not initialised) already, e.g. by the CLI: tell its config too
+        import jax
+        if not jax.config.jax_platforms:
+            jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
 
 
 @dataclasses.dataclass
@@ -364,6 +368,8 @@ def collective_report(built: Built, hlo_text: str, top: int = 12) -> dict:
     }
     # Named: what theory does not explain (largest first), and parameter traffic that runs
     # more often than once per accumulation step.
+    need = theory.get("gradient_sum_over_data", {}).get("wire_gib", 0.0)
+    excess = dp > 1 and measured["parameters_over_data_fsdp"] > 1.1 * need  # more than one sum per step
     unexplained = []
     for r, pb, ob, ratio in sorted(rows, key=lambda x: -x[0].wire_bytes_per_step):
         axes = set(r.axes or ())
@@ -372,16 +378,16 @@ def collective_report(built: Built, hlo_text: str, top: int = 12) -> dict:
             continue  # scalars and small sums (loss, norms, counters)
         if pb and "fsdp" in axes and axes <= {"data", "fsdp"}:
             continue  # FSDP gathers weights and scatters gradients per layer by design
-        if pb and axes == {"data"} and r.trip_count_product > 1:
-            why = (f"parameter/gradient {r.kind} over {'+'.join(r.axes)} runs {r.trip_count_product}x per step "
-                   f"(theory: once per step; {A} accumulation steps x {cfg.num_layers // S} layers = "
-                   f"{A * cfg.num_layers // S})")
+        if pb and axes == {"data"} and r.trip_count_product > 1 and excess:
+            why = (f"parameter/gradient {r.kind} over data runs {r.trip_count_product}x per step ({A} accumulation "
+                   f"steps, {cfg.num_layers // S} layers per stage); all such traffic "
+                   f"{measured['parameters_over_data_fsdp']:.1f} GiB vs {need:.1f} GiB for one sum per step")
         elif axes == {"stage"} and r.kind == "collective-permute":
             continue
         elif axes == {"tensor"} and r.kind in ("all-reduce", "all-gather", "reduce-scatter"):
             continue
         elif pb and axes <= {"data", "fsdp"}:
-            continue
+            continue  # one gradient sum per step, split per parameter or layer
         elif axes == {"stage"} and r.kind == "all-reduce":
             why = "all-reduce over stage (the pipeline's output broadcast / input gradient)"
         else:
