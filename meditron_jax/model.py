@@ -15,6 +15,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -62,13 +63,34 @@ def rms_norm(x, weight, eps, dtype):
     return weight.astype(dtype) * x32.astype(dtype)
 
 
+def _split_inv_freq(H: int, theta: float):
+    """RoPE frequencies theta^(-2i/H) (computed in float64) as hi + lo, both fp32: hi keeps 12
+    significant bits, so position x hi is exact in fp32 for positions < 4096 (12 + 12 bits)."""
+    inv = 1.0 / (float(theta) ** (np.arange(0, H, 2, dtype=np.float64) / H))
+    m, e = np.frexp(inv)
+    hi = np.ldexp(np.floor(m * 4096.0) / 4096.0, e)
+    return hi.astype(np.float32), (inv - hi).astype(np.float32)
+
+
 def rope(x, positions, theta):
-    """Rotary embedding, Hugging Face rotate-half layout. x [B,T,*,H], positions [B,T]."""
+    """Rotary embedding, Hugging Face rotate-half layout. x [B,T,*,H], positions [B,T].
+
+    The angles are accurate, not fp32 products: position x frequency rounded to fp32 is off by
+    up to half an ulp of the angle (7e-5 rad at position 2047 for the fastest frequency), an error
+    that grows with the position and that transformers' fp32 RoPE (also its float64 model's:
+    LlamaRotaryEmbedding computes in fp32) carries. Here angle = a + b with a = position x hi
+    exact and b = position x lo small, and cos/sin come from the sum formulas, so cos/sin are
+    within ~1e-7 of float64 RoPE at every position below 4096 (beyond, a is rounded and the
+    accuracy falls back to the plain fp32 product's). docs/eval.md gives the effect on log-probs.
+    """
     H = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))  # [H/2]
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B,T,H/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B,T,1,H]
-    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    hi, lo = _split_inv_freq(H, theta)  # [H/2] each
+    p = positions.astype(jnp.float32)[..., None]
+    a, b = p * hi, p * lo  # [B,T,H/2]
+    ca, sa, cb, sb = jnp.cos(a), jnp.sin(a), jnp.cos(b), jnp.sin(b)
+    c, s_ = ca * cb - sa * sb, sa * cb + ca * sb
+    cos = jnp.concatenate([c, c], axis=-1)[:, :, None, :].astype(x.dtype)  # [B,T,1,H]
+    sin = jnp.concatenate([s_, s_], axis=-1)[:, :, None, :].astype(x.dtype)
     x1, x2 = x[..., : H // 2], x[..., H // 2:]
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return x * cos + rotated * sin

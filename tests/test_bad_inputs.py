@@ -64,8 +64,12 @@ def inputs(tmp_path_factory):
     opts = {"A": "rest", "B": "fluids", "C": "surgery", "D": "aspirin"}
     medqa.write_text("".join(json.dumps({"question": f"Case {i}: what next?", "options": opts, "answer_idx": "B",
                                          "answer": "fluids"}) + "\n" for i in range(2)))
+    big = root / "big_tokenizer"  # the demo tokenizer + 1 added token: one id more than the model's vocab
+    big.mkdir()
+    shutil.copy(paths["tokenizer"], big / "tokenizer.model")
+    (big / "added_tokens.json").write_text(json.dumps({"<x>": tok.vocab_size}))
     return {"root": root, "demo": demo, "tokenizer": paths["tokenizer"], "other_tokenizer": str(other),
-            "ckpt": ck, "hf": root / "hf", "medqa": medqa}
+            "ckpt": ck, "hf": root / "hf", "medqa": medqa, "big_tokenizer": str(big)}
 
 
 def _snapshot(d: Path) -> dict:
@@ -242,7 +246,7 @@ CASES = {
     "eval_unknown_task": (_mcq(task="usmle9"), ["usmle9"]),
     "eval_bad_record": (_mcq(data="bad_json"), ["exam.jsonl line 2"]),
     "eval_more_shots_than_pool": (_mcq(shots=5), ["--shots 5"]),
-    "eval_tokenizer_vs_checkpoint_vocab": (_mcq(tokenizer="other_tokenizer"), ["400", "1024"]),
+    "eval_tokenizer_vs_checkpoint_vocab": (_mcq(tokenizer="big_tokenizer"), ["1025", "1024"]),
     "eval_ppl_not_preprocessed": (_ppl_not_preprocessed, ["raw"]),
 }
 

@@ -126,7 +126,8 @@ def test_default_weights_are_token_proportional(data):
     p = build_pipeline(SEQ, GB, seed=0, config=_cfg(data))
     tm, tg = load_manifest(data["med"])["tokens"], load_manifest(data["gen"])["tokens"]
     assert p.weights["med"] == pytest.approx(tm / (tm + tg))
-    assert p.tokenizer_info == {"path": data["tok"], "fingerprint": Tokenizer(data["tok"]).fingerprint, "vocab_size": 512}
+    assert p.tokenizer_info == {"path": data["tok"], "fingerprint": Tokenizer(data["tok"]).fingerprint, "vocab_size": 512,
+                               "added_tokens": []}  # recorded in checkpoints; export writes them
 
 
 def test_two_processes_equal_one_process_and_state_moves_between_them(data):
