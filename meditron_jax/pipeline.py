@@ -258,7 +258,7 @@ def pipeline_layers(cfg: LlamaConfig, layers: dict, x, positions, segment_ids, *
     """
     S = mesh.shape["stage"]
     B = x.shape[0]
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    dp = sharding.local_data_parallel_size(mesh)  # inside the step's shard_map over data: local rows
     M = check_pipeline(cfg, S, B, dp, microbatches, repeats)
     if S == 1:
         return run_layers(cfg, layers, x, positions, segment_ids)
@@ -275,7 +275,9 @@ def pipeline_layers(cfg: LlamaConfig, layers: dict, x, positions, segment_ids, *
     pos_mb = constrain(_split_microbatches(positions, M), (None, "batch", "length"))
     seg_mb = constrain(_split_microbatches(segment_ids, M), (None, "batch", "length"))
     layer_specs = jax.tree.map(lambda _: P("stage"), layers)
-    run = jax.shard_map(_stage_program(cfg, S, M, repeats, stage_remat, dtype), mesh=mesh,
+    # nested in the train step's shard_map over data: the context's (partly manual) mesh
+    inner_mesh = jax.sharding.get_abstract_mesh() if sharding.manual_axes_here() else mesh
+    run = jax.shard_map(_stage_program(cfg, S, M, repeats, stage_remat, dtype), mesh=inner_mesh,
                         in_specs=(layer_specs, P(), P(), P()), out_specs=P(),
                         axis_names={"stage"})
     out = run(layers, x_mb, pos_mb, seg_mb)

@@ -20,8 +20,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jax.sharding import PartitionSpec as P
+
+from meditron_jax import sharding
 from meditron_jax.config import LlamaConfig
-from meditron_jax.model import forward_hidden, lm_logits, run_layers
+from meditron_jax.model import PARAM_AXES, forward_hidden, lm_logits, run_layers
 from meditron_jax.sharding import constrain
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -46,7 +49,11 @@ def cross_entropy_sum(cfg: LlamaConfig, lm_head, h, targets, mask, chunk: int | 
 def _reference_ce(cfg, lm_head, h, targets, mask):
     logits = lm_logits(cfg, lm_head, h, true_vocab=False)  # [B,T,V] fp32
     lse = jax.nn.logsumexp(logits, axis=-1)
-    gold = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    # the target logit by a one-hot select, not a gather: exact (one non-zero term), and XLA's
+    # partitioner aborts on a gather over the tensor-split vocab inside the data-manual
+    # shard_map of the step when fsdp and tensor are both > 1 (jaxlib 0.10.2)
+    onehot = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[..., None]
+    gold = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
     return jnp.sum((lse - gold) * mask)
 
 
@@ -129,9 +136,144 @@ def split_micro(batch, num_micro: int):
     return {k: split(batch[k]) for k in BATCH_KEYS}
 
 
+def working_copy(cfg: LlamaConfig, master: dict, manual: tuple[str, ...] = ()) -> dict:
+    """The compute-dtype copy of the fp32 master params that the forward/backward pass reads.
+
+    Cast first, then laid out as the rules say (replicated over `data`, and over `manual` axes
+    such as fsdp with `fsdp_grad_reduce='step'`): with ZeRO-1 the master is split over `data`,
+    so this is the one all-gather of the parameters per step, in the compute dtype (bf16: half
+    the bytes of gathering fp32). fp32 compute keeps an fp32 working copy.
+    """
+    dt = jnp.dtype(cfg.dtype)
+    act = sharding.active()
+    out = {}
+    for k, a in master.items():
+        w = a.astype(dt)
+        if act is not None and k in PARAM_AXES:
+            mesh, rules = act
+            w = jax.lax.with_sharding_constraint(w, _work_sharding(k, w.shape, mesh, rules, manual))
+        out[k] = w
+    return out
+
+
+def _inside_layout(p: dict, gather_table: bool = False) -> dict:
+    """Pin params (or their gradients) to the rule layout of the active (possibly manual) mesh.
+
+    gather_table: the embedding table whole over `fsdp` (vocab still over `tensor`). XLA's
+    SPMD partitioner aborts on the embedding gather inside a shard_map manual over `data` when
+    the table is split over both fsdp and tensor (a CHECK in spmd_partitioner_util, jaxlib
+    0.10.2); one table, gathered once per micro-batch like every FSDP layer, avoids it.
+    """
+    act = sharding.active()
+    if act is None:
+        return p
+    mesh, rules = act
+    out = {}
+    for k, a in p.items():
+        if k not in PARAM_AXES:
+            out[k] = a
+            continue
+        r = sharding.without_axes(rules, ("fsdp",)) if gather_table and k == "embed_tokens" else rules
+        out[k] = jax.lax.with_sharding_constraint(a, sharding.sharding_for(PARAM_AXES[k], a.shape, mesh, r))
+    return out
+
+
+def _work_sharding(k, shape, mesh, rules, manual):
+    return sharding.sharding_for(PARAM_AXES[k], shape, mesh, sharding.without_axes(rules, manual))
+
+
+def _master_spec_entries(k, shape, mesh, rules, zero1):
+    s = sharding.sharding_for(PARAM_AXES[k], shape, mesh, rules)
+    if zero1:
+        s = sharding.zero1_sharding(s, shape)
+    spec = tuple(s.spec) + (None,) * (len(shape) - len(s.spec))
+    return [() if e is None else (e,) if isinstance(e, str) else tuple(e) for e in spec]
+
+
+def _reduce(g, entries, manual, dtype):
+    """Inside the shard_map body: the one reduction of a local fp32 gradient over `manual`.
+
+    Axes that split this parameter's master layout reduce-scatter along that dimension (ZeRO-1:
+    each device keeps only its shard); the rest all-reduce. On the wire in `dtype`, back to fp32.
+    """
+    g = g.astype(dtype)
+    done = set()
+    for i, names in enumerate(entries):
+        axes = tuple(n for n in names if n in manual)
+        if axes:
+            g = jax.lax.psum_scatter(g, axes if len(axes) > 1 else axes[0], scatter_dimension=i, tiled=True)
+            done.update(axes)
+    rest = tuple(a for a in manual if a not in done)
+    if rest:
+        g = jax.lax.psum(g, rest)
+    return g.astype(jnp.float32)
+
+
+def _out_spec(entries, manual):
+    return P(*[tuple(n for n in names if n in manual) or None for names in entries])
+
+
+def accumulate_gradients(grad_fn, work: dict, micro: dict, num_micro: int, *, zero1: bool = False,
+                         sync: sharding.GradSync | None = None):
+    """(fp32 gradient sums, loss sum, token count) over the `num_micro` micro-batches.
+
+    Data parallelism: the micro-batch loop runs inside a `shard_map` that is manual over the
+    data axes (`data`, and `fsdp` with `fsdp_grad_reduce='step'`); `tensor`, `stage` (and
+    `fsdp` by default) stay automatic, so the model's own sharding and the pipeline's nested
+    shard_map over `stage` work unchanged inside. Each device accumulates its own gradients,
+    unreduced, in fp32; after the last micro-batch they are reduced once, in
+    `sync.dtype`: a reduce-scatter into the ZeRO-1 shard (`zero1`), else one all-reduce.
+    Without an active mesh, or with no data axis > 1, it is the plain loop.
+    """
+    sync = sync or sharding.GradSync()
+
+    def local(work, micro):
+        def step(carry, mb):
+            g_acc, l_acc, n_acc = carry
+            # differentiate w.r.t. an fp32 view of the working copy: the same gradient math as
+            # fp32 params (the model casts to the compute dtype itself; bf16 -> fp32 -> bf16 is exact)
+            p32 = jax.tree.map(lambda w: w.astype(jnp.float32), work)
+            (l, n), g = grad_fn(p32, mb)
+            # gradients in the parameters' layout: with fsdp automatic (the default), this is
+            # the per-micro-batch reduce-scatter over fsdp; over `data` nothing is reduced here
+            g = _inside_layout(g)
+            g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+            return (g_acc, l_acc + l, n_acc + n), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), work)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        if num_micro == 1:
+            out, _ = step(init, jax.tree.map(lambda a: a[0], micro))
+        else:
+            out, _ = jax.lax.scan(step, init, micro)
+        return out
+
+    act = sharding.active()
+    manual = sync.manual_axes(act[0]) if act is not None else ()
+    if not manual:
+        return local(work, micro)
+    mesh, rules = act
+    entries = {k: _master_spec_entries(k, w.shape, mesh, rules, zero1) for k, w in work.items()}
+    dtype = jnp.dtype(sync.dtype)
+
+    def body(work, micro):
+        with sharding.manual_rules(manual):
+            grads, total, tokens = local(work, micro)
+        grads = {k: _reduce(g, entries[k], manual, dtype) for k, g in grads.items()}
+        return grads, jax.lax.psum(total, manual), jax.lax.psum(tokens, manual)
+
+    batch_axes = manual if len(manual) > 1 else manual[0]
+    micro_specs = {k: P(None, batch_axes) for k in micro}
+    run = jax.shard_map(body, mesh=mesh, in_specs=({k: P() for k in work}, micro_specs),
+                        out_specs=({k: _out_spec(entries[k], manual) for k in work}, P(), P()),
+                        axis_names=set(manual), check_vma=False)
+    return run(work, micro)
+
+
 def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
                     num_micro: int = 1, layers_fn: Callable = run_layers, loss_chunk: int | None = None,
-                    spike_threshold: float | None = None):
+                    spike_threshold: float | None = None, *, zero1: bool | None = None,
+                    sync: sharding.GradSync | None = None):
     """Build `train_step(state, batch) -> (state, metrics)`.
 
     The loss is the token-weighted mean over the whole global batch: gradients of the summed
@@ -139,25 +281,27 @@ def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, lr_sched
     A non-finite loss or gradient norm (or, with `spike_threshold`, a loss above that) skips
     the update: params and optimizer state stay untouched, `skipped` is 1 and the state's
     `bad_streak` grows (the loop stops the run after `train.max_bad_steps`).
+
+    state["params"] are the fp32 master weights (with `zero1`, split over `data` like the
+    optimizer state, see `sharding.tree_shardings`). Each step gathers a working copy in the
+    compute dtype (`working_copy`), accumulates gradients per device and reduces them once
+    (`accumulate_gradients`), and updates the master shard. `zero1` / `sync` default to the
+    gin settings (`sharding.zero1`, `sharding.grad_reduce_dtype`, `sharding.fsdp_grad_reduce`);
+    they must agree with the state shardings the step is jitted with.
     """
-    grad_fn = jax.value_and_grad(lambda p, b: loss_sum(cfg, p, b, layers_fn, loss_chunk), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, b: loss_sum(cfg, _inside_layout(p, True), b, layers_fn, loss_chunk),
+                                 has_aux=True)
+    if zero1 is None:
+        zero1 = sharding.logical_rules()[1]
+    sync = sync or sharding.grad_sync()
 
     def train_step(state, batch, poison=None):
         params = state["params"]
         micro = split_micro(batch, num_micro)
-
-        def accumulate(carry, mb):
-            g_acc, l_acc, n_acc = carry
-            (l, n), g = grad_fn(params, mb)
-            g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
-            return (g_acc, l_acc + l, n_acc + n), None
-
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        if num_micro == 1:
-            (grads, total, tokens), _ = accumulate(init, jax.tree.map(lambda a: a[0], micro))
-        else:
-            (grads, total, tokens), _ = jax.lax.scan(accumulate, init, micro)
+        act = sharding.active()
+        manual = sync.manual_axes(act[0]) if act is not None else ()
+        work = working_copy(cfg, params, manual)
+        grads, total, tokens = accumulate_gradients(grad_fn, work, micro, num_micro, zero1=zero1, sync=sync)
         denom = jnp.maximum(tokens, 1.0)
         loss = total / denom
         grads = jax.tree.map(lambda g: g / denom, grads)
@@ -186,9 +330,45 @@ def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, lr_sched
     return train_step
 
 
-def make_eval_step(cfg: LlamaConfig, layers_fn: Callable = run_layers, loss_chunk: int | None = None):
+def make_eval_step(cfg: LlamaConfig, layers_fn: Callable = run_layers, loss_chunk: int | None = None,
+                   num_micro: int = 1, *, sync: sharding.GradSync | None = None):
+    """`eval_step(params, batch) -> {"loss_sum", "tokens"}`, micro-batched like the train step.
+
+    params: the fp32 master params (any layout the train state uses); the working copy is
+    gathered once, then the global batch runs `num_micro` micro-batches at a time (a scan),
+    never one forward pass over the whole global batch, so the eval step's activation memory is
+    the train step's forward. Inside the same shard_map over the data axes as training; the
+    two sums are reduced once at the end.
+    """
+    sync = sync or sharding.grad_sync()
+
     def eval_step(params, batch):
-        total, tokens = loss_sum(cfg, params, batch, layers_fn, loss_chunk)
+        micro = split_micro(batch, num_micro)
+        act = sharding.active()
+        manual = sync.manual_axes(act[0]) if act is not None else ()
+        work = working_copy(cfg, params, manual)
+
+        def local(work, micro):
+            def step(carry, mb):
+                total, tokens = loss_sum(cfg, _inside_layout(work, True), mb, layers_fn, loss_chunk)
+                return (carry[0] + total, carry[1] + tokens), None
+            init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+            return jax.lax.scan(step, init, micro)[0]
+
+        if not manual:
+            total, tokens = local(work, micro)
+        else:
+            mesh = act[0]
+
+            def body(work, micro):
+                with sharding.manual_rules(manual):
+                    total, tokens = local(work, micro)
+                return jax.lax.psum(total, manual), jax.lax.psum(tokens, manual)
+
+            batch_axes = manual if len(manual) > 1 else manual[0]
+            total, tokens = jax.shard_map(body, mesh=mesh, in_specs=({k: P() for k in work},
+                                                                     {k: P(None, batch_axes) for k in micro}),
+                                          out_specs=(P(), P()), axis_names=set(manual), check_vma=False)(work, micro)
         return {"loss_sum": total, "tokens": tokens}
     return eval_step
 
