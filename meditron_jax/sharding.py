@@ -260,7 +260,8 @@ def zero1_sharding(s: NamedSharding, shape) -> NamedSharding:
         return s
     # Prefer a dimension no other (non-trivial) mesh axis splits: the step's reduce-scatter
     # over `data` then scatters along a dimension that is whole on every device. Otherwise
-    # `data` goes first (major) in the first dimension it divides.
+    # `data` goes last (minor) in the first dimension it divides: each device's shard is then
+    # a piece of its own tensor/fsdp block, which a reduce-scatter over `data` produces in place.
     for free_only in (True, False):
         for i, e in enumerate(spec):
             names = () if e is None else (e,) if isinstance(e, str) else tuple(e)
@@ -268,7 +269,7 @@ def zero1_sharding(s: NamedSharding, shape) -> NamedSharding:
             if free_only and size > 1:
                 continue
             if shape[i] % (size * mesh.shape["data"]) == 0:
-                spec[i] = ("data",) + names if names else "data"
+                spec[i] = names + ("data",) if names else "data"
                 return NamedSharding(mesh, P(*spec))
     return s
 

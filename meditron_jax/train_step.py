@@ -136,7 +136,7 @@ def split_micro(batch, num_micro: int):
     return {k: split(batch[k]) for k in BATCH_KEYS}
 
 
-def working_copy(cfg: LlamaConfig, master: dict, manual: tuple[str, ...] = ()) -> dict:
+def working_copy(cfg: LlamaConfig, master: dict, manual: tuple[str, ...] = (), zero1: bool = False) -> dict:
     """The compute-dtype copy of the fp32 master params that the forward/backward pass reads.
 
     Cast first, then laid out as the rules say (replicated over `data`, and over `manual` axes
@@ -148,10 +148,15 @@ def working_copy(cfg: LlamaConfig, master: dict, manual: tuple[str, ...] = ()) -
     act = sharding.active()
     out = {}
     for k, a in master.items():
-        w = a.astype(dt)
         if act is not None and k in PARAM_AXES:
             mesh, rules = act
+            # pinned on both sides of the cast, so that the gather moves compute-dtype bytes
+            # (left to propagation, XLA gathers the fp32 master and casts after)
+            a = jax.lax.with_sharding_constraint(a, _master_sharding(k, a.shape, mesh, rules, zero1))
+            w = jax.lax.with_sharding_constraint(a.astype(dt), _master_sharding(k, a.shape, mesh, rules, zero1))
             w = jax.lax.with_sharding_constraint(w, _work_sharding(k, w.shape, mesh, rules, manual))
+        else:
+            w = a.astype(dt)
         out[k] = w
     return out
 
@@ -182,35 +187,36 @@ def _work_sharding(k, shape, mesh, rules, manual):
     return sharding.sharding_for(PARAM_AXES[k], shape, mesh, sharding.without_axes(rules, manual))
 
 
-def _master_spec_entries(k, shape, mesh, rules, zero1):
-    s = sharding.sharding_for(PARAM_AXES[k], shape, mesh, rules)
-    if zero1:
-        s = sharding.zero1_sharding(s, shape)
-    spec = tuple(s.spec) + (None,) * (len(shape) - len(s.spec))
+def _entries(spec: P, ndim: int) -> list[tuple[str, ...]]:
+    spec = tuple(spec) + (None,) * (ndim - len(spec))
     return [() if e is None else (e,) if isinstance(e, str) else tuple(e) for e in spec]
 
 
-def _reduce(g, entries, manual, dtype):
-    """Inside the shard_map body: the one reduction of a local fp32 gradient over `manual`.
+def _master_sharding(k, shape, mesh, rules, zero1):
+    s = sharding.sharding_for(PARAM_AXES[k], shape, mesh, rules)
+    return sharding.zero1_sharding(s, shape) if zero1 else s
 
-    Axes that split this parameter's master layout reduce-scatter along that dimension (ZeRO-1:
-    each device keeps only its shard); the rest all-reduce. On the wire in `dtype`, back to fp32.
+
+def _reduce_local(g, master: list, manual: tuple, dtype):
+    """Fully manual: the one reduction of a device's local fp32 gradient block over `manual`.
+
+    g: [1, *local block] (the block of the rule layout without the manual axes). A dimension of
+    the master layout split over manual axes (ZeRO-1's `data`, fsdp in 'step' mode) is
+    reduce-scattered into the device's master shard; manual axes that do not split the master
+    are all-reduced. On the wire in `dtype`, back to fp32.
     """
-    g = g.astype(dtype)
+    g = g[0].astype(dtype)
     done = set()
-    for i, names in enumerate(entries):
+    for i, names in enumerate(master):
         axes = tuple(n for n in names if n in manual)
         if axes:
+            assert names[len(names) - len(axes):] == axes, (names, manual)  # manual axes minor
             g = jax.lax.psum_scatter(g, axes if len(axes) > 1 else axes[0], scatter_dimension=i, tiled=True)
             done.update(axes)
     rest = tuple(a for a in manual if a not in done)
     if rest:
         g = jax.lax.psum(g, rest)
     return g.astype(jnp.float32)
-
-
-def _out_spec(entries, manual):
-    return P(*[tuple(n for n in names if n in manual) or None for names in entries])
 
 
 def accumulate_gradients(grad_fn, work: dict, micro: dict, num_micro: int, *, zero1: bool = False,
@@ -253,21 +259,35 @@ def accumulate_gradients(grad_fn, work: dict, micro: dict, num_micro: int, *, ze
     if not manual:
         return local(work, micro)
     mesh, rules = act
-    entries = {k: _master_spec_entries(k, w.shape, mesh, rules, zero1) for k, w in work.items()}
-    dtype = jnp.dtype(sync.dtype)
+    stacked = manual if len(manual) > 1 else manual[0]
 
     def body(work, micro):
         with sharding.manual_rules(manual):
             grads, total, tokens = local(work, micro)
-        grads = {k: _reduce(g, entries[k], manual, dtype) for k, g in grads.items()}
-        return grads, jax.lax.psum(total, manual), jax.lax.psum(tokens, manual)
+        # each device's unreduced sums leave as one slice of a leading [data(, fsdp)] axis
+        return jax.tree.map(lambda g: g[None], grads), jax.lax.psum(total, manual), jax.lax.psum(tokens, manual)
 
-    batch_axes = manual if len(manual) > 1 else manual[0]
-    micro_specs = {k: P(None, batch_axes) for k in micro}
-    run = jax.shard_map(body, mesh=mesh, in_specs=({k: P() for k in work}, micro_specs),
-                        out_specs=({k: _out_spec(entries[k], manual) for k in work}, P(), P()),
+    run = jax.shard_map(body, mesh=mesh, in_specs=({k: P() for k in work}, {k: P(None, stacked) for k in micro}),
+                        out_specs=({k: P(stacked) for k in work}, P(), P()),
                         axis_names=set(manual), check_vma=False)
-    return run(work, micro)
+    partial, total, tokens = run(work, micro)
+    # The reduction runs in a second shard_map, manual over every axis: psum_scatter inside the
+    # first (automatic over tensor) makes XLA gather each gradient over `tensor` first.
+    dtype = jnp.dtype(sync.dtype)
+    in_specs, out_specs, fns = {}, {}, {}
+    for k, w in work.items():
+        inner = _work_sharding(k, w.shape, mesh, rules, manual).spec
+        master = _master_sharding(k, w.shape, mesh, rules, zero1).spec
+        in_specs[k] = P(stacked, *_pad(inner, w.ndim))
+        out_specs[k] = master
+        fns[k] = functools.partial(_reduce_local, master=_entries(master, w.ndim), manual=manual, dtype=dtype)
+    reduce = jax.shard_map(lambda t: {k: fns[k](g) for k, g in t.items()}, mesh=mesh, in_specs=(in_specs,),
+                           out_specs=out_specs, check_vma=False)
+    return reduce(partial), total, tokens
+
+
+def _pad(spec: P, ndim: int) -> tuple:
+    return tuple(spec) + (None,) * (ndim - len(spec))
 
 
 def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
@@ -300,7 +320,7 @@ def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, lr_sched
         micro = split_micro(batch, num_micro)
         act = sharding.active()
         manual = sync.manual_axes(act[0]) if act is not None else ()
-        work = working_copy(cfg, params, manual)
+        work = working_copy(cfg, params, manual, zero1)
         grads, total, tokens = accumulate_gradients(grad_fn, work, micro, num_micro, zero1=zero1, sync=sync)
         denom = jnp.maximum(tokens, 1.0)
         loss = total / denom
@@ -331,7 +351,7 @@ def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, lr_sched
 
 
 def make_eval_step(cfg: LlamaConfig, layers_fn: Callable = run_layers, loss_chunk: int | None = None,
-                   num_micro: int = 1, *, sync: sharding.GradSync | None = None):
+                   num_micro: int = 1, *, zero1: bool | None = None, sync: sharding.GradSync | None = None):
     """`eval_step(params, batch) -> {"loss_sum", "tokens"}`, micro-batched like the train step.
 
     params: the fp32 master params (any layout the train state uses); the working copy is
@@ -341,12 +361,14 @@ def make_eval_step(cfg: LlamaConfig, layers_fn: Callable = run_layers, loss_chun
     two sums are reduced once at the end.
     """
     sync = sync or sharding.grad_sync()
+    if zero1 is None:
+        zero1 = sharding.logical_rules()[1]
 
     def eval_step(params, batch):
         micro = split_micro(batch, num_micro)
         act = sharding.active()
         manual = sync.manual_axes(act[0]) if act is not None else ()
-        work = working_copy(cfg, params, manual)
+        work = working_copy(cfg, params, manual, zero1)
 
         def local(work, micro):
             def step(carry, mb):
