@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from meditron_jax import sharding
 from meditron_jax.config import LlamaConfig
-from meditron_jax.model import PARAM_AXES, forward_hidden, lm_logits, run_layers
+from meditron_jax.model import LAYER_KEYS, PARAM_AXES, forward_hidden, lm_logits, run_layers
 from meditron_jax.sharding import constrain
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -236,9 +236,13 @@ def accumulate_gradients(grad_fn, work: dict, micro: dict, num_micro: int, *, ze
     def local(work, micro):
         def step(carry, mb):
             g_acc, l_acc, n_acc = carry
-            # differentiate w.r.t. an fp32 view of the working copy: the same gradient math as
-            # fp32 params (the model casts to the compute dtype itself; bf16 -> fp32 -> bf16 is exact)
-            p32 = jax.tree.map(lambda w: w.astype(jnp.float32), work)
+            # The stacked layer weights are differentiated in the compute dtype: their gradients
+            # are matmul outputs in that dtype either way (fp32 params would only widen them),
+            # and the backward layer scan then stacks bf16, not fp32, per-layer gradients (half
+            # the bytes). Embedding, head and norms get an fp32 view: the embedding's
+            # scatter-add and the fused head's dW stay in fp32, as with fp32 params.
+            p32 = {k: w if k in LAYER_KEYS and "norm" not in k else w.astype(jnp.float32)
+                   for k, w in work.items()}
             (l, n), g = grad_fn(p32, mb)
             # gradients in the parameters' layout: with fsdp automatic (the default), this is
             # the per-micro-batch reduce-scatter over fsdp; over `data` nothing is reduced here
