@@ -325,7 +325,7 @@ def _run_tick(cfg: LlamaConfig, R: int, stage_remat: bool):
     return jax.checkpoint(run, policy=tick_policy(stage_remat), prevent_cse=False)
 
 
-def _stage_program(cfg: LlamaConfig, S: int, M: int, R: int, stage_remat: bool, dtype):
+def _stage_program(cfg: LlamaConfig, S: int, M: int, R: int, stage_remat: bool, dtype, dp=_DP):
     """The per-stage body for shard_map (manual over `stage`); activations in `dtype`."""
     ticks = M * R + S - 1
     ring = [(j, (j + 1) % S) for j in range(S)]
@@ -341,7 +341,8 @@ def _stage_program(cfg: LlamaConfig, S: int, M: int, R: int, stage_remat: bool, 
         # Weights enter invariant over (data, fsdp): mark them varying once, here, so the sum
         # of their gradients over the data-parallel devices is one psum after the loop (the
         # transpose of this cast), not one per use inside it.
-        layers = jax.lax.pcast(layers, _DP, to="varying")
+        if dp:  # (data axes made manual by the step's own shard_map are already per-device)
+            layers = jax.lax.pcast(layers, dp, to="varying")
         chunks = jax.tree.map(lambda a: a.reshape((R, a.shape[0] // R) + a.shape[1:]), layers)
         first = s == 0
 
@@ -397,7 +398,7 @@ def pipeline_layers(cfg: LlamaConfig, layers: dict, x, positions, segment_ids, *
     """
     S = mesh.shape["stage"]
     B = x.shape[0]
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    dp = sharding.local_data_parallel_size(mesh)  # inside the step's shard_map over data: local rows
     M = check_pipeline(cfg, S, B, dp, microbatches, repeats)
     if S == 1:
         return run_layers(cfg, layers, x, positions, segment_ids)
@@ -415,8 +416,14 @@ def pipeline_layers(cfg: LlamaConfig, layers: dict, x, positions, segment_ids, *
     pos_mb = constrain(_split_microbatches(positions, M), (None, "batch", "length"))
     seg_mb = constrain(_split_microbatches(segment_ids, M), (None, "batch", "length"))
     layer_specs = jax.tree.map(lambda _: P("stage"), layers)
-    run = jax.shard_map(_stage_program(cfg, S, M, repeats, stage_remat, dtype), mesh=mesh,
-                        in_specs=(layer_specs, P(None, _DP), P(None, _DP), P(None, _DP)),
-                        out_specs=P(None, _DP), axis_names=set(MANUAL))
+    # Inside the train step's shard_map over the data axes (sharding.GradSync) those axes are
+    # manual already: nest on the trace's (partly manual) mesh and make manual only the rest.
+    already = sharding.manual_axes_here()
+    manual = tuple(a for a in MANUAL if a not in already)
+    dp_new = tuple(a for a in _DP if a in manual)
+    inner_mesh = jax.sharding.get_abstract_mesh() if already else mesh
+    dspec = P(None, dp_new) if dp_new else P()
+    run = jax.shard_map(_stage_program(cfg, S, M, repeats, stage_remat, dtype, dp_new), mesh=inner_mesh,
+                        in_specs=(layer_specs, dspec, dspec, dspec), out_specs=dspec, axis_names=set(manual))
     out = run(layers, x_mb, pos_mb, seg_mb)
     return constrain(_merge_microbatches(out), ("batch", "length", "embed"))

@@ -14,6 +14,7 @@ sharding-in-types annotations while still pinning every layout that matters.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from typing import Sequence
 
@@ -186,13 +187,71 @@ def check_placement(sizes: dict[str, int]):
 
 
 @gin.configurable("sharding")
-def logical_rules(rules: Sequence = DEFAULT_RULES, zero1: bool = False):
-    """gin: `sharding.rules` (tuple of (logical, mesh axis|tuple|None)), `sharding.zero1`."""
+def logical_rules(rules: Sequence = DEFAULT_RULES, zero1: bool = False, grad_reduce_dtype: str = "float32",
+                  fsdp_grad_reduce: str | None = None):
+    """gin: `sharding.rules` (tuple of (logical, mesh axis|tuple|None)), `sharding.zero1`,
+    `sharding.grad_reduce_dtype` and `sharding.fsdp_grad_reduce` (see `GradSync`; read by
+    `grad_sync()`, validated here so that a bad value fails before anything is built)."""
     table = dict((k, v) for k, v in rules)
     unknown = set(table) - set(LOGICAL_AXES)
     if unknown:
         raise MeshError(f"unknown logical axes in sharding.rules: {sorted(unknown)}")
+    GradSync(grad_reduce_dtype, fsdp_grad_reduce)
     return table, zero1
+
+
+GRAD_REDUCE_DTYPES = ("float32", "bfloat16")
+FSDP_GRAD_REDUCE = ("micro_batch", "step")
+
+
+@dataclasses.dataclass(frozen=True)
+class GradSync:
+    """How data-parallel gradients are reduced (train_step.py implements it).
+
+    dtype (`sharding.grad_reduce_dtype`): the dtype on the wire of the one gradient reduction
+      per step over the data axes. 'float32' (default; Megatron forces fp32 reduction for bf16
+      training) or 'bfloat16' (half the bytes; Megatron's `--grad-reduce-in-bf16`).
+    fsdp (`sharding.fsdp_grad_reduce`), only with mesh.fsdp > 1:
+      'micro_batch' (the default there; torchtitan's FSDP2 default): parameters stay sharded
+        over fsdp during compute (gathered per layer), gradients are reduce-scattered over
+        fsdp after every micro-batch; per-device gradient accumulators are fsdp shards.
+      'step': fsdp is treated like `data`: the working copy is gathered over fsdp once per
+        step, gradients accumulate full-size on each device and are reduce-scattered once
+        per step (less traffic with accumulation, more memory: ZeRO-2 instead of ZeRO-3).
+    """
+    dtype: str = "float32"
+    fsdp: str | None = None
+
+    def __post_init__(self):
+        if self.dtype not in GRAD_REDUCE_DTYPES:
+            raise MeshError(f"unknown sharding.grad_reduce_dtype {self.dtype!r}; known: "
+                            f"{', '.join(GRAD_REDUCE_DTYPES)}")
+        if self.fsdp is not None and self.fsdp not in FSDP_GRAD_REDUCE:
+            raise MeshError(f"unknown sharding.fsdp_grad_reduce {self.fsdp!r}; known: "
+                            f"{', '.join(FSDP_GRAD_REDUCE)}")
+
+    def check_mesh(self, sizes: dict):
+        """One line when the setting conflicts with the mesh."""
+        if self.fsdp == "micro_batch" and sizes.get("fsdp", 1) == 1:
+            raise MeshError(f"sharding.fsdp_grad_reduce='micro_batch' reduce-scatters over fsdp, but "
+                            f"mesh.fsdp={sizes.get('fsdp', 1)}; use mesh.fsdp > 1 or leave it unset")
+
+    def manual_axes(self, mesh) -> tuple[str, ...]:
+        """The mesh axes gradients accumulate unreduced over (manual in the step's shard_map)."""
+        axes = ["data"] if mesh.shape["data"] > 1 else []
+        if mesh.shape["fsdp"] > 1 and self.fsdp == "step":
+            axes.append("fsdp")
+        return tuple(axes)
+
+
+def grad_sync(grad_reduce_dtype: str | None = None, fsdp_grad_reduce: str | None = None) -> GradSync:
+    """The gin-bound `sharding.grad_reduce_dtype` / `sharding.fsdp_grad_reduce` (arguments win)."""
+    try:
+        bound = gin.get_bindings("sharding")
+    except (ValueError, KeyError):
+        bound = {}
+    return GradSync(grad_reduce_dtype or bound.get("grad_reduce_dtype", "float32"),
+                    fsdp_grad_reduce or bound.get("fsdp_grad_reduce"))
 
 
 def logical_to_spec(axes: Sequence[str | None], rules: dict) -> P:
@@ -266,6 +325,28 @@ def mesh_platform(mesh=None) -> str:
     return getattr(device, "platform", None) or jax.default_backend()
 
 
+def without_axes(rules: dict, axes) -> dict:
+    """`rules` with the mesh axes `axes` dropped (they are manual inside a shard_map)."""
+    out = {}
+    for k, v in rules.items():
+        names = () if v is None else (v,) if isinstance(v, str) else tuple(v)
+        names = tuple(n for n in names if n not in axes)
+        out[k] = None if not names else names[0] if len(names) == 1 else names
+    return out
+
+
+@contextlib.contextmanager
+def manual_rules(axes):
+    """Inside a shard_map body manual over `axes`: `constrain()` targets the trace's abstract
+    mesh with those axes dropped from the rules (the other axes stay pinned as outside)."""
+    outer = active()
+    if outer is None:
+        yield
+        return
+    with push_rules(jax.sharding.get_abstract_mesh(), without_axes(outer[1], axes)):
+        yield
+
+
 def constrain(x, axes: Sequence[str | None]):
     """Pin an activation's layout by logical axis names; a no-op when no mesh is active."""
     if not _ACTIVE:
@@ -288,12 +369,19 @@ def zero1_sharding(s: NamedSharding, shape) -> NamedSharding:
     used = {n for e in spec if e is not None for n in ((e,) if isinstance(e, str) else e)}
     if "data" in used:
         return s
-    for i, e in enumerate(spec):
-        names = () if e is None else (e,) if isinstance(e, str) else tuple(e)
-        size = math.prod(mesh.shape[n] for n in names)
-        if shape[i] % (size * mesh.shape["data"]) == 0:
-            spec[i] = ("data",) + names if names else "data"
-            return NamedSharding(mesh, P(*spec))
+    # Prefer a dimension no other (non-trivial) mesh axis splits: the step's reduce-scatter
+    # over `data` then scatters along a dimension that is whole on every device. Otherwise
+    # `data` goes last (minor) in the first dimension it divides: each device's shard is then
+    # a piece of its own tensor/fsdp block, which a reduce-scatter over `data` produces in place.
+    for free_only in (True, False):
+        for i, e in enumerate(spec):
+            names = () if e is None else (e,) if isinstance(e, str) else tuple(e)
+            size = math.prod(mesh.shape[n] for n in names)
+            if free_only and size > 1:
+                continue
+            if shape[i] % (size * mesh.shape["data"]) == 0:
+                spec[i] = names + ("data",) if names else "data"
+                return NamedSharding(mesh, P(*spec))
     return s
 
 
@@ -366,11 +454,25 @@ def data_parallel_size(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def manual_axes_here() -> frozenset:
+    """Mesh axes that are manual at this point of the trace (inside a shard_map over them)."""
+    am = jax.sharding.get_abstract_mesh()
+    return frozenset(getattr(am, "manual_axes", ()) or ()) if am is not None and not am.empty else frozenset()
+
+
+def local_data_parallel_size(mesh: Mesh) -> int:
+    """`data_parallel_size` over the axes still automatic here: inside the train step's
+    shard_map manual over `data` (and `fsdp`), a value's batch is already the local rows."""
+    manual = manual_axes_here()
+    return math.prod(mesh.shape[a] for a in ("data", "fsdp") if a not in manual)
+
+
 def tree_shardings(abstract_tree, axes_by_name: dict, mesh: Mesh, rules: dict, zero1: bool = False):
     """Shardings for a train-state-like tree: a leaf under a dict key named like a parameter
     (e.g. params/q_proj, opt_state/.../mu/q_proj) with that parameter's rank gets the
-    parameter's sharding (plus ZeRO-1 over `data` outside `params` when asked); everything
-    else (counters, scalars) is replicated."""
+    parameter's sharding (plus ZeRO-1 over `data` when asked, for the optimizer state and the
+    fp32 master params alike: Megatron's distributed optimizer; the step gathers a working
+    copy in the compute dtype); everything else (counters, scalars) is replicated."""
     def leaf(path, x):
         names = [getattr(k, "key", None) for k in path]
         name = next((n for n in reversed(names) if n in axes_by_name), None)
@@ -378,7 +480,7 @@ def tree_shardings(abstract_tree, axes_by_name: dict, mesh: Mesh, rules: dict, z
         if name is None or len(shape) != len(axes_by_name[name]):
             return replicated(mesh)
         s = sharding_for(axes_by_name[name], shape, mesh, rules)
-        if zero1 and names and names[0] != "params":
+        if zero1:  # params too: the fp32 master weights live sharded with the optimizer state
             s = zero1_sharding(s, shape)
         return s
     return jax.tree_util.tree_map_with_path(leaf, abstract_tree)

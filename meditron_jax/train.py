@@ -207,6 +207,7 @@ def validate_shapes(tc: TrainConfig, cfg: LlamaConfig, sizes: dict):
                         f"{cfg.max_position_embeddings}")
     if tc.loss_chunk and tc.seq_len % tc.loss_chunk:
         raise UserError(f"train.seq_len {tc.seq_len} is not divisible by train.loss_chunk {tc.loss_chunk}")
+    sharding.grad_sync().check_mesh(sizes)
 
 
 def check_workdir(workdir: str, needed_bytes: int = 0):
@@ -523,7 +524,7 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
                 # the first collective more than 30 s later (e.g. one process compiling, one cached)
                 jitted = jitted.lower(state, _abstract_batch(tc, mesh), jnp.asarray(False)).compile()
                 _barrier("compiled")
-            eval_fn = jax.jit(make_eval_step(cfg, layers_fn, tc.loss_chunk),
+            eval_fn = jax.jit(make_eval_step(cfg, layers_fn, tc.loss_chunk, num_micro),
                               in_shardings=(state_sh["params"], _batch_shardings(mesh)),
                               out_shardings=sharding.replicated(mesh))
             finite_fn = jax.jit(_all_finite, out_shardings=sharding.replicated(mesh))

@@ -20,8 +20,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jax.sharding import PartitionSpec as P
+
+from meditron_jax import sharding
 from meditron_jax.config import LlamaConfig
-from meditron_jax.model import forward_hidden, lm_logits, run_layers
+from meditron_jax.model import LAYER_KEYS, PARAM_AXES, forward_hidden, lm_logits, run_layers
 from meditron_jax.sharding import constrain
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -46,7 +49,11 @@ def cross_entropy_sum(cfg: LlamaConfig, lm_head, h, targets, mask, chunk: int | 
 def _reference_ce(cfg, lm_head, h, targets, mask):
     logits = lm_logits(cfg, lm_head, h, true_vocab=False)  # [B,T,V] fp32
     lse = jax.nn.logsumexp(logits, axis=-1)
-    gold = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    # the target logit by a one-hot select, not a gather: exact (one non-zero term), and XLA's
+    # partitioner aborts on a gather over the tensor-split vocab inside the data-manual
+    # shard_map of the step when fsdp and tensor are both > 1 (jaxlib 0.10.2)
+    onehot = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[..., None]
+    gold = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
     return jnp.sum((lse - gold) * mask)
 
 
@@ -129,9 +136,168 @@ def split_micro(batch, num_micro: int):
     return {k: split(batch[k]) for k in BATCH_KEYS}
 
 
+def working_copy(cfg: LlamaConfig, master: dict, manual: tuple[str, ...] = (), zero1: bool = False) -> dict:
+    """The compute-dtype copy of the fp32 master params that the forward/backward pass reads.
+
+    Cast first, then laid out as the rules say (replicated over `data`, and over `manual` axes
+    such as fsdp with `fsdp_grad_reduce='step'`): with ZeRO-1 the master is split over `data`,
+    so this is the one all-gather of the parameters per step, in the compute dtype (bf16: half
+    the bytes of gathering fp32). fp32 compute keeps an fp32 working copy.
+    """
+    dt = jnp.dtype(cfg.dtype)
+    act = sharding.active()
+    out = {}
+    for k, a in master.items():
+        if act is not None and k in PARAM_AXES:
+            mesh, rules = act
+            # pinned on both sides of the cast, so that the gather moves compute-dtype bytes
+            # (left to propagation, XLA gathers the fp32 master and casts after)
+            a = jax.lax.with_sharding_constraint(a, _master_sharding(k, a.shape, mesh, rules, zero1))
+            w = jax.lax.with_sharding_constraint(a.astype(dt), _master_sharding(k, a.shape, mesh, rules, zero1))
+            w = jax.lax.with_sharding_constraint(w, _work_sharding(k, w.shape, mesh, rules, manual))
+        else:
+            w = a.astype(dt)
+        out[k] = w
+    return out
+
+
+def _inside_layout(p: dict, gather_table: bool = False) -> dict:
+    """Pin params (or their gradients) to the rule layout of the active (possibly manual) mesh.
+
+    gather_table: the embedding table whole over `fsdp` (vocab still over `tensor`). XLA's
+    SPMD partitioner aborts on the embedding gather inside a shard_map manual over `data` when
+    the table is split over both fsdp and tensor (a CHECK in spmd_partitioner_util, jaxlib
+    0.10.2); one table, gathered once per micro-batch like every FSDP layer, avoids it.
+    """
+    act = sharding.active()
+    if act is None:
+        return p
+    mesh, rules = act
+    out = {}
+    for k, a in p.items():
+        if k not in PARAM_AXES:
+            out[k] = a
+            continue
+        r = sharding.without_axes(rules, ("fsdp",)) if gather_table and k == "embed_tokens" else rules
+        out[k] = jax.lax.with_sharding_constraint(a, sharding.sharding_for(PARAM_AXES[k], a.shape, mesh, r))
+    return out
+
+
+def _work_sharding(k, shape, mesh, rules, manual):
+    return sharding.sharding_for(PARAM_AXES[k], shape, mesh, sharding.without_axes(rules, manual))
+
+
+def _entries(spec: P, ndim: int) -> list[tuple[str, ...]]:
+    spec = tuple(spec) + (None,) * (ndim - len(spec))
+    return [() if e is None else (e,) if isinstance(e, str) else tuple(e) for e in spec]
+
+
+def _master_sharding(k, shape, mesh, rules, zero1):
+    s = sharding.sharding_for(PARAM_AXES[k], shape, mesh, rules)
+    return sharding.zero1_sharding(s, shape) if zero1 else s
+
+
+def _reduce_local(g, master: list, manual: tuple, dtype):
+    """Fully manual: the one reduction of a device's local fp32 gradient block over `manual`.
+
+    g: [1, *local block] (the block of the rule layout without the manual axes). A dimension of
+    the master layout split over manual axes (ZeRO-1's `data`, fsdp in 'step' mode) is
+    reduce-scattered into the device's master shard; manual axes that do not split the master
+    are all-reduced. On the wire in `dtype`, back to fp32.
+    """
+    g = g[0].astype(dtype)
+    done = set()
+    for i, names in enumerate(master):
+        axes = tuple(n for n in names if n in manual)
+        if axes:
+            assert names[len(names) - len(axes):] == axes, (names, manual)  # manual axes minor
+            g = jax.lax.psum_scatter(g, axes if len(axes) > 1 else axes[0], scatter_dimension=i, tiled=True)
+            done.update(axes)
+    rest = tuple(a for a in manual if a not in done)
+    if rest:
+        g = jax.lax.psum(g, rest)
+    return g.astype(jnp.float32)
+
+
+def accumulate_gradients(grad_fn, work: dict, micro: dict, num_micro: int, *, zero1: bool = False,
+                         sync: sharding.GradSync | None = None):
+    """(fp32 gradient sums, loss sum, token count) over the `num_micro` micro-batches.
+
+    Data parallelism: the micro-batch loop runs inside a `shard_map` that is manual over the
+    data axes (`data`, and `fsdp` with `fsdp_grad_reduce='step'`); `tensor`, `stage` (and
+    `fsdp` by default) stay automatic, so the model's own sharding and the pipeline's nested
+    shard_map over `stage` work unchanged inside. Each device accumulates its own gradients,
+    unreduced, in fp32; after the last micro-batch they are reduced once, in
+    `sync.dtype`: a reduce-scatter into the ZeRO-1 shard (`zero1`), else one all-reduce.
+    Without an active mesh, or with no data axis > 1, it is the plain loop.
+    """
+    sync = sync or sharding.GradSync()
+
+    def local(work, micro):
+        def step(carry, mb):
+            g_acc, l_acc, n_acc = carry
+            # The stacked layer weights are differentiated in the compute dtype: their gradients
+            # are matmul outputs in that dtype either way (fp32 params would only widen them),
+            # and the backward layer scan then stacks bf16, not fp32, per-layer gradients (half
+            # the bytes). Embedding, head and norms get an fp32 view: the embedding's
+            # scatter-add and the fused head's dW stay in fp32, as with fp32 params.
+            p32 = {k: w if k in LAYER_KEYS and "norm" not in k else w.astype(jnp.float32)
+                   for k, w in work.items()}
+            (l, n), g = grad_fn(p32, mb)
+            # gradients in the parameters' layout: with fsdp automatic (the default), this is
+            # the per-micro-batch reduce-scatter over fsdp; over `data` nothing is reduced here
+            g = _inside_layout(g)
+            g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+            return (g_acc, l_acc + l, n_acc + n), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), work)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        if num_micro == 1:
+            out, _ = step(init, jax.tree.map(lambda a: a[0], micro))
+        else:
+            out, _ = jax.lax.scan(step, init, micro)
+        return out
+
+    act = sharding.active()
+    manual = sync.manual_axes(act[0]) if act is not None else ()
+    if not manual:
+        return local(work, micro)
+    mesh, rules = act
+    stacked = manual if len(manual) > 1 else manual[0]
+
+    def body(work, micro):
+        with sharding.manual_rules(manual):
+            grads, total, tokens = local(work, micro)
+        # each device's unreduced sums leave as one slice of a leading [data(, fsdp)] axis
+        return jax.tree.map(lambda g: g[None], grads), jax.lax.psum(total, manual), jax.lax.psum(tokens, manual)
+
+    run = jax.shard_map(body, mesh=mesh, in_specs=({k: P() for k in work}, {k: P(None, stacked) for k in micro}),
+                        out_specs=({k: P(stacked) for k in work}, P(), P()),
+                        axis_names=set(manual), check_vma=False)
+    partial, total, tokens = run(work, micro)
+    # The reduction runs in a second shard_map, manual over every axis: psum_scatter inside the
+    # first (automatic over tensor) makes XLA gather each gradient over `tensor` first.
+    dtype = jnp.dtype(sync.dtype)
+    in_specs, out_specs, fns = {}, {}, {}
+    for k, w in work.items():
+        inner = _work_sharding(k, w.shape, mesh, rules, manual).spec
+        master = _master_sharding(k, w.shape, mesh, rules, zero1).spec
+        in_specs[k] = P(stacked, *_pad(inner, w.ndim))
+        out_specs[k] = master
+        fns[k] = functools.partial(_reduce_local, master=_entries(master, w.ndim), manual=manual, dtype=dtype)
+    reduce = jax.shard_map(lambda t: {k: fns[k](g) for k, g in t.items()}, mesh=mesh, in_specs=(in_specs,),
+                           out_specs=out_specs, check_vma=False)
+    return reduce(partial), total, tokens
+
+
+def _pad(spec: P, ndim: int) -> tuple:
+    return tuple(spec) + (None,) * (ndim - len(spec))
+
+
 def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
                     num_micro: int = 1, layers_fn: Callable = run_layers, loss_chunk: int | None = None,
-                    spike_threshold: float | None = None):
+                    spike_threshold: float | None = None, *, zero1: bool | None = None,
+                    sync: sharding.GradSync | None = None):
     """Build `train_step(state, batch) -> (state, metrics)`.
 
     The loss is the token-weighted mean over the whole global batch: gradients of the summed
@@ -139,25 +305,27 @@ def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, lr_sched
     A non-finite loss or gradient norm (or, with `spike_threshold`, a loss above that) skips
     the update: params and optimizer state stay untouched, `skipped` is 1 and the state's
     `bad_streak` grows (the loop stops the run after `train.max_bad_steps`).
+
+    state["params"] are the fp32 master weights (with `zero1`, split over `data` like the
+    optimizer state, see `sharding.tree_shardings`). Each step gathers a working copy in the
+    compute dtype (`working_copy`), accumulates gradients per device and reduces them once
+    (`accumulate_gradients`), and updates the master shard. `zero1` / `sync` default to the
+    gin settings (`sharding.zero1`, `sharding.grad_reduce_dtype`, `sharding.fsdp_grad_reduce`);
+    they must agree with the state shardings the step is jitted with.
     """
-    grad_fn = jax.value_and_grad(lambda p, b: loss_sum(cfg, p, b, layers_fn, loss_chunk), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, b: loss_sum(cfg, _inside_layout(p, True), b, layers_fn, loss_chunk),
+                                 has_aux=True)
+    if zero1 is None:
+        zero1 = sharding.logical_rules()[1]
+    sync = sync or sharding.grad_sync()
 
     def train_step(state, batch, poison=None):
         params = state["params"]
         micro = split_micro(batch, num_micro)
-
-        def accumulate(carry, mb):
-            g_acc, l_acc, n_acc = carry
-            (l, n), g = grad_fn(params, mb)
-            g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
-            return (g_acc, l_acc + l, n_acc + n), None
-
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        if num_micro == 1:
-            (grads, total, tokens), _ = accumulate(init, jax.tree.map(lambda a: a[0], micro))
-        else:
-            (grads, total, tokens), _ = jax.lax.scan(accumulate, init, micro)
+        act = sharding.active()
+        manual = sync.manual_axes(act[0]) if act is not None else ()
+        work = working_copy(cfg, params, manual, zero1)
+        grads, total, tokens = accumulate_gradients(grad_fn, work, micro, num_micro, zero1=zero1, sync=sync)
         denom = jnp.maximum(tokens, 1.0)
         loss = total / denom
         grads = jax.tree.map(lambda g: g / denom, grads)
@@ -186,9 +354,47 @@ def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, lr_sched
     return train_step
 
 
-def make_eval_step(cfg: LlamaConfig, layers_fn: Callable = run_layers, loss_chunk: int | None = None):
+def make_eval_step(cfg: LlamaConfig, layers_fn: Callable = run_layers, loss_chunk: int | None = None,
+                   num_micro: int = 1, *, zero1: bool | None = None, sync: sharding.GradSync | None = None):
+    """`eval_step(params, batch) -> {"loss_sum", "tokens"}`, micro-batched like the train step.
+
+    params: the fp32 master params (any layout the train state uses); the working copy is
+    gathered once, then the global batch runs `num_micro` micro-batches at a time (a scan),
+    never one forward pass over the whole global batch, so the eval step's activation memory is
+    the train step's forward. Inside the same shard_map over the data axes as training; the
+    two sums are reduced once at the end.
+    """
+    sync = sync or sharding.grad_sync()
+    if zero1 is None:
+        zero1 = sharding.logical_rules()[1]
+
     def eval_step(params, batch):
-        total, tokens = loss_sum(cfg, params, batch, layers_fn, loss_chunk)
+        micro = split_micro(batch, num_micro)
+        act = sharding.active()
+        manual = sync.manual_axes(act[0]) if act is not None else ()
+        work = working_copy(cfg, params, manual, zero1)
+
+        def local(work, micro):
+            def step(carry, mb):
+                total, tokens = loss_sum(cfg, _inside_layout(work, True), mb, layers_fn, loss_chunk)
+                return (carry[0] + total, carry[1] + tokens), None
+            init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+            return jax.lax.scan(step, init, micro)[0]
+
+        if not manual:
+            total, tokens = local(work, micro)
+        else:
+            mesh = act[0]
+
+            def body(work, micro):
+                with sharding.manual_rules(manual):
+                    total, tokens = local(work, micro)
+                return jax.lax.psum(total, manual), jax.lax.psum(tokens, manual)
+
+            batch_axes = manual if len(manual) > 1 else manual[0]
+            total, tokens = jax.shard_map(body, mesh=mesh, in_specs=({k: P() for k in work},
+                                                                     {k: P(None, batch_axes) for k in micro}),
+                                          out_specs=(P(), P()), axis_names=set(manual), check_vma=False)(work, micro)
         return {"loss_sum": total, "tokens": tokens}
     return eval_step
 
