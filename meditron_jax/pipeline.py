@@ -341,8 +341,13 @@ def _stage_program(cfg: LlamaConfig, S: int, M: int, R: int, stage_remat: bool, 
         # Weights enter invariant over (data, fsdp): mark them varying once, here, so the sum
         # of their gradients over the data-parallel devices is one psum after the loop (the
         # transpose of this cast), not one per use inside it.
-        if dp:  # (data axes made manual by the step's own shard_map are already per-device)
-            layers = jax.lax.pcast(layers, dp, to="varying")
+        # (Data axes made manual by the step's own shard_map are already per-device.) The cast
+        # runs on fp32, so the one gradient sum after the loop is fp32 whatever the compute
+        # dtype of the weights (as `sharding.grad_reduce_dtype` defaults to; XLA:CPU also
+        # aborts on a bf16 all-reduce from a partially manual shard_map, see _boundary_dtype).
+        if dp:
+            layers = jax.tree.map(lambda a: jax.lax.pcast(a.astype(jnp.float32), dp, to="varying").astype(a.dtype),
+                                  layers)
         chunks = jax.tree.map(lambda a: a.reshape((R, a.shape[0] // R) + a.shape[1:]), layers)
         first = s == 0
 
@@ -420,7 +425,7 @@ def pipeline_layers(cfg: LlamaConfig, layers: dict, x, positions, segment_ids, *
     # manual already: nest on the trace's (partly manual) mesh and make manual only the rest.
     already = sharding.manual_axes_here()
     manual = tuple(a for a in MANUAL if a not in already)
-    dp_new = tuple(a for a in _DP if a in manual)
+    dp_new = tuple(a for a in _DP if a in manual and mesh.shape[a] > 1)
     inner_mesh = jax.sharding.get_abstract_mesh() if already else mesh
     dspec = P(None, dp_new) if dp_new else P()
     run = jax.shard_map(_stage_program(cfg, S, M, repeats, stage_remat, dtype, dp_new), mesh=inner_mesh,

@@ -161,5 +161,8 @@ def test_pipeline_step_collectives_match_shapes():
     layer_grads = [r for r in over_data if r.bytes >= 2 * per_layer * 4]
     assert layer_grads, [(r.shape, r.bytes) for r in over_data]
     assert [r.trip_count_product for r in layer_grads] == [1], [(r.shape, r.trip_count_product) for r in layer_grads]
-    # embed_tokens and lm_head, vocab over tensor: [V/2, D] each, summed over data once per step
-    assert sorted(r.bytes for r in over_data if r.bytes == V // 2 * D * 4) == [V // 2 * D * 4] * 2
+    # every data-axis sum runs once per step (train_step.accumulate_gradients), and together they
+    # are exactly the gradient bytes: the stage's layers, embed_tokens and lm_head ([V/2, D] each,
+    # vocab over tensor), the final norm, and the loss and token-count scalars
+    assert {r.trip_count_product for r in over_data} == {1}, [(r.shape, r.trip_count_product) for r in over_data]
+    assert sum(r.bytes for r in over_data) == 2 * per_layer * 4 + 2 * (V // 2 * D * 4) + D * 4 + 2 * 4
