@@ -355,8 +355,11 @@ def test_process_placement():
 def test_pipeline_keeps_the_rows_it_is_given(demo):
     """`build_pipeline(rows=...)` yields exactly those rows of the global batch (as sharding's host
     rows name them), in the same data order as one process holding everything."""
+    import gin
+
     from meditron_jax.data.pipeline import build_pipeline, data_config
 
+    gin.clear_config()  # bindings left by an earlier in-process test would reach data_config
     cfg = data_config(demo=True)
     kw = dict(seq_len=32, global_batch_size=8, seed=3, workdir=str(demo.parent))
     whole = build_pipeline(**kw, config=cfg).train_iterator()

@@ -34,7 +34,7 @@ def add_arguments(parser):
     v = sub.add_parser("verify", help="check every shard of preprocessed directories against its manifest "
                                       "(sizes and SHA-256, read in full)")
     v.add_argument("directories", nargs="+", metavar="DIR", help="`meditron-jax preprocess` output directories")
-    v.add_argument("--no-progress", action="store_true")
+    v.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def mcq_to_sft(task: str, inputs: list[str], out: str, cop_base: int | None = None, split_file: str | None = None,

@@ -38,8 +38,8 @@ def add_model_arguments(parser, tokenizer_required: bool = False):
                         help="memory of one device for the fit check (default: what the backend reports)")
     parser.add_argument("--coordinator_address", default=None,
                         help="multi-host: host:port of process 0 (SLURM / Open MPI are detected), as for train")
-    parser.add_argument("--num_processes", type=int, default=None)
-    parser.add_argument("--process_id", type=int, default=None)
+    parser.add_argument("--num_processes", type=int, default=None, help="multi-host: total number of processes")
+    parser.add_argument("--process_id", type=int, default=None, help="multi-host: this process's index")
 
 
 def hf_added_tokens(directory: str, base_vocab: int) -> list[str]:

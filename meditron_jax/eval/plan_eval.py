@@ -26,12 +26,12 @@ def add_arguments(p):
     p.add_argument("--checkpoint", default=None, help="take the architecture from this checkpoint / HF dir")
     p.add_argument("--mesh", default="tensor=8", help="inference mesh (default tensor=8)")
     p.add_argument("--devices", type=int, default=None, help="devices to plan for (simulated on CPU)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16", help="dtype the weights are held in (default bfloat16)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
     p.add_argument("--seq-len", type=int, default=None, help="prompt length (default: the model's context)")
     p.add_argument("--device-memory", type=float, default=74.5, metavar="GIB",
                    help="memory of one device (default 74.5 GiB: an 80 GB A100 / H100)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _config(args):
