@@ -18,7 +18,6 @@ Exit status: 0 fits, 1 does not fit, 2 user error.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import glob
 import json
@@ -82,30 +81,6 @@ class Built:
     dump_dir: str | None
     native_log: str
     hbm_error: str | None
-
-
-@contextlib.contextmanager
-def _capture_native_stderr(box: list):
-    """Capture file descriptor 2 (the compiler's C++ warnings) into box[0]; lines that are not
-    rematerialization warnings or plugin start-up notices go on to stderr as usual."""
-    from meditron_jax.targets import _NOISE
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            text = tmp.read().decode(errors="replace")
-            box.append(text)
-            for line in text.splitlines(keepends=True):
-                if not any(s in line for s in _NOISE) and "rematerializ" not in line.lower():
-                    sys.stderr.write(line)
-            sys.stderr.flush()
 
 
 def compile_step(gin_files, gin_params, devices: int | None = None, target: str = "cpu",
@@ -181,7 +156,7 @@ def compile_step(gin_files, gin_params, devices: int | None = None, target: str 
             raise
         t1 = time.perf_counter()
         try:
-            with _capture_native_stderr(box):
+            with targets.quiet_native_stderr(box, also=("rematerializ",)):
                 compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
         except Exception as e:  # e.g. XLA refusing a sharding; a user-facing planning failure
             msg = " ".join(str(e).split())

@@ -130,7 +130,7 @@ def _gpu(name: str, devices: int | None) -> Target:
     with open(path) as f:
         spec = f.read()
     from jax.experimental import topologies
-    with _quiet_native_stderr():
+    with quiet_native_stderr():
         topo = topologies.get_topology_desc(platform="cuda", topology_name="", target_config=spec,
                                             topology=topology)
     devs = list(topo.devices)
@@ -169,7 +169,7 @@ def _tpu(name: str, family: str, count: int | None, devices: int | None) -> Targ
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no cloud metadata lookups: this is not a TPU VM
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no chip to lock
     from jax.experimental import topologies
-    with _quiet_native_stderr():
+    with quiet_native_stderr():
         topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
     devs = list(topo.devices)
     return Target(name, "tpu", devs, devs[0].device_kind, int(fam.hbm_limit_gib * GIB),
@@ -202,9 +202,10 @@ _NOISE = ("cudart_stub.cc", "All log messages before absl::InitializeLog()",
 
 
 @contextlib.contextmanager
-def _quiet_native_stderr():
+def quiet_native_stderr(box: list | None = None, also: tuple[str, ...] = ()):
     """Run a block with file descriptor 2 captured; re-emit every line except the plugins'
-    known start-up notices (no CUDA driver on this host, libtpu not on a TPU VM)."""
+    known start-up notices (no CUDA driver on this host, libtpu not on a TPU VM) and lines
+    containing any of `also` (case-insensitive). The whole capture is appended to `box`."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile(mode="w+b") as tmp:
@@ -216,8 +217,11 @@ def _quiet_native_stderr():
             os.dup2(saved, 2)
             os.close(saved)
             tmp.seek(0)
-            for line in tmp.read().decode(errors="replace").splitlines(keepends=True):
-                if not any(s in line for s in _NOISE):
+            text = tmp.read().decode(errors="replace")
+            if box is not None:
+                box.append(text)
+            for line in text.splitlines(keepends=True):
+                if not any(s in line for s in _NOISE) and not any(a in line.lower() for a in also):
                     sys.stderr.write(line)
             sys.stderr.flush()
 
@@ -233,7 +237,7 @@ def quiet_cuda_plugin_notice():
             return
     except (ImportError, ValueError):
         return
-    with _quiet_native_stderr():
+    with quiet_native_stderr():
         import jax  # noqa: F401
     from jax._src import xla_bridge
     original = xla_bridge.discover_pjrt_plugins
@@ -241,7 +245,7 @@ def quiet_cuda_plugin_notice():
         return
 
     def discover():
-        with _quiet_native_stderr():
+        with quiet_native_stderr():
             original()
 
     discover._meditron_quiet = True
