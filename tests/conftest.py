@@ -33,3 +33,16 @@ def workdir_with_demo(parent, demo, name="run") -> str:
     w.mkdir()
     os.symlink(demo, w / "demo_data")
     return str(w)
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory):
+    """The demo corpus without its raw JSONL (only what training reads), built once per session:
+    for workdirs that the multi-process and reliability tests link and copy many times."""
+    import shutil
+
+    from meditron_jax.data.demo import prepare_demo
+    d = tmp_path_factory.mktemp("demo_shards") / "demo_data"
+    prepare_demo(d)
+    shutil.rmtree(d / "raw")
+    return d

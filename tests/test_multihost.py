@@ -134,13 +134,8 @@ def copy_run(src: Path, dst: Path) -> Path:
 # -- shared runs ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    from meditron_jax.data.demo import prepare_demo
-
-    out = tmp_path_factory.mktemp("demo") / "demo_data"
-    prepare_demo(out)
-    shutil.rmtree(out / "raw")
-    return out
+def demo(demo_shards) -> Path:
+    return demo_shards
 
 
 @pytest.fixture(scope="module")
