@@ -12,7 +12,6 @@ import argparse
 import inspect
 import json
 import os
-import sys
 
 p = argparse.ArgumentParser()
 p.add_argument("--data", type=int, default=4)
@@ -27,9 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
-import collectives as C  # noqa: E402
-from meditron_jax import sharding  # noqa: E402
+from meditron_jax import hlo_stats, sharding  # noqa: E402
 from meditron_jax.config import LlamaConfig  # noqa: E402
 from meditron_jax.model import param_shapes  # noqa: E402
 from meditron_jax.optim import OptimizerConfig, make_optimizer, schedule  # noqa: E402
@@ -51,7 +48,12 @@ with sharding.use_mesh(mesh):
     tc = TrainConfig(steps=1, micro_batch_size=2, global_batch_size=2 * args.data * args.micro, seq_len=16)
     comp = jit_train_step(fn, sh, mesh).lower(st, _abstract_batch(tc, mesh),
                                               jax.ShapeDtypeStruct((), jnp.bool_)).compile()
-colls = C.collectives(comp.as_text(), mesh)
+colls = hlo_stats.collectives(comp.as_text())
+hlo_stats.assign_axes(colls, dict(mesh.shape))
+by_key = {}  # (axes, op, dtype, loop depth) -> [result bytes x trips, ops]
+for c in colls:
+    e = by_key.setdefault(("+".join(c.axes) or "-", c.kind, c.dtype, c.loop_depth), [0, 0])
+    e[0], e[1] = e[0] + int(c.result_bytes) * c.trip_count_product, e[1] + 1
 
 
 def per_device(tree):
@@ -63,6 +65,6 @@ print(json.dumps({
     "param_bytes_fp32_total": int(sum(np.prod(s) for s in param_shapes(cfg).values()) * 4),
     "per_device_bytes": {"params": per_device(st["params"]), "opt_state": per_device(st["opt_state"])},
     "collectives": {f"{a}|{op}|{dt}|depth{d}": {"bytes_x_trips": v[0], "ops": v[1]}
-                    for (a, op, dt, d), v in sorted(C.summarize(colls).items())},
+                    for (a, op, dt, d), v in sorted(by_key.items())},
     "temp_bytes": int(comp.memory_analysis().temp_size_in_bytes),
 }, indent=1))

@@ -8,7 +8,6 @@ sharded with the optimizer state and a compute-dtype working copy is gathered on
 import glob
 import os
 import re
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 
 from meditron_jax import checkpoint as ckpt
-from meditron_jax import sharding
+from meditron_jax import hlo_stats, sharding
 from meditron_jax.config import LlamaConfig
 from meditron_jax.errors import UserError
 from meditron_jax.model import PARAM_AXES, param_shapes
@@ -25,9 +24,6 @@ from meditron_jax.train import (TrainConfig, _abstract_batch, jit_train_step, la
                                 restore_train_state, state_shardings, validate_shapes)
 from meditron_jax.train_step import accumulate_gradients, init_state, make_train_step, split_micro
 from tests.test_train_step import make_batches
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
-import collectives as hlo  # noqa: E402
 
 CFG = LlamaConfig(vocab_size=517, hidden_size=48, intermediate_size=112, num_layers=2, num_heads=6,
                   num_kv_heads=2, max_position_embeddings=64)
@@ -148,23 +144,24 @@ def _compiled_step(zero1, tmp_path):
 @pytest.mark.parametrize("zero1", [True, False], ids=["zero1", "replicated"])
 def test_hlo_one_reduction_after_the_loop(zero1, tmp_path):
     cfg, mesh, final, partitioned = _compiled_step(zero1, tmp_path)
-    colls = hlo.collectives(final, mesh)
-    assert any(c["depth"] >= 1 for c in colls), "no collective inside the loops: the probe is blind"
-    inside = [c for c in colls if c["depth"] >= 1 and "data" in c["axes"]]
+    colls = hlo_stats.collectives(final)
+    hlo_stats.assign_axes(colls, dict(mesh.shape))
+    assert any(c.loop_depth >= 1 for c in colls), "no collective inside the loops: the probe is blind"
+    inside = [c for c in colls if c.loop_depth >= 1 and "data" in c.axes]
     assert not inside, f"data-axis collectives inside the micro-batch loop: {inside[:3]}"
-    outside = [c for c in colls if c["depth"] == 0 and c["axes"] == ("data",)]
+    outside = [c for c in colls if c.loop_depth == 0 and c.axes == ("data",)]
     smallest = min(int(np.prod(s)) for s in param_shapes(cfg).values()) * 4 // 8  # fp32 bytes / 8 devices
     op = "reduce-scatter" if zero1 else "all-reduce"
-    reductions = [c for c in outside if c["op"] == op and c["bytes"] >= smallest]
-    assert 1 <= len(reductions) <= len(PARAM_AXES), [(c["op"], c["bytes"]) for c in outside]
-    assert all(c["dtype"] == "f32" for c in reductions)
+    reductions = [c for c in outside if c.kind == op and c.result_bytes >= smallest]
+    assert 1 <= len(reductions) <= len(PARAM_AXES), [(c.kind, c.result_bytes) for c in outside]
+    assert all(c.dtype == "f32" for c in reductions)
     if zero1:
         # the working copy gathered over data once per step, in the compute dtype (partitioned HLO)
         gathers = re.findall(r"= (\w+)\[[\d,]*\]\S* all-gather\(", partitioned)
         assert gathers and set(gathers) == {"bf16"}, gathers
-        assert len([c for c in outside if c["op"] == "all-gather"]) <= len(PARAM_AXES)
+        assert len([c for c in outside if c.kind == "all-gather"]) <= len(PARAM_AXES)
     else:
-        assert not [c for c in outside if c["op"] == "all-gather"]
+        assert not [c for c in outside if c.kind == "all-gather"]
 
 
 def test_checkpoint_from_old_layout_and_stage4_restores_zero1_stage1(tmp_path, one_device):

@@ -64,18 +64,19 @@ def test_trip_counts_bytes_and_groups_by_hand():
     recs = {r.kind if r.name != "ar2" else "ar2": r for r in hlo_stats.collectives(HLO)}
     assert sorted(recs) == ["all-gather", "all-reduce", "ar2", "collective-permute", "reduce-scatter"]
     ar = recs["all-reduce"]
-    assert ar.trip_count_product == 3 * 5 and ar.trip_count_known
+    assert ar.trip_count_product == 3 * 5 and ar.trip_count_known and ar.loop_depth == 2
     assert ar.bytes == 4 * 256 * 2 and ar.group_size == 2 and ar.dtype == "bf16"
     assert ar.wire_bytes == 2 * (2 - 1) / 2 * 4 * 256 * 2
     assert ar.source == "model.py:12"
     ag = recs["all-gather"]  # async start counted once, done skipped; operand 10 floats
-    assert ag.trip_count_product == 1 and ag.bytes == 40 and ag.group_size == 2
+    assert ag.trip_count_product == 1 and ag.bytes == 40 and ag.group_size == 2 and ag.loop_depth == 0
+    assert ag.result_shape == [(20,)] and ag.result_bytes == 80  # the start's (operand, result) tuple
     # mesh ['a'=2,'b'=4] laid over ids arange(8).reshape(4,2).T = [[0,2,4,6],[1,3,5,7]]:
     # grouping along 'a' pairs ids 2k and 2k+1
     assert sorted(map(sorted, ag.replica_groups)) == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert ag.wire_bytes == (2 - 1) * 40
     rs = recs["reduce-scatter"]  # inside async-start's computation, counted through it
-    assert rs.bytes == 64 * 8 * 4 and rs.group_size == 4
+    assert rs.bytes == 64 * 8 * 4 and rs.group_size == 4 and rs.result_bytes == 16 * 8 * 4 and rs.loop_depth == 0
     assert rs.replica_groups == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert rs.wire_bytes == 3 / 4 * 64 * 8 * 4
     cp = recs["collective-permute"]  # 4 of 8 devices send their 40 bytes
@@ -115,6 +116,8 @@ ENTRY %main (x: f32[8,16]) -> (s32[], f32[8,16]) {
 """
     flops, n = hlo_stats.dot_flops(text)
     assert n == 1 and flops == 7 * 2 * 8 * 16 * 16
+
+
 def test_trip_count_from_the_loop_condition_when_not_annotated():
     """TPU modules carry no known_trip_count: read it off `i < N` with i starting at a constant."""
     text = HLO.replace(', backend_config={"known_trip_count":{"n":"3"}}', "")
