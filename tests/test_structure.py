@@ -1,0 +1,280 @@
+"""The package's shape, read from its source with `ast` (nothing is imported, well under a second).
+
+- no import cycles among `meditron_jax` modules, counting imports inside functions too (a local
+  import that breaks a cycle at import time still ties the two modules together);
+- no module imports another module's `_private` name (`from m import _x`, or `m._x` on an
+  imported module);
+- no file in `meditron_jax/` over 450 lines;
+- the data layer (`meditron_jax.data`) does not import `meditron_jax.eval`.
+
+Run `python tests/test_structure.py` to print every violation, not only the first.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "meditron_jax")
+PACKAGE = "meditron_jax"
+MAX_LINES = 450
+
+
+def modules(root: str = ROOT, package: str = PACKAGE) -> dict[str, str]:
+    """Dotted module name -> file path, for every .py file of the package at `root`."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__")))
+        for f in sorted(filenames):
+            if f.endswith(".py"):
+                rel = os.path.relpath(os.path.join(dirpath, f), root)[:-3].split(os.sep)
+                if rel[-1] == "__init__":
+                    rel = rel[:-1]
+                out[".".join([package] + rel)] = os.path.join(dirpath, f)
+    return out
+
+
+MODULES = modules()
+
+
+@functools.lru_cache(maxsize=None)
+def _parsed(text: str, path: str) -> ast.AST:
+    return ast.parse(text, path)
+
+
+def _tree(path: str) -> ast.AST:
+    with open(path) as f:
+        return _parsed(f.read(), path)
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node, except the bodies of `if TYPE_CHECKING:` blocks (not run)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                stack.extend(child.orelse)
+            else:
+                stack.append(child)
+
+
+def _resolve(module: str, node: ast.ImportFrom, mods: dict[str, str]) -> str | None:
+    if not node.level:
+        return node.module
+    base = module.split(".")
+    base = base if mods[module].endswith("__init__.py") else base[:-1]
+    base = base[:len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def imports(module: str, mods: dict[str, str] = MODULES) -> list[tuple[str, int, str | None]]:
+    """(imported package module, line, imported name or None) for each import in `module`.
+    `from pkg import sub` names the submodule `pkg.sub` where it is one."""
+    tree = _tree(mods[module])
+    out = []
+    for node in _runtime_nodes(tree):
+        if isinstance(node, ast.Import):
+            out += [(a.name, node.lineno, None) for a in node.names if a.name in mods]
+        elif isinstance(node, ast.ImportFrom):
+            target = _resolve(module, node, mods)
+            if target not in mods:
+                continue
+            for a in node.names:
+                sub = f"{target}.{a.name}"
+                out.append((sub, node.lineno, None) if sub in mods else (target, node.lineno, a.name))
+    return out
+
+
+def graph(mods: dict[str, str] = MODULES) -> dict[str, set[str]]:
+    return {m: {t for t, _, _ in imports(m, mods) if t != m} for m in mods}
+
+
+def cycles(mods: dict[str, str] = MODULES) -> list[list[str]]:
+    """The strongly connected components of the import graph with more than one module, each
+    as a sorted list (Tarjan's algorithm, iterative)."""
+    g = graph(mods)
+    index, low, on_stack, stack, out = {}, {}, set(), [], []
+    for start in sorted(g):
+        if start in index:
+            continue
+        work = [(start, iter(sorted(g[start])))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            v, it = work[-1]
+            w = next(it, None)
+            if w is not None:
+                if w not in index:
+                    index[w] = low[w] = len(index)
+                    stack.append(w)
+                    on_stack.add(w)
+                    work.append((w, iter(sorted(g[w]))))
+                elif w in on_stack:
+                    low[v] = min(low[v], index[w])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[v])
+            if low[v] == index[v]:
+                comp = []
+                while True:
+                    w = stack.pop()
+                    on_stack.discard(w)
+                    comp.append(w)
+                    if w == v:
+                        break
+                if len(comp) > 1:
+                    out.append(sorted(comp))
+    return sorted(out)
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _where(mods: dict[str, str], m: str, line: int | None = None) -> str:
+    root = os.path.dirname(mods[m.split(".")[0]])
+    return os.path.relpath(mods[m], root) + (f":{line}" if line else "")
+
+
+def private_imports(mods: dict[str, str] = MODULES) -> list[str]:
+    """`file:line: module imports other._name` for every use of another module's private name."""
+    out = []
+    for m, path in mods.items():
+        tree = _tree(path)
+        aliases = {}  # local name -> package module it is bound to
+        for node in _runtime_nodes(tree):
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name in mods:
+                        aliases[a.asname or a.name] = a.name
+            elif isinstance(node, ast.ImportFrom):
+                target = _resolve(m, node, mods)
+                if target not in mods:
+                    continue
+                for a in node.names:
+                    sub = f"{target}.{a.name}"
+                    if sub in mods:
+                        aliases[a.asname or a.name] = sub
+                    elif _private(a.name) and target != m:
+                        out.append(f"{_where(mods, m, node.lineno)}: {m} imports {target}.{a.name}")
+        for node in _runtime_nodes(tree):
+            if isinstance(node, ast.Attribute) and _private(node.attr):
+                target = aliases.get(ast.unparse(node.value))
+                if target is not None and target != m:
+                    out.append(f"{_where(mods, m, node.lineno)}: {m} uses {target}.{node.attr}")
+    return sorted(set(out))
+
+
+def long_files(mods: dict[str, str] = MODULES, limit: int = MAX_LINES) -> list[str]:
+    out = []
+    for m in sorted(mods):
+        with open(mods[m]) as f:
+            n = sum(1 for _ in f)
+        if n > limit:
+            out.append(f"{_where(mods, m)}: {n} lines")
+    return out
+
+
+def layer_imports(low: str, high: str, mods: dict[str, str] = MODULES) -> list[str]:
+    """Every import of package `high` (or its submodules) by package `low` (or its submodules)."""
+    def inside(name, pkg):
+        return name == pkg or name.startswith(pkg + ".")
+    return [f"{_where(mods, m, line)}: {m} imports {t}"
+            for m in mods if inside(m, low) for t, line, _ in imports(m, mods) if inside(t, high)]
+
+
+def data_imports_eval() -> list[str]:
+    return layer_imports(f"{PACKAGE}.data", f"{PACKAGE}.eval")
+
+
+# The checks fail on main at the time they were written (the structure issue is fixing them in
+# parallel); each is a separate test so that a merge shows which ones pass. Remove the xfail
+# marks once they do.
+@pytest.mark.xfail(strict=False, reason="on main: config_cli <-> train, data.tokenizer <-> data.preprocess")
+def test_no_import_cycles():
+    assert cycles() == []
+
+
+@pytest.mark.xfail(strict=False, reason="on main: train._gin_call (config_cli, plan, eval.distributed), sharding._fit, "
+                   "plan._set_device_count, mcq._gather_logprobs (eval.distributed, eval.plan_eval)")
+def test_no_private_names_across_modules():
+    assert private_imports() == []
+
+
+@pytest.mark.xfail(strict=False, reason="on main: train.py 743, data/pipeline.py 559, plan.py 545, sharding.py 486, "
+                   "eval/mcq.py 453")
+def test_no_file_over_450_lines():
+    assert long_files() == []
+
+
+@pytest.mark.xfail(strict=False, reason="on main: data/cli.py imports eval.mcq and eval.tasks")
+def test_data_does_not_import_eval():
+    assert data_imports_eval() == []
+
+
+def test_the_arrows_that_hold_point_down():
+    """design.md: data never imports model (nor the loop); the model imports no loop, files or
+    evaluation; errors sits at the bottom. These hold today: keep them."""
+    down = [("data", h) for h in ("model", "train", "train_step", "checkpoint", "plan")]
+    down += [("model", h) for h in ("train", "train_step", "pipeline", "checkpoint", "storage", "data", "eval")]
+    found = [r for lo, hi in down for r in layer_imports(f"{PACKAGE}.{lo}", f"{PACKAGE}.{hi}")]
+    assert found == []
+    assert graph()[f"{PACKAGE}.errors"] == set()
+
+
+def test_the_checks_on_a_made_up_package(tmp_path):
+    """Each check finds what was planted in a small package, and nothing once it is removed."""
+    files = {
+        "__init__.py": "",
+        "errors.py": "class UserError(Exception):\n    pass\n",
+        "a.py": "from pkg import b\n_x = 1\n",
+        "b.py": "def f():\n    from . import a  # local: a imports us\n    return a._x\n",
+        "c.py": "import pkg.a as alias\nfrom pkg.a import _x\nfrom pkg.errors import UserError\n"
+                "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import d\n" + "y = 0\n" * 5,
+        "d.py": "from pkg import c\n",
+        "data/__init__.py": "",
+        "data/cli.py": "def main():\n    from ..eval.tasks import read\n    return read\n",
+        "eval/__init__.py": "",
+        "eval/tasks.py": "from pkg.data import cli\nread = None\n",
+    }
+    for name, text in files.items():
+        os.makedirs(os.path.dirname(tmp_path / "pkg" / name), exist_ok=True)
+        (tmp_path / "pkg" / name).write_text(text)
+    mods = modules(str(tmp_path / "pkg"), "pkg")
+    assert cycles(mods) == [["pkg.a", "pkg.b"], ["pkg.data.cli", "pkg.eval.tasks"]]  # not c <-> d
+    assert private_imports(mods) == ["b.py:3: pkg.b uses pkg.a._x", "c.py:2: pkg.c imports pkg.a._x"]
+    assert long_files(mods, limit=10) == ["c.py: 11 lines"]
+    assert layer_imports("pkg.data", "pkg.eval", mods) == ["data/cli.py:2: pkg.data.cli imports pkg.eval.tasks"]
+    assert layer_imports("pkg.eval", "pkg.data", mods) == ["eval/tasks.py:1: pkg.eval.tasks imports pkg.data.cli"]
+    (tmp_path / "pkg" / "b.py").write_text("def f():\n    return 1\n")
+    (tmp_path / "pkg" / "c.py").write_text("import pkg.a as alias\nfrom pkg.errors import UserError\n")
+    (tmp_path / "pkg" / "data" / "cli.py").write_text("def main():\n    return None\n")
+    assert cycles(mods) == [] and private_imports(mods) == [] and long_files(mods, limit=10) == []
+    assert layer_imports("pkg.data", "pkg.eval", mods) == []
+
+
+def test_the_checks_see_the_package():
+    """The probes are not blind: the graph has the arrows everyone knows are there."""
+    g = graph()
+    assert len(MODULES) > 40 and f"{PACKAGE}.data.tokenizer" in MODULES and f"{PACKAGE}.eval" in MODULES
+    assert f"{PACKAGE}.errors" in g[f"{PACKAGE}.config"] or any(f"{PACKAGE}.errors" in v for v in g.values())
+    assert f"{PACKAGE}.model" in g[f"{PACKAGE}.train_step"]  # `from meditron_jax.model import ...`
+    assert f"{PACKAGE}.hlo_text" in g[f"{PACKAGE}.hlo_stats"]
+
+
+if __name__ == "__main__":
+    report = {"import cycles": [" <-> ".join(c) for c in cycles()], "private names": private_imports(),
+              f"files over {MAX_LINES} lines": long_files(), "data imports eval": data_imports_eval()}
+    for title, rows in report.items():
+        print(f"{title}: {len(rows)}")
+        for r in rows:
+            print("  " + r)
+    sys.exit(1 if any(report.values()) else 0)
