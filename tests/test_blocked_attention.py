@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from meditron_jax import attention
 from meditron_jax.config import LlamaConfig

@@ -1,6 +1,7 @@
 """Every .gin file in configs/ parses (with all of the project's configurables registered)."""
 
 import glob
+import importlib
 import os
 
 import gin
@@ -15,11 +16,7 @@ def register_all():
     import meditron_jax.sharding  # noqa: F401
     for mod in ("meditron_jax.train", "meditron_jax.optim", "meditron_jax.data.pipeline",
                 "meditron_jax.pipeline", "meditron_jax.checkpoint", "meditron_jax.metrics"):
-        try:
-            __import__(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
+        importlib.import_module(mod)  # every one has landed: a missing one is an error
 
 
 @pytest.mark.parametrize("path", GIN_FILES, ids=[os.path.relpath(p, ROOT) for p in GIN_FILES])

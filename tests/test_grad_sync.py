@@ -22,7 +22,7 @@ from meditron_jax.model import PARAM_AXES, param_shapes
 from meditron_jax.optim import OptimizerConfig, make_optimizer, schedule
 from meditron_jax.train import (TrainConfig, _abstract_batch, jit_train_step, layers_fn_for, nnx_params,
                                 restore_train_state, state_shardings, validate_shapes)
-from meditron_jax.train_step import accumulate_gradients, init_state, make_train_step, split_micro
+from meditron_jax.train_step import accumulate_gradients, init_state, make_train_step
 from tests.test_train_step import make_batches
 
 CFG = LlamaConfig(vocab_size=517, hidden_size=48, intermediate_size=112, num_layers=2, num_heads=6,

@@ -128,7 +128,7 @@ def _check_rule(rows, old):
 
 
 def test_new_rows_follow_transformers_mean_resizing(trained):
-    tmp, hf = trained[0], trained[1]
+    tmp = trained[0]
     _, init = ckpt.load_params(str(tmp / "init"))
     cfg, p1 = ckpt.load_params(str(tmp / "run"), step=1)
     assert cfg.vocab_size == V + 17 and p1["embed_tokens"].shape[0] == cfg.padded_vocab_size
