@@ -73,26 +73,26 @@ def _resolve(module: str, node: ast.ImportFrom, mods: dict[str, str]) -> str | N
     return ".".join(base + ([node.module] if node.module else []))
 
 
-def imports(module: str, mods: dict[str, str] = MODULES) -> list[tuple[str, int, str | None]]:
-    """(imported package module, line, imported name or None) for each import in `module`.
-    `from pkg import sub` names the submodule `pkg.sub` where it is one."""
-    tree = _tree(mods[module])
+def imports(module: str, mods: dict[str, str] = MODULES) -> list[tuple[str, int, str | None, str]]:
+    """(imported package module, line, imported name or None, local name) for each import in
+    `module`. `from pkg import sub` names the submodule `pkg.sub` where it is one."""
     out = []
-    for node in _runtime_nodes(tree):
+    for node in _runtime_nodes(_tree(mods[module])):
         if isinstance(node, ast.Import):
-            out += [(a.name, node.lineno, None) for a in node.names if a.name in mods]
+            out += [(a.name, node.lineno, None, a.asname or a.name) for a in node.names if a.name in mods]
         elif isinstance(node, ast.ImportFrom):
             target = _resolve(module, node, mods)
             if target not in mods:
                 continue
             for a in node.names:
                 sub = f"{target}.{a.name}"
-                out.append((sub, node.lineno, None) if sub in mods else (target, node.lineno, a.name))
+                out.append((sub, node.lineno, None, a.asname or a.name) if sub in mods
+                           else (target, node.lineno, a.name, a.asname or a.name))
     return out
 
 
 def graph(mods: dict[str, str] = MODULES) -> dict[str, set[str]]:
-    return {m: {t for t, _, _ in imports(m, mods) if t != m} for m in mods}
+    return {m: {t for t, *_ in imports(m, mods) if t != m} for m in mods}
 
 
 def cycles(mods: dict[str, str] = MODULES) -> list[list[str]]:
@@ -148,24 +148,13 @@ def private_imports(mods: dict[str, str] = MODULES) -> list[str]:
     """`file:line: module imports other._name` for every use of another module's private name."""
     out = []
     for m, path in mods.items():
-        tree = _tree(path)
         aliases = {}  # local name -> package module it is bound to
-        for node in _runtime_nodes(tree):
-            if isinstance(node, ast.Import):
-                for a in node.names:
-                    if a.name in mods:
-                        aliases[a.asname or a.name] = a.name
-            elif isinstance(node, ast.ImportFrom):
-                target = _resolve(m, node, mods)
-                if target not in mods:
-                    continue
-                for a in node.names:
-                    sub = f"{target}.{a.name}"
-                    if sub in mods:
-                        aliases[a.asname or a.name] = sub
-                    elif _private(a.name) and target != m:
-                        out.append(f"{_where(mods, m, node.lineno)}: {m} imports {target}.{a.name}")
-        for node in _runtime_nodes(tree):
+        for target, line, name, local in imports(m, mods):
+            if name is None:
+                aliases[local] = target
+            elif _private(name) and target != m:
+                out.append(f"{_where(mods, m, line)}: {m} imports {target}.{name}")
+        for node in _runtime_nodes(_tree(path)):
             if isinstance(node, ast.Attribute) and _private(node.attr):
                 target = aliases.get(ast.unparse(node.value))
                 if target is not None and target != m:
@@ -188,7 +177,7 @@ def layer_imports(low: str, high: str, mods: dict[str, str] = MODULES) -> list[s
     def inside(name, pkg):
         return name == pkg or name.startswith(pkg + ".")
     return [f"{_where(mods, m, line)}: {m} imports {t}"
-            for m in mods if inside(m, low) for t, line, _ in imports(m, mods) if inside(t, high)]
+            for m in mods if inside(m, low) for t, line, *_ in imports(m, mods) if inside(t, high)]
 
 
 def data_imports_eval() -> list[str]:
