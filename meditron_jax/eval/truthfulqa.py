@@ -37,6 +37,7 @@ import os
 
 import numpy as np
 
+from meditron_jax.data import jsonl
 from meditron_jax.eval.tasks import TaskDataError
 
 TASK = "truthfulqa_mc"
@@ -143,12 +144,9 @@ def read_json(path: str) -> list[TQAItem]:
     try:
         data = json.loads(text)
         records = [(f"record {i}", r) for i, r in enumerate(data)] if isinstance(data, list) else None
-    except json.JSONDecodeError:
-        records = None
-        try:
-            records = [(f"line {n}", json.loads(line)) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-        except json.JSONDecodeError as e:
-            raise TaskDataError(f"{path}: neither a JSON list nor JSONL ({e.msg})") from None
+    except json.JSONDecodeError:  # not one JSON document: JSONL
+        records = [(f"line {n}", rec) for n, rec in jsonl.read_jsonl(
+            path, error=TaskDataError, where=jsonl.words, malformed="neither a JSON list nor JSONL")]
     if records is None:
         raise TaskDataError(f"{path}: expected a JSON list of {{question, mc1_targets, mc2_targets}} records")
     items = []
