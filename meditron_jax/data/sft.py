@@ -16,7 +16,7 @@ front of the completion), so "Answer:" + "B" reads as "Answer: B", the way the e
 scores answers.
 
 Does not own: packing and batching (`data.pipeline`, first-fit packing into the same batch format
-as pretraining), turning exam sets into SFT files (`data.cli mcq-to-sft`).
+as pretraining), turning exam sets into SFT files (`meditron-jax data mcq-to-sft`, `eval.to_sft`).
 """
 
 from __future__ import annotations
