@@ -1,7 +1,7 @@
 """TruthfulQA multiple choice (MC1, MC2) as `eval mcq --task truthfulqa_mc`, per category.
 
 Owns: reading the two public release formats, prompting, scoring and per-category results.
-Does not own: batched log-prob scoring (`mcq.Scorer`), the model, the CLI (`cli.py`).
+Does not own: batched log-prob scoring (`scoring.Scorer`), the model, the CLI (`cli.py`).
 
 Formats (fields used):
   CSV   TruthfulQA.csv: Category, Question, Best Answer, Correct Answers, Incorrect Answers
@@ -237,7 +237,8 @@ def evaluate(model, tokenizer, items: list[TQAItem], *, shots: int, seeds=(1234,
              pool: list[TQAItem] | None = None, batch_size: int = 8, scorer=None, progress: bool = False,
              max_length: int | None = None) -> tuple[dict, list[dict]]:
     """MC1 / MC2 per item (per seed), overall and per category."""
-    from meditron_jax.eval.mcq import EvalError, Row, Scorer, demo_order
+    from meditron_jax.eval.mcq import EvalError, demo_order
+    from meditron_jax.eval.scoring import Row, Scorer
 
     if shots < 0:
         raise EvalError(f"--shots must be >= 0, got {shots}")
