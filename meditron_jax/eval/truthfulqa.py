@@ -139,12 +139,12 @@ def _targets(path, where, rec, key):
 def read_json(path: str) -> list[TQAItem]:
     if not os.path.isfile(path):
         raise TaskDataError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
     try:
-        data = json.loads(text)
+        data = json.loads(raw)
         records = [(f"record {i}", r) for i, r in enumerate(data)] if isinstance(data, list) else None
-    except json.JSONDecodeError:  # not one JSON document: JSONL
+    except (json.JSONDecodeError, UnicodeDecodeError):  # not one UTF-8 JSON document: JSONL (names the bad line)
         records = [(f"line {n}", rec) for n, rec in jsonl.read_jsonl(
             path, error=TaskDataError, where=jsonl.words, malformed="neither a JSON list nor JSONL")]
     if records is None:
