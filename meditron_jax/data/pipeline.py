@@ -1,8 +1,8 @@
 """The training data pipeline (grain): sources -> held-out split -> shuffled epochs -> weighted mix
 -> packing -> global batches -> this process's rows, with an exactly resumable iterator state.
 
-Owns: the gin configurable `data` (sources, weights, tokenizer, added tokens, demo, SFT files,
-held-out fraction, shuffling), validating them against the preprocessing manifests before training
+Owns: validating the gin configurable `data` (`data.config`: sources, weights, tokenizer, added
+tokens, demo, SFT files, held-out fraction, shuffling) against the preprocessing manifests before training
 (fingerprint / vocab mismatches, bad weights, missing directories are `UserError`s), and
 `build_pipeline(...) -> DataPipeline`, whose `train_iterator()` yields dicts of numpy arrays
 [rows this process supplies, seq_len]:
@@ -44,7 +44,6 @@ import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import gin
 import grain
 import numpy as np
 from grain.experimental import (
@@ -55,61 +54,11 @@ from grain.experimental import (
 )
 
 from meditron_jax.data import transforms
+from meditron_jax.data.config import DataConfig, DataConfigError, data_config
 from meditron_jax.data.preprocess import check_shards, load_manifest
 from meditron_jax.data.tokenizer import Tokenizer
-from meditron_jax.errors import UserError
 
 STATE_FORMAT = "meditron-jax/data-iterator/v1"
-class DataConfigError(UserError):
-    """Inconsistent data configuration (weights, sources, tokenizer vs manifests, saved state)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    sources: Mapping[str, str] | None = None
-    weights: Mapping[str, float] | None = None
-    tokenizer: str | None = None
-    added_tokens: tuple[str, ...] = ()
-    demo: bool = False
-    sft_files: tuple[str, ...] = ()
-    validation_fraction: float = 0.01
-    max_validation_documents: int = 10_000
-    shuffle: bool = True
-    read_group: int = 256
-    read_threads: int = 2
-    prefetch_batches: int = 2
-
-
-@gin.configurable("data")
-def data_config(
-    sources: Mapping[str, str] | None = None,
-    weights: Mapping[str, float] | None = None,
-    tokenizer: str | None = None,
-    added_tokens: Sequence[str] = (),
-    demo: bool = False,
-    sft_files: Sequence[str] = (),
-    validation_fraction: float = 0.01,
-    max_validation_documents: int = 10_000,
-    shuffle: bool = True,
-    read_group: int = 256,
-    read_threads: int = 2,
-    prefetch_batches: int = 2,
-) -> DataConfig:
-    """gin `data.*`: `data.sources = {'guidelines': '/data/gl', ...}`, `data.weights = {...}` (token
-    shares; default token-proportional), `data.tokenizer = '.../tokenizer.model'`,
-    `data.added_tokens = (...)`, `data.demo = True` (built-in demo corpus and tokenizer),
-    `data.sft_files = [...]` (SFT JSONL; exclusive with sources), `data.validation_fraction` (held-out
-    documents per source, at most `max_validation_documents`), `data.shuffle`."""
-    if isinstance(sft_files, str):
-        sft_files = (sft_files,)
-    return DataConfig(
-        sources=dict(sources) if sources is not None else None,
-        weights=dict(weights) if weights is not None else None,
-        tokenizer=str(tokenizer) if tokenizer is not None else None,
-        added_tokens=tuple(added_tokens), demo=bool(demo), sft_files=tuple(str(f) for f in sft_files),
-        validation_fraction=float(validation_fraction), max_validation_documents=int(max_validation_documents),
-        shuffle=bool(shuffle), read_group=int(read_group), read_threads=int(read_threads),
-        prefetch_batches=int(prefetch_batches))
 
 
 def _json_state_fix(state: Any) -> Any:

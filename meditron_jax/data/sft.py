@@ -101,7 +101,7 @@ def load_sft_file(path: str | os.PathLike, tok: Tokenizer) -> list[np.ndarray]:
     path = str(path)
     if not os.path.isfile(path):
         raise SFTDataError(f"SFT file {path} does not exist")
-    examples = [encode_example(obj, tok, f"{path}:{n}") for n, obj in jsonl.read_jsonl(path, error=SFTDataError)]
+    examples = [encode_example(obj, tok, jsonl.colon(path, n)) for n, obj in jsonl.read_jsonl(path, error=SFTDataError)]
     if not examples:
         raise SFTDataError(f"SFT file {path} has no examples")
     return examples
