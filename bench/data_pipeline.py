@@ -28,7 +28,8 @@ import numpy as np
 
 from meditron_jax.data.demo import generate_documents, prepare_demo, write_jsonl
 from meditron_jax.data.pipeline import DataConfig, build_pipeline
-from meditron_jax.data.preprocess import FORMAT, MANIFEST, _ShardWriter, iter_jsonl_texts, preprocess, token_dtype
+from meditron_jax.data.jsonl import iter_texts
+from meditron_jax.data.preprocess import FORMAT, MANIFEST, _ShardWriter, preprocess, token_dtype
 from meditron_jax.data.tokenizer import Tokenizer
 
 GAP_REPLAY = {  # name: (train tokens, mean document tokens)
@@ -45,7 +46,7 @@ def bench_preprocess(tok_path: str, inputs: list[str], workers: int, tmp: Path) 
     """Wall-clock rates, and CPU work: raw SentencePiece's CPU seconds (all its threads) against the
     1-worker preprocess run's (read + parse + encode + write, all in this process). The CPU ratio
     does not depend on how busy a shared machine is; with N idle cores both rates scale ~N-fold."""
-    texts = [t for f in inputs for t in iter_jsonl_texts(f)]
+    texts = [t for f in inputs for t in iter_texts(f)]
     tok = Tokenizer(tok_path)
     sp = tok.sp
     sp.encode(texts[:100], num_threads=workers)

@@ -5,7 +5,7 @@ default 1600-1800: real 3-shot PubMedQA prompts are ~1,700 tokens) made of one s
 prefix (instruction + 3 demonstrations, --prefix-len tokens, default 1300) and a per-item test question, top_token scoring of the three labels
 yes/no/maybe at the end of each prompt, with a small Llama (random weights; vocab 32000 like
 Llama-2). All runs get the same token ids, batch size and length-sorted batches:
-  ours          meditron_jax.eval.mcq.Scorer as `eval mcq` runs it: the shared prefix once into a
+  ours          meditron_jax.eval.scoring.Scorer as `eval mcq` runs it: the shared prefix once into a
                 KV cache, then the suffixes in batches (right padding + segment ids), jitted,
                 logits only at the scored position (compile time reported separately)
   ours_plain    the same without prefix sharing (every prompt run in full); long rows take the
@@ -53,7 +53,7 @@ def main():
     from meditron_jax.config import LlamaConfig
     from meditron_jax.convert.io import torch_to_numpy
     from meditron_jax.convert.hf import from_hf
-    from meditron_jax.eval.mcq import Row, Scorer
+    from meditron_jax.eval.scoring import Row, Scorer
     from meditron_jax.model import model_from_params
 
     if args.threads:

@@ -20,7 +20,7 @@ SUBCOMMANDS = {
     "export": ("meditron_jax.convert.cli_export", "checkpoint -> Hugging Face safetensors or Meta consolidated.pth"),
     "preprocess": ("meditron_jax.data.preprocess", "JSONL text -> tokenized ArrayRecord shards + manifest"),
     "tokenizer": ("meditron_jax.data.tokenizer", "train a small SentencePiece tokenizer (demos, tests)"),
-    "data": ("meditron_jax.data.cli", "data utilities (mcq-to-sft)"),
+    "data": ("meditron_jax.data_cli", "data utilities (mcq-to-sft)"),
     "eval": ("meditron_jax.eval.cli", "perplexity and k-shot medical multiple-choice exams"),
     "generate": ("meditron_jax.eval.generate", "sample text with a KV cache"),
     "lm-eval": ("meditron_jax.eval.lm_eval_cli", "lm-evaluation-harness with the meditron-jax model type"),

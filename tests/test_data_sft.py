@@ -106,11 +106,11 @@ def test_sft_pipeline_batches_mask_exactly_the_completions(tmp_path, tok):
 
 
 def test_long_examples_keep_their_end(tok):
-    from meditron_jax.data.pipeline import _truncate
+    from meditron_jax.data.transforms import truncate
 
     ex = {"prompt": "history " * 200 + "Answer:", "completion": "amlodipine"}
     arr = encode_example(ex, tok)
-    cut = _truncate(arr, 64)
+    cut = truncate(arr, 64)
     assert len(cut) == 64 and cut[-1, 1] == tok.eos_id
     assert cut[:, 1][cut[:, 2] == 1].tolist() == tok.encode("amlodipine") + [tok.eos_id]
 

@@ -1,11 +1,9 @@
 """QA fine-tuning: mcq-to-sft writes the evaluation's format; a few SFT steps through the CLI lower
 the loss on the answer tokens."""
 
-import importlib.util
 import json
 
 import numpy as np
-import pytest
 
 from meditron_jax import from_pretrained
 from meditron_jax.cli import main as cli_main
@@ -13,8 +11,6 @@ from meditron_jax.data.tokenizer import Tokenizer
 from meditron_jax.eval import mcq, tasks
 from tests.eval_helpers import tiny_config, train_tiny_tokenizer, write_medmcqa, write_medqa, write_pubmedqa
 from tests.hf_helpers import make_hf_model
-
-NO_TRAINER = importlib.util.find_spec("meditron_jax.train") is None
 
 
 def test_mcq_to_sft_matches_eval_prompts(tmp_path, capsys):
@@ -52,7 +48,6 @@ def _answer_nll(model, tok, recs):
     return -float(np.mean([s[:, 0].mean() for s, _ in scores]))
 
 
-@pytest.mark.skipif(NO_TRAINER, reason="needs the trainer (meditron_jax.train)")
 def test_sft_through_cli_lowers_answer_loss(tmp_path):
     tok_path = train_tiny_tokenizer(str(tmp_path), vocab_size=600)
     tok = Tokenizer(tok_path)

@@ -1,8 +1,8 @@
 """The training data pipeline (grain): sources -> held-out split -> shuffled epochs -> weighted mix
 -> packing -> global batches -> this process's rows, with an exactly resumable iterator state.
 
-Owns: the gin configurable `data` (sources, weights, tokenizer, added tokens, demo, SFT files,
-held-out fraction, shuffling), validating them against the preprocessing manifests before training
+Owns: validating the gin configurable `data` (`data.config`: sources, weights, tokenizer, added
+tokens, demo, SFT files, held-out fraction, shuffling) against the preprocessing manifests before training
 (fingerprint / vocab mismatches, bad weights, missing directories are `UserError`s), and
 `build_pipeline(...) -> DataPipeline`, whose `train_iterator()` yields dicts of numpy arrays
 [rows this process supplies, seq_len]:
@@ -24,9 +24,11 @@ default is each source's share of tokens); grain mixes documents, so each source
 proportion is weight / mean document length. Documents are read in groups with one batched
 ArrayRecord read per source (single-record reads cost ~0.3 ms each).
 
-Does not own: tokenization and shards (`data.preprocess`), SFT record formats (`data.sft`), the
-demo corpus (`data.demo`), putting batches on devices (`sharding.global_batch`), or saving the
-iterator state in checkpoints (`checkpoint`, which stores `get_state()` as a JSON item).
+Does not own: the per-element steps it composes (`data.transforms`: batched reads, the held-out
+index, the trainer's batch format), tokenization and shards (`data.preprocess`), SFT record
+formats (`data.sft`), the demo corpus (`data.demo`), putting batches on devices
+(`sharding.global_batch`), or saving the iterator state in checkpoints (`checkpoint`, which
+stores `get_state()` as a JSON item).
 """
 
 from __future__ import annotations
@@ -42,188 +44,21 @@ import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import gin
 import grain
 import numpy as np
 from grain.experimental import (
     ConcatThenSplitIterDataset,
     FirstFitPackIterDataset,
     FlatMapIterDataset,
-    FlatMapTransform,
     ThreadPrefetchIterDataset,
 )
 
-from meditron_jax.data.preprocess import ShardError, check_shards, load_manifest
+from meditron_jax.data import transforms
+from meditron_jax.data.config import DataConfig, DataConfigError, data_config
+from meditron_jax.data.preprocess import check_shards, load_manifest
 from meditron_jax.data.tokenizer import Tokenizer
-from meditron_jax.errors import UserError
 
 STATE_FORMAT = "meditron-jax/data-iterator/v1"
-class DataConfigError(UserError):
-    """Inconsistent data configuration (weights, sources, tokenizer vs manifests, saved state)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    sources: Mapping[str, str] | None = None
-    weights: Mapping[str, float] | None = None
-    tokenizer: str | None = None
-    added_tokens: tuple[str, ...] = ()
-    demo: bool = False
-    sft_files: tuple[str, ...] = ()
-    validation_fraction: float = 0.01
-    max_validation_documents: int = 10_000
-    shuffle: bool = True
-    read_group: int = 256
-    read_threads: int = 2
-    prefetch_batches: int = 2
-
-
-@gin.configurable("data")
-def data_config(
-    sources: Mapping[str, str] | None = None,
-    weights: Mapping[str, float] | None = None,
-    tokenizer: str | None = None,
-    added_tokens: Sequence[str] = (),
-    demo: bool = False,
-    sft_files: Sequence[str] = (),
-    validation_fraction: float = 0.01,
-    max_validation_documents: int = 10_000,
-    shuffle: bool = True,
-    read_group: int = 256,
-    read_threads: int = 2,
-    prefetch_batches: int = 2,
-) -> DataConfig:
-    """gin `data.*`: `data.sources = {'guidelines': '/data/gl', ...}`, `data.weights = {...}` (token
-    shares; default token-proportional), `data.tokenizer = '.../tokenizer.model'`,
-    `data.added_tokens = (...)`, `data.demo = True` (built-in demo corpus and tokenizer),
-    `data.sft_files = [...]` (SFT JSONL; exclusive with sources), `data.validation_fraction` (held-out
-    documents per source, at most `max_validation_documents`), `data.shuffle`."""
-    if isinstance(sft_files, str):
-        sft_files = (sft_files,)
-    return DataConfig(
-        sources=dict(sources) if sources is not None else None,
-        weights=dict(weights) if weights is not None else None,
-        tokenizer=str(tokenizer) if tokenizer is not None else None,
-        added_tokens=tuple(added_tokens), demo=bool(demo), sft_files=tuple(str(f) for f in sft_files),
-        validation_fraction=float(validation_fraction), max_validation_documents=int(max_validation_documents),
-        shuffle=bool(shuffle), read_group=int(read_group), read_threads=int(read_threads),
-        prefetch_batches=int(prefetch_batches))
-
-
-# -- grain transforms ---------------------------------------------------------------------------
-class _ReadDocuments:
-    """[(source, doc index), ...] -> [{"tokens": int32 [n-1, 2] (input, next token)} per document]; one batched
-    ArrayRecord read per source."""
-
-    def __init__(self, readers: Sequence[Any], dtypes: Sequence[np.dtype], sources: Sequence[Any] = ()):
-        self._readers = readers
-        self._dtypes = dtypes
-        self._sources = sources  # _Source per reader: a read error names the shard
-
-    def _read(self, s: int, indices: list[int]):
-        try:
-            return self._readers[s].__getitems__(indices)
-        except Exception as e:  # noqa: BLE001 - re-raised naming the shard
-            if not self._sources:
-                raise
-            raise _read_error(self._sources[s], self._readers[s], indices, e) from None
-
-    def __call__(self, pairs: Sequence[tuple[int, int]]) -> list[dict[str, np.ndarray]]:
-        by_source: dict[int, list[int]] = {}
-        for k, (s, _) in enumerate(pairs):
-            by_source.setdefault(s, []).append(k)
-        out: list[Any] = [None] * len(pairs)
-        for s, ks in by_source.items():
-            records = self._read(s, [int(pairs[k][1]) for k in ks])
-            for k, rec in zip(ks, records):
-                t = np.frombuffer(rec, dtype=self._dtypes[s]).astype(np.int32)
-                out[k] = {"tokens": np.stack((t[:-1], t[1:]), axis=1)}
-        return out
-
-
-def _read_error(source, reader, indices: list[int], error: Exception) -> Exception:
-    """The failed batched read, re-done record by record to find the record, named by its shard
-    (a storage fault for an OS-level read error, else a damaged shard)."""
-    from meditron_jax.errors import storage_fault
-
-    bad = indices[0]
-    for i in indices:
-        try:
-            reader[i]
-        except Exception as e:  # noqa: BLE001
-            bad, error = i, e
-            break
-    start = 0
-    shard = source.manifest["shards"][-1]
-    for sh in source.manifest["shards"]:
-        if bad < start + sh["documents"]:
-            shard = sh
-            break
-        start += sh["documents"]
-    path = os.path.join(source.directory, shard["file"])
-    reason = " ".join(str(error).split())[:200]
-    hint = (f"document {bad - start} of the shard is unreadable; run `meditron-jax data verify {source.directory}`, "
-            f"then re-run preprocess for source {source.name!r}")
-    fault = storage_fault(error, f"data: reading source {source.name!r} shard", path, hint=hint)
-    if fault is not None:
-        return fault
-    return ShardError(f"source {source.name!r}: cannot read shard {path} ({reason}); {hint}")
-
-
-class _Unbatch(FlatMapTransform):
-    def __init__(self, max_fan_out: int):
-        self.max_fan_out = max_fan_out
-
-    def flat_map(self, element):
-        return element
-
-
-class _TrainDocIndex:
-    """Training index j -> document index, skipping documents stride-1, 2*stride-1, ... (n_val of them)."""
-
-    def __init__(self, stride: int, n_val: int):
-        self.stride, self.n_val = stride, n_val
-
-    def __call__(self, j) -> int:
-        j, per = int(j), self.stride - 1
-        if j < per * self.n_val:
-            return (j // per) * self.stride + j % per
-        return j + self.n_val
-
-
-def _tag(source: int, index) -> tuple[int, int]:
-    return source, int(index)
-
-
-def _truncate(example: np.ndarray, seq_len: int) -> np.ndarray:
-    return example[-seq_len:] if len(example) > seq_len else example
-
-
-class _Finalize:
-    """Packed global batch -> this process's rows in the trainer's format (pads short eval batches)."""
-
-    def __init__(self, global_batch_size: int, rows):
-        self._gb = global_batch_size
-        self._rows = rows
-
-    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        tok, seg, pos = batch["tokens"], batch["tokens_segment_ids"], batch["tokens_positions"]
-        if tok.shape[0] < self._gb:  # the last, partial batch of a held-out pass
-            pad = self._gb - tok.shape[0]
-            tok = np.concatenate([tok, np.zeros((pad, *tok.shape[1:]), tok.dtype)])
-            seg = np.concatenate([seg, np.zeros((pad, *seg.shape[1:]), seg.dtype)])
-            pos = np.concatenate([pos, np.zeros((pad, *pos.shape[1:]), pos.dtype)])
-        tok, seg, pos = tok[self._rows], seg[self._rows], pos[self._rows]
-        mask = seg > 0
-        if tok.shape[-1] == 3:  # SFT: loss only on completion tokens
-            mask &= tok[..., 2] > 0
-        return {
-            "inputs": np.ascontiguousarray(tok[..., 0], dtype=np.int32),
-            "targets": np.ascontiguousarray(tok[..., 1], dtype=np.int32),
-            "segment_ids": seg.astype(np.int32, copy=False),
-            "positions": pos.astype(np.int32, copy=False),
-            "loss_mask": mask.astype(np.float32),
-        }
 
 
 def _json_state_fix(state: Any) -> Any:
@@ -317,7 +152,7 @@ class DataPipeline:
         self.process_index, self.process_count = process_index, process_count
         self.sources, self.weights, self.sft_examples = sources or [], weights or {}, sft_examples
         self.rows = _host_rows(global_batch_size, process_index, process_count, rows)
-        self._finalize = _Finalize(global_batch_size, self.rows)
+        self._finalize = transforms.Finalize(global_batch_size, self.rows)
 
     @property
     def mode(self) -> str:
@@ -351,16 +186,16 @@ class DataPipeline:
         if n_val == 0:
             return grain.MapDataset.range(n), grain.MapDataset.range(0)
         stride = n // n_val
-        return (grain.MapDataset.range(n - n_val).map(_TrainDocIndex(stride, n_val)),
+        return (grain.MapDataset.range(n - n_val).map(transforms.TrainDocIndex(stride, n_val)),
                 grain.MapDataset.range(stride - 1, stride * n_val, stride))
 
     # pretraining ---------------------------------------------------------------------------
     def _documents(self, index_ds: grain.MapDataset, threads: int) -> grain.IterDataset:
-        reader = _ReadDocuments([s.reader for s in self.sources], [np.dtype(s.manifest["dtype"]) for s in self.sources],
+        reader = transforms.ReadDocuments([s.reader for s in self.sources], [np.dtype(s.manifest["dtype"]) for s in self.sources],
                                 self.sources)
         grouped = index_ds.batch(self.cfg.read_group, batch_fn=list).map(reader)
         opts = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
-        return FlatMapIterDataset(grouped.to_iter_dataset(opts), _Unbatch(self.cfg.read_group))
+        return FlatMapIterDataset(grouped.to_iter_dataset(opts), transforms.Unbatch(self.cfg.read_group))
 
     def _pack(self, docs: grain.IterDataset) -> grain.IterDataset:
         return ConcatThenSplitIterDataset(docs, length_struct={"tokens": self.seq_len})
@@ -376,7 +211,7 @@ class DataPipeline:
             train_idx, _ = self._split(s.documents)
             if self.cfg.shuffle:
                 train_idx = train_idx.shuffle(seed=_source_seed(self.seed, s.name))
-            parts.append(train_idx.repeat(None).map(lambda j, i=i: _tag(i, j)))
+            parts.append(train_idx.repeat(None).map(lambda j, i=i: transforms.tag(i, j)))
             props.append(w / s.mean_length)  # token share -> document share
         mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, props)
         packed = self._pack(self._documents(mixed, self.cfg.read_threads))
@@ -392,7 +227,7 @@ class DataPipeline:
     def _sft_examples_ds(self, indices: grain.MapDataset) -> grain.MapDataset:
         examples = self.sft_examples
         seq_len = self.seq_len
-        return indices.map(lambda j: {"tokens": _truncate(examples[int(j)], seq_len)})
+        return indices.map(lambda j: {"tokens": transforms.truncate(examples[int(j)], seq_len)})
 
     def _sft_pack(self, ds: grain.MapDataset) -> grain.IterDataset:
         it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
@@ -421,7 +256,7 @@ class DataPipeline:
                 return []
             packed = self._sft_pack(self._sft_examples_ds(val))
         else:
-            vals = [self._split(s.documents)[1].map(lambda j, i=i: _tag(i, j)) for i, s in enumerate(self.sources)]
+            vals = [self._split(s.documents)[1].map(lambda j, i=i: transforms.tag(i, j)) for i, s in enumerate(self.sources)]
             vals = [v for v in vals if len(v) > 0]
             if not vals:
                 return []

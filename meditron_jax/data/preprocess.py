@@ -1,6 +1,6 @@
 """`meditron-jax preprocess`: JSONL text -> tokenized documents in ArrayRecord shards + manifest.json.
 
-Owns: reading JSONL (plain or .gz, one document per line) with errors that name the file and line,
+Owns: reading JSONL (plain or .gz, one document per line; `data.jsonl` names the file and line of a bad one),
 tokenizing every document as BOS + text + EOS on all cores (a multiprocessing pool fed with
 newline-aligned byte chunks; chunk and shard boundaries depend only on the data, so the output is
 byte-identical whatever `--workers` is), writing one ArrayRecord record per document (raw uint16
@@ -17,7 +17,6 @@ Does not own: mixing, shuffling or packing (`data.pipeline`), SFT formats (`data
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import itertools
 import json
@@ -25,19 +24,20 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from meditron_jax import storage
+from meditron_jax.data import jsonl
 from meditron_jax.data.tokenizer import Tokenizer
 from meditron_jax.errors import UserError, storage_faults
 
 MANIFEST = "manifest.json"
 FORMAT = "meditron-jax/tokenized-documents/v1"
 DOCUMENT_LAYOUT = "BOS + tokens(text) + EOS per document, one ArrayRecord record of raw little-endian ids"
-CHUNK_BYTES = 1 << 20  # work unit sent to a worker (newline aligned)
+CHUNK_BYTES = jsonl.CHUNK_BYTES  # work unit sent to a worker (newline aligned)
 SHARD_TOKENS = 1 << 27  # a new shard starts once a shard holds this many tokens
 WRITER_OPTIONS = "group_size:1,uncompressed"
 
@@ -48,78 +48,6 @@ class PreprocessError(UserError):
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.int32)
-
-
-def _open_binary(path: str):
-    if not os.path.isfile(path):
-        raise PreprocessError(f"input file {path} does not exist")
-    try:
-        if path.endswith(".gz"):
-            f = gzip.open(path, "rb")
-            f.peek(1)  # raises on a file that is not gzip
-            return f
-        return open(path, "rb")
-    except (OSError, gzip.BadGzipFile) as e:
-        raise PreprocessError(f"cannot read {path}: {e}") from None
-
-
-def read_chunks(path: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[str, int, bytes]]:
-    """Yields (path, first_line_number, bytes) pieces of a file, each ending on a line boundary."""
-    line_no = 1
-    rest = b""
-    with _open_binary(path) as f:
-        while True:
-            try:
-                block = f.read(chunk_bytes)
-            except (OSError, EOFError, gzip.BadGzipFile) as e:
-                raise PreprocessError(f"cannot read {path}: {e}") from None
-            if not block:
-                break
-            block = rest + block
-            cut = block.rfind(b"\n") + 1
-            if cut == 0:
-                rest = block
-                continue
-            chunk, rest = block[:cut], block[cut:]
-            yield path, line_no, chunk
-            line_no += chunk.count(b"\n")
-    if rest:
-        yield path, line_no, rest
-
-
-def parse_jsonl_chunk(path: str, first_line: int, chunk: bytes, text_key: str) -> tuple[list[str], int]:
-    """Returns (non-empty texts in order, number of empty documents) for one chunk."""
-    try:
-        text = chunk.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = first_line + chunk.count(b"\n", 0, e.start)
-        raise PreprocessError(f"{path}:{line}: not valid UTF-8 ({e.reason})") from None
-    texts: list[str] = []
-    empty = 0
-    for i, line in enumerate(text.split("\n")):
-        if not line.strip():
-            continue  # blank lines are not documents
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PreprocessError(f"{path}:{first_line + i}: malformed JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or text_key not in obj:
-            raise PreprocessError(f"{path}:{first_line + i}: no {text_key!r} key (use --text-key)")
-        value = obj[text_key]
-        if not isinstance(value, str):
-            raise PreprocessError(f"{path}:{first_line + i}: {text_key!r} is {type(value).__name__}, not a string")
-        if value.strip():
-            texts.append(value)
-        else:
-            empty += 1
-    return texts, empty
-
-
-def iter_jsonl_texts(path: str, text_key: str = "text") -> Iterator[str]:
-    """The text of each non-empty document of a JSONL file, in order (errors name file and line)."""
-    for p, first, chunk in read_chunks(str(path)):
-        texts, _ = parse_jsonl_chunk(p, first, chunk, text_key)
-        yield from texts
 
 
 # -- workers ------------------------------------------------------------------------------------
@@ -134,7 +62,7 @@ def _init_worker(tokenizer_path: str, added_tokens: tuple[str, ...]) -> None:
 def _encode_chunk(job: tuple[str, int, bytes, str, str]) -> tuple[np.ndarray, np.ndarray, int, int]:
     """-> (document lengths int64, all tokens concatenated, empty documents skipped, chunk bytes)."""
     path, first_line, chunk, text_key, dtype = job
-    texts, empty = parse_jsonl_chunk(path, first_line, chunk, text_key)
+    texts, empty = jsonl.parse_text_chunk(path, first_line, chunk, text_key, PreprocessError)
     tok = _WORKER_TOKENIZER
     assert tok is not None
     ids = tok.encode_batch(texts, bos=True, eos=True)
@@ -246,7 +174,8 @@ def file_sha256(path: str | os.PathLike, progress=None) -> str:
 def _run(inputs, tok, tmp: Path, text_key, workers, dtype, progress, chunk_bytes, shard_tokens) -> dict:
     from tqdm import tqdm
 
-    jobs = ((p, line, chunk, text_key, dtype.str) for path in inputs for p, line, chunk in read_chunks(path, chunk_bytes))
+    jobs = ((p, line, chunk, text_key, dtype.str)
+            for path in inputs for p, line, chunk in jsonl.read_chunks(path, chunk_bytes, PreprocessError))
     # progress counts uncompressed bytes; its total is only known without .gz inputs
     total_bytes = None if any(p.endswith('.gz') for p in inputs) else sum(os.path.getsize(p) for p in inputs)
     writer = _ShardWriter(tmp, shard_tokens)

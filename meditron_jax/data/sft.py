@@ -16,17 +16,17 @@ front of the completion), so "Answer:" + "B" reads as "Answer: B", the way the e
 scores answers.
 
 Does not own: packing and batching (`data.pipeline`, first-fit packing into the same batch format
-as pretraining), turning exam sets into SFT files (`data.cli mcq-to-sft`).
+as pretraining), turning exam sets into SFT files (`meditron-jax data mcq-to-sft`, `eval.to_sft`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 
 import numpy as np
 
+from meditron_jax.data import jsonl
 from meditron_jax.data.tokenizer import Tokenizer
 from meditron_jax.errors import UserError
 
@@ -101,24 +101,7 @@ def load_sft_file(path: str | os.PathLike, tok: Tokenizer) -> list[np.ndarray]:
     path = str(path)
     if not os.path.isfile(path):
         raise SFTDataError(f"SFT file {path} does not exist")
-    from meditron_jax.data.preprocess import read_chunks
-
-    examples: list[np.ndarray] = []
-    for p, first_line, chunk in read_chunks(path):
-        try:
-            text = chunk.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line_no = first_line + chunk.count(b"\n", 0, e.start)
-            raise SFTDataError(f"{p}:{line_no}: not valid UTF-8") from None
-        for i, line in enumerate(text.split("\n")):
-            if not line.strip():
-                continue
-            where = f"{p}:{first_line + i}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SFTDataError(f"{where}: malformed JSON ({e.msg})") from None
-            examples.append(encode_example(obj, tok, where))
+    examples = [encode_example(obj, tok, jsonl.colon(path, n)) for n, obj in jsonl.read_jsonl(path, error=SFTDataError)]
     if not examples:
         raise SFTDataError(f"SFT file {path} has no examples")
     return examples

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from meditron_jax.data import jsonl
 from meditron_jax.errors import UserError
 
 
@@ -167,8 +168,6 @@ def train_tokenizer(
     or the name ends in .jsonl/.jsonl.gz, JSONL whose `text_key` (default 'text') is used.
     Returns the path of the written model; it is written under a temporary name and renamed.
     """
-    from meditron_jax.data.preprocess import iter_jsonl_texts  # local: preprocess imports us
-
     if vocab_size < 260:
         raise UserError(f"--vocab-size {vocab_size} is too small: byte fallback alone needs 259 ids")
     if not input_files:
@@ -179,7 +178,7 @@ def train_tokenizer(
         if not os.path.isfile(f):
             raise UserError(f"input file {f} does not exist")
         if text_key is not None or f.endswith((".jsonl", ".jsonl.gz", ".json")):
-            for text in iter_jsonl_texts(f, text_key or "text"):
+            for text in jsonl.iter_texts(f, text_key or "text"):
                 sentences.extend(line for line in text.split("\n") if line.strip())
         else:
             try:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from meditron_jax.data import jsonl
 from meditron_jax.errors import UserError
 
 
@@ -194,20 +195,15 @@ def add_arguments(parser):
 def read_prompts(path: str) -> list[str]:
     if not os.path.isfile(path):
         raise GenerateError(f"{path}: no such prompt file")
-    with open(path, encoding="utf-8") as f:
-        lines = [line.rstrip("\n") for line in f]
-    if not path.endswith(".jsonl"):
-        prompts = [line for line in lines if line.strip()]
-    else:
+    if path.endswith(".jsonl"):
         prompts = []
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                prompts.append(rec["prompt"])
-            except (json.JSONDecodeError, TypeError, KeyError):
-                raise GenerateError(f"{path} line {n}: expected a JSON object with a 'prompt' string") from None
+        for n, rec in jsonl.read_jsonl(path, error=GenerateError, where=jsonl.words, malformed="not JSON"):
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+                raise GenerateError(f"{path} line {n}: expected a JSON object with a 'prompt' string")
+            prompts.append(rec["prompt"])
+    else:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]
     if not prompts:
         raise GenerateError(f"{path}: no prompts")
     return prompts

@@ -3,7 +3,7 @@
 Owns: the `TemplateLM` subclass (`loglikelihood` through lm-eval's own context/continuation
 encoding, `loglikelihood_rolling` through its rolling windows, `generate_until` on our KV-cache
 generator), its model_args, and `meditron-jax lm-eval ...`, which registers the model type and
-runs lm-eval's own command line. Does not own: scoring (`mcq.Scorer`: batched, length-bucketed,
+runs lm-eval's own command line. Does not own: scoring (`scoring.Scorer`: batched, length-bucketed,
 one compiled shape per bucket, the shared-context prefix cache), generation (`generate.py`),
 the mesh (`distributed.py`).
 
@@ -120,13 +120,13 @@ class MeditronJaxLM(TemplateLM):
     @property
     def scorer(self):
         if self._scorer is None:
-            from meditron_jax.eval.mcq import Scorer
+            from meditron_jax.eval.scoring import Scorer
             self._scorer = Scorer(self.model, batch_size=self.batch_size, placement=self.place)
         return self._scorer
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         """(sum of continuation log-probs, whether every continuation token is the argmax)."""
-        from meditron_jax.eval.mcq import Row
+        from meditron_jax.eval.scoring import Row
 
         rows, groups = [], []
         for _, ctx, cont in requests:

@@ -1,6 +1,6 @@
 """`meditron-jax eval plan`: will `eval mcq` / `eval ppl` of this model fit on this mesh?
 
-Owns: compiling the real scoring program (`mcq._gather_logprobs`, what `eval mcq` runs for a
+Owns: compiling the real scoring program (`scoring.gather_logprobs`, what `eval mcq` runs for a
 batch of prompts) ahead of time for N simulated devices, with abstract sharded weights and
 inputs only (nothing is allocated), and reporting per-device memory: weights exactly (from their
 shardings, held in the compute dtype), temporaries from XLA's memory analysis, the analytical
@@ -59,7 +59,7 @@ def plan_eval(cfg, mesh_text: str, batch: int, seq_len: int, device_memory_gib: 
     from flax import nnx
 
     from meditron_jax import sharding
-    from meditron_jax.eval import distributed, mcq
+    from meditron_jax.eval import distributed, scoring
     from meditron_jax.model import abstract_model
 
     sizes = distributed.parse_mesh(mesh_text)
@@ -75,7 +75,7 @@ def plan_eval(cfg, mesh_text: str, batch: int, seq_len: int, device_memory_gib: 
     ints = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32,  # noqa: E731
                                               sharding=sharding.sharding_for(("batch",) + (None,) * (len(shape) - 1),
                                                                              shape, mesh, dict(sharding.DEFAULT_RULES)))
-    fn = jax.jit(functools.partial(mcq._gather_logprobs, graphdef))
+    fn = jax.jit(functools.partial(scoring.gather_logprobs, graphdef))
     t0 = time.perf_counter()
     with place.context():
         lowered = fn.lower(abstract_state, ints((batch, seq_len)), ints((batch,)), ints((batch, 1)), ints((batch, 1, 3)))

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 
+from meditron_jax.data import jsonl
 from meditron_jax.errors import UserError
 
 TASKS = ("pubmedqa", "medmcqa", "medqa", "mmlu_medical")
@@ -61,17 +62,9 @@ def _open_text(path: str):
 
 def _jsonl(path: str):
     """Yields (line number, dict) for the non-empty lines of a JSONL file."""
-    with _open_text(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskDataError(f"{path} line {n}: not JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise TaskDataError(f"{path} line {n}: expected a JSON object, got {type(rec).__name__}")
-            yield n, rec
+    if not os.path.isfile(path):
+        raise TaskDataError(f"{path}: no such file")
+    return jsonl.read_jsonl(path, error=TaskDataError, where=jsonl.words, malformed="not JSON", objects=True)
 
 
 def _need(path, where, rec, keys):

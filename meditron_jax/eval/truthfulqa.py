@@ -1,7 +1,7 @@
 """TruthfulQA multiple choice (MC1, MC2) as `eval mcq --task truthfulqa_mc`, per category.
 
 Owns: reading the two public release formats, prompting, scoring and per-category results.
-Does not own: batched log-prob scoring (`mcq.Scorer`), the model, the CLI (`cli.py`).
+Does not own: batched log-prob scoring (`scoring.Scorer`), the model, the CLI (`cli.py`).
 
 Formats (fields used):
   CSV   TruthfulQA.csv: Category, Question, Best Answer, Correct Answers, Incorrect Answers
@@ -37,6 +37,7 @@ import os
 
 import numpy as np
 
+from meditron_jax.data import jsonl
 from meditron_jax.eval.tasks import TaskDataError
 
 TASK = "truthfulqa_mc"
@@ -138,17 +139,14 @@ def _targets(path, where, rec, key):
 def read_json(path: str) -> list[TQAItem]:
     if not os.path.isfile(path):
         raise TaskDataError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
     try:
-        data = json.loads(text)
+        data = json.loads(raw)
         records = [(f"record {i}", r) for i, r in enumerate(data)] if isinstance(data, list) else None
-    except json.JSONDecodeError:
-        records = None
-        try:
-            records = [(f"line {n}", json.loads(line)) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-        except json.JSONDecodeError as e:
-            raise TaskDataError(f"{path}: neither a JSON list nor JSONL ({e.msg})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):  # not one UTF-8 JSON document: JSONL (names the bad line)
+        records = [(f"line {n}", rec) for n, rec in jsonl.read_jsonl(
+            path, error=TaskDataError, where=jsonl.words, malformed="neither a JSON list nor JSONL")]
     if records is None:
         raise TaskDataError(f"{path}: expected a JSON list of {{question, mc1_targets, mc2_targets}} records")
     items = []
@@ -239,7 +237,8 @@ def evaluate(model, tokenizer, items: list[TQAItem], *, shots: int, seeds=(1234,
              pool: list[TQAItem] | None = None, batch_size: int = 8, scorer=None, progress: bool = False,
              max_length: int | None = None) -> tuple[dict, list[dict]]:
     """MC1 / MC2 per item (per seed), overall and per category."""
-    from meditron_jax.eval.mcq import EvalError, Row, Scorer, demo_order
+    from meditron_jax.eval.mcq import EvalError, demo_order
+    from meditron_jax.eval.scoring import Row, Scorer
 
     if shots < 0:
         raise EvalError(f"--shots must be >= 0, got {shots}")

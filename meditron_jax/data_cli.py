@@ -5,18 +5,16 @@ SHA-256 against the manifest (progress bar over the bytes). Exit 0: all intact; 
 damaged shard on stderr (naming it; re-run preprocess for that directory); 2: not a preprocess
 output, or a manifest without checksums (an older preprocess).
 
-Owns: turning an exam's training split into {"prompt", "completion"} JSONL in exactly the
-evaluation's zero-shot format (instruction, question block, "The answer is:" -> gold label), so
-a model fine-tuned on it (configs/sft_*.gin, loss on the answer only) is evaluated with
-`meditron-jax eval mcq --shots 0` on the prompts it was trained on.
-Does not own: exam readers (`eval.tasks`), templates (`eval/prompts.json`), SFT tokenization and
-loss masks (`data.sft`).
+`mcq-to-sft`: an exam's training split -> {"prompt", "completion"} JSONL in exactly the
+evaluation's zero-shot format (`eval.to_sft`).
+
+Owns: the `data` command line only. It sits above both layers (like the other top-level `*_cli`
+modules) so that the data layer never imports evaluation: the work lives in `data.preprocess`
+(verify) and `eval.to_sft` (mcq-to-sft).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 
@@ -37,37 +35,10 @@ def add_arguments(parser):
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def mcq_to_sft(task: str, inputs: list[str], out: str, cop_base: int | None = None, split_file: str | None = None,
-               prompts: str | None = None, instruction: bool = True) -> int:
-    from meditron_jax.eval import mcq, tasks
-
-    tasks.check_task(task)
-    if task == "medmcqa" and cop_base is None:
-        raise tasks.TaskDataError("medmcqa needs --cop-base 0|1 (the Hugging Face copy is 0-based, the "
-                                  "original files 1-based)")
-    template = mcq.PromptTemplate.for_task(task, mcq.load_prompts(prompts))
-    if not instruction:
-        import dataclasses
-        template = dataclasses.replace(template, instruction="")
-    items, rest = tasks.load_items(task, inputs, cop_base=cop_base or 0, split_file=split_file,
-                                   context_joiner=template.context_joiner, subjects=list(template.subjects),
-                                   split="train")
-    if split_file is not None:
-        items = rest  # the test PMIDs are left out
-    d = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(d):
-        raise tasks.TaskDataError(f"{out}: directory {d} does not exist")
-    tmp = out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for it in items:
-            f.write(json.dumps({"prompt": template.prompt(it, []), "completion": template.completion(it),
-                                "id": it.id}) + "\n")
-    os.replace(tmp, out)
-    return len(items)
-
-
 def run(args) -> int:
     if args.action == "mcq-to-sft":
+        from meditron_jax.eval.to_sft import mcq_to_sft
+
         n = mcq_to_sft(args.task, args.input, args.out, args.cop_base, args.split_file, args.prompts,
                        not args.no_instruction)
         print(f"wrote {n} prompt/completion pairs to {args.out}", file=sys.stderr)
