@@ -11,7 +11,8 @@ Also owns resuming safely (`newest_readable`): incomplete steps (remains of an i
 deletion) and unreadable ones are moved to `WORKDIR/checkpoints_unreadable/` with a warning,
 never deleted, and the newest step that restores is used (docs/reliability.md); in a
 multi-host run all processes take that decision together (the newest step every process reads).
-Does not own: what the train state contains (train.py), conversion (convert/).
+Also owns the training loop's save hook (`CheckpointHook`). Does not own: what the train state
+contains (training/state.py), conversion (convert/).
 
 Saves are asynchronous; Orbax writes into a temporary directory and renames it when the
 save commits, so a listed step is always complete; the manager deletes leftover temporary

@@ -2,7 +2,9 @@
 wandb, progress bar).
 
 Owns: the one FLOPs formula used by `mfu` and the benchmarks, the device peak table, and
-writing metrics (only process 0 writes). Does not own: computing loss or gradients.
+writing metrics (only process 0 writes), the training loop's logging hook (`TrainLog`) and,
+on resume, dropping records past the restored step (`truncate_metrics`). Does not own:
+computing loss or gradients.
 
 FLOPs convention (per trained token, forward + backward = 3 x forward):
     6 x (non-embedding parameters + lm_head parameters)          matmuls with weights

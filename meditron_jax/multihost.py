@@ -1,7 +1,8 @@
 """Process coordination for multi-controller runs, on public JAX APIs only.
 
 Owns: joining the cluster (`init_distributed`: flags, SLURM / Open MPI auto-detection, polling
-the coordinator's TCP port first so an absent coordinator is one line, not an abort), `barrier()` (every live process waits here; no device collective, so no peer can time out
+the coordinator's TCP port first so an absent coordinator is one line, not an abort),
+`barrier()` (every live process waits here; no device collective, so no peer can time out
 in a collective while another is still compiling or reading), `allgather_json()` (each process
 contributes one JSON value, every process gets the list in process order) and the decisions
 built on them elsewhere (the collective restore in `checkpoint.newest_readable`).

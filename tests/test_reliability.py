@@ -46,7 +46,8 @@ def _env(devices: int = 1) -> dict:
     return env
 
 
-def launch(workdir: Path, log: Path, params=(), args=(), devices: int = 1, entry=("-m", "meditron_jax")) -> subprocess.Popen:
+def launch(workdir: Path, log: Path, params=(), args=(), devices: int = 1,
+           entry=("-m", "meditron_jax")) -> subprocess.Popen:
     cmd = [sys.executable, *entry, "train", "--gin_file", "configs/tiny.gin",
            "--workdir", str(workdir), *args]
     for p in [*BASE, *params]:
