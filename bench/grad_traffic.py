@@ -30,7 +30,7 @@ from meditron_jax import hlo_stats, sharding  # noqa: E402
 from meditron_jax.config import LlamaConfig  # noqa: E402
 from meditron_jax.model import param_shapes  # noqa: E402
 from meditron_jax.optim import OptimizerConfig, make_optimizer, schedule  # noqa: E402
-from meditron_jax.train import TrainConfig, _abstract_batch, jit_train_step, state_shardings  # noqa: E402
+from meditron_jax.training.state import abstract_batch, jit_train_step, state_shardings  # noqa: E402
 from meditron_jax.train_step import init_state, make_train_step  # noqa: E402
 
 cfg = LlamaConfig(vocab_size=517, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
@@ -45,9 +45,7 @@ with sharding.use_mesh(mesh):
     st = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), ab, sh)
     kw = {"zero1": args.zero1} if "zero1" in inspect.signature(make_train_step).parameters else {}
     fn = make_train_step(cfg, tx, schedule(oc, 10), args.micro, **kw)
-    tc = TrainConfig(steps=1, micro_batch_size=2, global_batch_size=2 * args.data * args.micro, seq_len=16)
-    comp = jit_train_step(fn, sh, mesh).lower(st, _abstract_batch(tc, mesh),
-                                              jax.ShapeDtypeStruct((), jnp.bool_)).compile()
+    comp = jit_train_step(fn, sh, mesh).lower(st, abstract_batch(2 * args.data * args.micro, 16, mesh)).compile()
 colls = hlo_stats.collectives(comp.as_text())
 hlo_stats.assign_axes(colls, dict(mesh.shape))
 by_key = {}  # (axes, op, dtype, loop depth) -> [result bytes x trips, ops]

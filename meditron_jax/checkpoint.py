@@ -11,7 +11,8 @@ Also owns resuming safely (`newest_readable`): incomplete steps (remains of an i
 deletion) and unreadable ones are moved to `WORKDIR/checkpoints_unreadable/` with a warning,
 never deleted, and the newest step that restores is used (docs/reliability.md); in a
 multi-host run all processes take that decision together (the newest step every process reads).
-Does not own: what the train state contains (train.py), conversion (convert/).
+Also owns the training loop's save hook (`CheckpointHook`). Does not own: what the train state
+contains (training/state.py), conversion (convert/).
 
 Saves are asynchronous; Orbax writes into a temporary directory and renames it when the
 save commits, so a listed step is always complete; the manager deletes leftover temporary
@@ -309,3 +310,46 @@ def _silence_failed_reads():
     sys.unraisablehook = hook
     logging.getLogger("asyncio").addFilter(
         lambda record: "error while reading array index" not in record.getMessage())
+
+
+def all_finite(tree):
+    """True (a device scalar) when every leaf of `tree` is finite."""
+    import jax.numpy as jnp
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+class CheckpointHook:
+    """The training loop's saving hooks. `poll` (at logged steps): a failed asynchronous save
+    stops the run there (`storage.WatchedManager`). `save` (every `train.checkpoint_every`
+    steps, after the last step, and when the loop stops for preemption): a train state that is
+    not finite is never saved (exit 3, the last good checkpoint kept); otherwise params and
+    optimizer state in the canonical layout (`layout.to_checkpoint`), the data iterator state
+    and `meta` with the step, the bad-step streak and the last logged loss are saved in the
+    background.
+
+    `replicated`: the sharding of the finiteness verdict (every process reads it)."""
+
+    def __init__(self, manager, data_iterator, meta: dict, replicated, layout=None):
+        self.manager, self.it, self.meta, self.layout = manager, data_iterator, meta, layout
+        self.finite = jax.jit(all_finite, out_shardings=replicated)
+
+    def poll(self, info):
+        self.manager.poll()
+
+    def save(self, info):
+        from meditron_jax import console
+        from meditron_jax.errors import EXIT_BAD_STEPS
+
+        state = info.state
+        if not bool(self.finite({"params": state["params"], "opt_state": state["opt_state"]})):
+            print(f"meditron-jax train: error: the train state at step {info.step} is not finite; not saving "
+                  "it, last good checkpoint kept", file=sys.stderr)
+            return EXIT_BAD_STEPS
+        params, opt_state = (state["params"], state["opt_state"]) if self.layout is None else \
+            self.layout.to_checkpoint(state["params"], state["opt_state"])
+        save(self.manager, info.step, params, opt_state, self.it.get_state(),
+             {**self.meta, "step": info.step, "bad_streak": info.notes.get("bad_streak", 0),
+              "loss": info.notes.get("loss")})
+        if jax.process_index() == 0:
+            console.log.info(f"saved checkpoint {info.step} (committing in the background)")
+        return None

@@ -36,30 +36,23 @@ def add_gin_arguments(p):
 def operative_config(gin_files, gin_params, search_path=(), devices: int | None = None) -> str:
     import gin
 
-    from meditron_jax import checkpoint, sharding
-    from meditron_jax.config import model_config
+    from meditron_jax import checkpoint
+    from meditron_jax.config import gin_call, parse_gin
     from meditron_jax.data.pipeline import data_config
-    from meditron_jax.optim import optimizer_config
-    from meditron_jax.pipeline import pipeline_settings
-    from meditron_jax.train import _gin_call, parse_gin, train_config, validate_shapes
+    from meditron_jax.training.config import accumulation_steps, read_run_config, validate_shapes
 
     parse_gin(list(gin_files), list(gin_params), search_path=search_path)
-    tc = _gin_call(train_config)
-    cfg = _gin_call(model_config)
-    _gin_call(optimizer_config)
-    sizes = _gin_call(lambda: sharding.mesh_shape(num_devices=devices))
-    _gin_call(sharding.logical_rules)
-    _gin_call(pipeline_settings)
-    _gin_call(data_config)
-    _gin_call(checkpoint.manager_options)
-    validate_shapes(tc, cfg, sizes)
-    from meditron_jax.train import accumulation_steps
+    run = read_run_config(num_devices=devices, resolve_init_from=False)
+    tc, cfg, sizes = run.train, run.model, run.mesh_sizes
+    gin_call(data_config)
+    gin_call(checkpoint.manager_options)
+    validate_shapes(tc, cfg, sizes, run.pipeline)
 
     resolved = ["", "# Resolved (what the presets and -1s above become):",
                 "#   model: " + ", ".join(f"{k}={v!r}" for k, v in cfg.to_dict().items()),
                 f"#   model parameters: {cfg.num_params():,}",
                 "#   mesh: " + " ".join(f"{k}={v}" for k, v in sizes.items()) + f" ({_prod(sizes)} devices)",
-                f"#   gradient accumulation steps per global batch: {accumulation_steps(tc, cfg, sizes)}",
+                f"#   gradient accumulation steps per global batch: {accumulation_steps(tc, cfg, sizes, run.pipeline)}",
                 f"#   tokens per step: {tc.global_batch_size * tc.seq_len:,}", ""]
     return gin.operative_config_str() + "\n".join(resolved)
 

@@ -23,6 +23,7 @@ import re
 import shutil
 
 EXIT_USER = 2
+EXIT_BAD_STEPS = 3  # train: train.max_bad_steps non-finite steps in a row, or a non-finite state to save
 EXIT_STORAGE = 74  # sysexits.h EX_IOERR
 DEBUG_ENV = "MEDITRON_JAX_DEBUG"
 

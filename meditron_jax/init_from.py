@@ -6,7 +6,7 @@ architecture; `model.preset` is optional), the refusal of a gin architecture val
 disagrees with it, the two deliberate changes (vocabulary growth filled by `data.added_tokens`,
 a different `max_position_embeddings`; RoPE is unchanged, so only the trained context changes),
 and the initialisation of the new embedding / `lm_head` rows. Does not own: the restore itself
-(`checkpoint.py`), the tokenizer (`data/tokenizer.py`) or the loop (`train.py`).
+(`checkpoint.py`), the tokenizer (`data/tokenizer.py`) or the loop (`train.py`, `training/`).
 
 The new-row rule is transformers' `resize_token_embeddings(..., mean_resizing=True)` (its
 default since 4.46, `PreTrainedModel._init_added_embeddings_weights_with_mean`): each new row

@@ -2,7 +2,9 @@
 wandb, progress bar).
 
 Owns: the one FLOPs formula used by `mfu` and the benchmarks, the device peak table, and
-writing metrics (only process 0 writes). Does not own: computing loss or gradients.
+writing metrics (only process 0 writes), the training loop's logging hook (`TrainLog`) and,
+on resume, dropping records past the restored step (`truncate_metrics`). Does not own:
+computing loss or gradients.
 
 FLOPs convention (per trained token, forward + backward = 3 x forward):
     6 x (non-embedding parameters + lm_head parameters)          matmuls with weights
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import threading
 import time
@@ -249,3 +252,65 @@ class StepTimer:
         now = time.perf_counter()
         dt, self.t = now - self.t, now
         return dt
+
+
+class TrainLog:
+    """The training loop's logging hooks: `collect` (every step: keep the step's device metrics,
+    advance the progress bar) and `flush` (at logged steps and before every checkpoint: fetch
+    what was kept, write one record per step; the last record of a flush carries the timing:
+    `step_time`, `tokens_per_sec`, `mfu` where the device peak is known, `pipeline_bubble` with
+    pipelining). Hands the last finite loss on (`info.notes["loss"]`, recorded in the
+    checkpoint's meta)."""
+
+    def __init__(self, writer: MetricsWriter, tokens_per_step: int, flops_per_token_: float,
+                 bubble: float | None = None):
+        self.writer, self.tokens_per_step, self.fpt, self.bubble = writer, tokens_per_step, flops_per_token_, bubble
+        self.peak = device_peak_flops()
+        self.timer = StepTimer()
+        self.pending = []
+
+    def collect(self, info):
+        self.pending.append(info.metrics)
+        self.writer.advance()
+
+    def flush(self, info):
+        fetched = jax.device_get(self.pending)
+        loss = float(fetched[-1]["loss"]) if fetched and "loss" in fetched[-1] else None
+        info.notes["loss"] = loss if loss is not None and math.isfinite(loss) else None
+        dt = self.timer.lap()
+        for i, m in enumerate(fetched):
+            record = {k: float(v) for k, v in m.items()}
+            if i == len(fetched) - 1:
+                record["step_time"] = dt / len(fetched)
+                record["tokens_per_sec"] = self.tokens_per_step * len(fetched) / dt
+                if self.peak:
+                    record["mfu"] = record["tokens_per_sec"] * self.fpt / (self.peak * jax.device_count())
+                if self.bubble is not None:
+                    record["pipeline_bubble"] = self.bubble
+            self.writer.write(info.step - len(fetched) + i + 1, record)
+        self.pending = []
+
+
+def truncate_metrics(workdir: str, step: int) -> int:
+    """Keeps metrics.jsonl records with step <= `step` (the restored step); later ones (written
+    after the last checkpoint of an interrupted run, re-logged by this run) and a torn last line
+    are appended to metrics.dropped.jsonl. Returns the number of records moved."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    keep, drop = [], []
+    with open(path) as f:
+        for line in f:
+            try:
+                ok = line.endswith("\n") and int(json.loads(line)["step"]) <= step
+            except (ValueError, KeyError, TypeError):
+                ok = False
+            (keep if ok else drop).append(line)
+    if drop:
+        with open(os.path.join(workdir, "metrics.dropped.jsonl"), "a") as f:
+            f.writelines(x if x.endswith("\n") else x + "\n" for x in drop)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+    return len(drop)

@@ -319,7 +319,7 @@ def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, lr_sched
         zero1 = sharding.logical_rules()[1]
     sync = sync or sharding.grad_sync()
 
-    def train_step(state, batch, poison=None):
+    def train_step(state, batch):
         params = state["params"]
         micro = split_micro(batch, num_micro)
         act = sharding.active()
@@ -329,9 +329,6 @@ def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, lr_sched
         denom = jnp.maximum(tokens, 1.0)
         loss = total / denom
         grads = jax.tree.map(lambda g: g / denom, grads)
-        if poison is not None:  # fault injection for tests: a NaN loss and NaN gradients
-            loss = jnp.where(poison, jnp.nan, loss)
-            grads = jax.tree.map(lambda g: jnp.where(poison, jnp.nan, g), grads)
         grad_norm = optax.global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if spike_threshold is not None:

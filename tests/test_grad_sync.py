@@ -20,8 +20,10 @@ from meditron_jax.config import LlamaConfig
 from meditron_jax.errors import UserError
 from meditron_jax.model import PARAM_AXES, param_shapes
 from meditron_jax.optim import OptimizerConfig, make_optimizer, schedule
-from meditron_jax.train import (TrainConfig, _abstract_batch, jit_train_step, layers_fn_for, nnx_params,
-                                restore_train_state, state_shardings, validate_shapes)
+from meditron_jax.pipeline import PipelineSettings
+from meditron_jax.training.config import TrainConfig, validate_shapes
+from meditron_jax.training.state import (abstract_batch, jit_train_step, layers_fn_for, nnx_params,
+                                         restore_train_state, state_shardings)
 from meditron_jax.train_step import accumulate_gradients, init_state, make_train_step
 from tests.test_train_step import make_batches
 
@@ -44,14 +46,14 @@ def _run(params, batches, mesh_sizes=None, zero1=False, sync=None, cfg=CFG, num_
         return losses, jax.device_get(state)
     mesh = sharding.make_mesh(dict(BASE, **mesh_sizes))
     with sharding.use_mesh(mesh):
-        step_fn = make_train_step(cfg, tx, schedule(OC, 10), num_micro, layers_fn_for(cfg, mesh),
+        step_fn = make_train_step(cfg, tx, schedule(OC, 10), num_micro, layers_fn_for(cfg, mesh, PipelineSettings()),
                                   zero1=zero1, sync=sync)
         sh = state_shardings(cfg, tx, mesh, zero1=zero1)
         state = jax.jit(lambda p: init_state(p, tx), out_shardings=sh)(params)
         step = jit_train_step(step_fn, sh, mesh)
         losses = []
         for b in batches:
-            state, m = step(state, sharding.global_batch(b, mesh), jnp.asarray(False))
+            state, m = step(state, sharding.global_batch(b, mesh))
             losses.append(float(m["loss"]))
     return losses, jax.device_get(state)
 
@@ -118,8 +120,7 @@ def _compiled_step(zero1, tmp_path):
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sh)
         fn = make_train_step(cfg, tx, schedule(OC, 10), NUM_MICRO, zero1=zero1, sync=sharding.GradSync())
         tc = TrainConfig(steps=1, micro_batch_size=2, global_batch_size=2 * 4 * NUM_MICRO, seq_len=16)
-        lowered = jit_train_step(fn, sh, mesh).lower(state, _abstract_batch(tc, mesh),
-                                                     jax.ShapeDtypeStruct((), jnp.bool_))
+        lowered = jit_train_step(fn, sh, mesh).lower(state, abstract_batch(tc.global_batch_size, tc.seq_len, mesh))
         dump = str(tmp_path / "dump")
         from jax.experimental.compilation_cache import compilation_cache
 
@@ -195,7 +196,7 @@ def test_checkpoint_from_old_layout_and_stage4_restores_zero1_stage1(tmp_path, o
         b = make_batches(n=1, G=G, cfg=cfg)[0]
         step = jit_train_step(make_train_step(cfg, tx, schedule(OC, 10), 2, zero1=True, sync=sharding.GradSync()),
                               sh, new)
-        out, m = step(restored, sharding.global_batch(b, new), jnp.asarray(False))
+        out, m = step(restored, sharding.global_batch(b, new))
     ref, m1 = jax.jit(make_train_step(cfg, tx, schedule(OC, 10), 2, zero1=False))(
         jax.tree.map(jnp.asarray, {**state, "step": jnp.int32(5)}), b)
     np.testing.assert_allclose(float(m["loss"]), float(m1["loss"]), rtol=1e-5)
@@ -212,7 +213,7 @@ def test_bad_settings_one_line():
     with pytest.raises(UserError, match=r"fsdp_grad_reduce='micro_batch'.*mesh.fsdp=1") as e:
         sharding.GradSync(fsdp="micro_batch").check_mesh(dict(BASE, data=8))
     assert "\n" not in str(e.value)
-    validate_shapes(tc, CFG, dict(BASE, data=8))  # the default is fine
+    validate_shapes(tc, CFG, dict(BASE, data=8), PipelineSettings())  # the default is fine
 
 
 def test_eval_step_micro_batched_equals_whole_batch(one_device):

@@ -150,13 +150,13 @@ def test_config_prints_defaults_without_compiling(tmp_path, capfd, monkeypatch):
     import jax
 
     import meditron_jax.data.pipeline as data_pipeline
-    import meditron_jax.train as train_mod
+    import meditron_jax.training.state as state_mod
 
     def refuse(*a, **k):
         raise AssertionError("config must not build data or compile")
 
     monkeypatch.setattr(data_pipeline, "build_pipeline", refuse)
-    monkeypatch.setattr(train_mod, "jit_train_step", refuse)
+    monkeypatch.setattr(state_mod, "jit_train_step", refuse)
     monkeypatch.setattr(jax.stages.Lowered, "compile", refuse)
     monkeypatch.chdir(tmp_path)  # the shipped configs are found from anywhere (and their includes)
     capfd.readouterr()

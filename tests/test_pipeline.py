@@ -372,7 +372,7 @@ def test_recipe_pipelines_have_small_bubbles(name, mesh, accumulation):
     import os
     import meditron_jax.data.pipeline  # noqa: F401  (gin `data.*`)
     from meditron_jax.config import model_config
-    from meditron_jax.train import accumulation_steps, train_config
+    from meditron_jax.training.config import accumulation_steps, train_config
     root = os.path.join(os.path.dirname(__file__), "..")
     gin.clear_config()
     try:
@@ -381,7 +381,7 @@ def test_recipe_pipelines_have_small_bubbles(name, mesh, accumulation):
                                             ["train.init_from = None", "data.tokenizer = None"])
         s = pipeline.pipeline_settings()
         assert sharding.mesh_shape(num_devices=int(np.prod(list(mesh.values())))) == mesh
-        assert accumulation_steps(train_config(), model_config(), mesh) == accumulation
+        assert accumulation_steps(train_config(), model_config(), mesh, s) == accumulation
         assert pipeline.bubble_fraction(mesh["stage"], s.microbatches, s.repeats) <= 0.10
         assert s.stage_remat
     finally:

@@ -46,8 +46,9 @@ def _env(devices: int = 1) -> dict:
     return env
 
 
-def launch(workdir: Path, log: Path, params=(), args=(), devices: int = 1) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "meditron_jax", "train", "--gin_file", "configs/tiny.gin",
+def launch(workdir: Path, log: Path, params=(), args=(), devices: int = 1,
+           entry=("-m", "meditron_jax")) -> subprocess.Popen:
+    cmd = [sys.executable, *entry, "train", "--gin_file", "configs/tiny.gin",
            "--workdir", str(workdir), *args]
     for p in [*BASE, *params]:
         cmd += ["--gin_param", p]
@@ -258,11 +259,12 @@ def test_corrupt_and_unreadable_checkpoints(tmp_path, baseline):
 
 
 def test_nan_injection_skips_and_stops(tmp_path, demo, baseline):
-    """A poisoned step is skipped (counted, schedule not advanced); K poisoned steps in a row stop
-    the run with exit 3 and the last good checkpoint intact."""
+    """A poisoned step (a NaN loss mask in its batch: tests/nan_steps.py) is skipped (counted,
+    schedule not advanced); K poisoned steps in a row stop the run with exit 3 and the last good
+    checkpoint intact."""
     w = new_workdir(tmp_path / "w", demo)
-    rc, out = finish(launch(w, tmp_path / "log.txt", params=["train.poison_steps=(4, 7, 8)",
-                                                             "train.max_bad_steps=2"]), tmp_path / "log.txt")
+    rc, out = finish(launch(w, tmp_path / "log.txt", params=["train.max_bad_steps=2"],
+                            entry=(str(REPO / "tests" / "nan_steps.py"), "4,7,8")), tmp_path / "log.txt")
     assert rc == 3, out[-3000:]
     assert "2 consecutive steps with a non-finite loss" in out and "last good checkpoint kept" in out
     traj = {t[0]: t for t in trajectory(w)}
@@ -282,12 +284,12 @@ def test_nan_injection_skips_and_stops(tmp_path, demo, baseline):
 def test_all_finite_guard():
     import jax.numpy as jnp
 
-    from meditron_jax.train import _all_finite
+    from meditron_jax.checkpoint import all_finite
 
     good = {"a": jnp.ones((2, 3)), "b": {"count": jnp.asarray(3, jnp.int32), "mu": jnp.zeros(4)}}
-    assert bool(_all_finite(good))
+    assert bool(all_finite(good))
     bad = {**good, "b": {**good["b"], "mu": jnp.asarray([0.0, jnp.inf, 0.0, 0.0])}}
-    assert not bool(_all_finite(bad))
+    assert not bool(all_finite(bad))
 
 
 def _free_port() -> int:
@@ -360,7 +362,7 @@ def test_two_process_sigterm_to_one_stops_both(tmp_path, demo):
 
 def test_truncate_metrics_keeps_each_step_once(tmp_path):
     """Records past the restored step and a torn last line move to metrics.dropped.jsonl."""
-    from meditron_jax.train import truncate_metrics
+    from meditron_jax.metrics import truncate_metrics
 
     lines = [json.dumps({"step": s, "loss": float(s)}) + "\n" for s in (1, 2, 3, 4)]
     lines.insert(3, json.dumps({"step": 3, "eval_loss": 0.5}) + "\n")

@@ -13,7 +13,7 @@ from meditron_jax.config import LlamaConfig
 from meditron_jax.convert import hf as hfconv
 from meditron_jax.model import PARAM_AXES
 from meditron_jax.optim import OptimizerConfig, make_optimizer, schedule
-from meditron_jax.train import jit_train_step, state_shardings
+from meditron_jax.training.state import jit_train_step, state_shardings
 from meditron_jax.train_step import init_state, make_train_step
 from tests.hf_helpers import hf_state_dict_numpy, make_hf_model
 
@@ -85,7 +85,7 @@ def run_ours(params, batches, mesh_sizes=None, num_micro=1, steps=STEPS):
         jitted = jit_train_step(step_fn, sh, mesh)
         losses = []
         for b in batches:
-            state, m = jitted(state, sharding.global_batch(b, mesh), jnp.asarray(False))
+            state, m = jitted(state, sharding.global_batch(b, mesh))
             losses.append(float(m["loss"]))
     return losses, state, sh
 
@@ -160,13 +160,14 @@ def test_nonfinite_step_is_skipped(reference):
     step_fn = jax.jit(make_train_step(CFG, tx, schedule(OC, STEPS)))
     state = init_state(jax.tree.map(jnp.asarray, reference["params"]), tx)
     b = reference["batches"][0]
-    new, m = step_fn(state, b, jnp.asarray(True))
+    nan = {**b, "loss_mask": np.asarray(b["loss_mask"]) * np.nan}  # a data-side fault: NaN loss and gradients
+    new, m = step_fn(state, nan)
     assert int(m["skipped"]) == 1 and not np.isfinite(float(m["loss"]))
     assert int(new["bad_streak"]) == 1
     for a, c in zip(jax.tree.leaves(new["params"]) + jax.tree.leaves(new["opt_state"]),
                     jax.tree.leaves(state["params"]) + jax.tree.leaves(state["opt_state"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
-    new2, m2 = step_fn(new, b, jnp.asarray(False))
+    new2, m2 = step_fn(new, b)
     assert int(m2["skipped"]) == 0 and int(new2["bad_streak"]) == 0
 
 

@@ -66,9 +66,9 @@ def mesh_from_flags(mesh_text: str | None, gin_files=(), gin_params=()) -> dict[
         return parse_mesh(mesh_text)
     if not gin_files and not gin_params:
         return None
-    from meditron_jax.train import _gin_call, parse_gin
+    from meditron_jax.config import gin_call, parse_gin
     parse_gin(list(gin_files), list(gin_params))
-    return _gin_call(lambda: sharding.mesh_shape())
+    return gin_call(lambda: sharding.mesh_shape())
 
 
 def check_mesh(cfg: LlamaConfig, sizes: dict[str, int]):

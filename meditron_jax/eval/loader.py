@@ -148,7 +148,7 @@ def load_for_inference(args, batch: int = 8, seq_len: int | None = None, cache_l
     if not os.path.exists(args.checkpoint):
         raise LoadError(f"{args.checkpoint}: no such checkpoint or model directory")
     if getattr(args, "coordinator_address", None) or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        from meditron_jax.train import init_distributed  # before any device query, as training does
+        from meditron_jax.multihost import init_distributed  # before any device query, as training does
         init_distributed(args.coordinator_address, getattr(args, "num_processes", None),
                          getattr(args, "process_id", None))
     tok = resolve_tokenizer(args.checkpoint, args.tokenizer, args.step) if tokenizer else None

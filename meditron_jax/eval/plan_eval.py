@@ -111,8 +111,8 @@ def run(args) -> int:
             if k.strip() in sizes and v.strip().lstrip("-").isdigit() and int(v) > 0:
                 sizes[k.strip()] = int(v)
         n = math.prod(sizes.values())
-    from meditron_jax.plan import _set_device_count
-    _set_device_count(n)  # simulated host devices when JAX has not started yet (as `plan` does)
+    from meditron_jax.targets import set_host_device_count
+    set_host_device_count(n)  # simulated host devices when JAX has not started yet (as `plan` does)
     cfg = _config(args)
     report = plan_eval(cfg, args.mesh, args.batch_size, args.seq_len or cfg.max_position_embeddings,
                        args.device_memory)

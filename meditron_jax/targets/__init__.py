@@ -11,6 +11,12 @@ GPU: the `jax-cuda12-plugin` + `jax-cuda12-pjrt` wheels at jaxlib's exact versio
 libraries, no GPU) give `get_topology_desc(platform="cuda", target_config=<spec>,
 topology="1xHxD")` devices. TPU: `libtpu` gives `get_topology_desc("v5:4x4x4", "tpu")`.
 Both run with JAX_PLATFORMS=cpu: the host's own backend stays the CPU.
+
+Also owns the host side of compiling without the hardware: the simulated CPU device count
+(`set_host_device_count`), keeping the host's backend the CPU (`compile_on_host`), and the
+compile-only plugins' start-up noise. The two JAX internals this needs (no public API does
+it in jax 0.10.2) are reached only through `_xla_bridge()`; `check_jax_internals()` fails, and
+tests/test_plan_target.py with it, when a jax upgrade removes them.
 """
 
 from __future__ import annotations
@@ -239,7 +245,7 @@ def quiet_cuda_plugin_notice():
         return
     with quiet_native_stderr():
         import jax  # noqa: F401
-    from jax._src import xla_bridge
+    xla_bridge = _xla_bridge()
     original = xla_bridge.discover_pjrt_plugins
     if getattr(original, "_meditron_quiet", False):
         return
@@ -250,3 +256,55 @@ def quiet_cuda_plugin_notice():
 
     discover._meditron_quiet = True
     xla_bridge.discover_pjrt_plugins = discover
+
+
+# ---- the host that compiles -------------------------------------------------------------------
+
+_INTERNALS = ("backends_are_initialized", "discover_pjrt_plugins")
+
+
+def _xla_bridge():
+    """`jax._src.xla_bridge`, the one JAX internal this package uses (tested with jax 0.10.2, the
+    version pyproject pins): `backends_are_initialized()` (has a backend started, so device
+    flags would be ignored? no public API answers without starting one) and
+    `discover_pjrt_plugins` (wrapped to filter the CUDA plugin's notices,
+    `quiet_cuda_plugin_notice`)."""
+    from jax._src import xla_bridge
+    return xla_bridge
+
+
+def check_jax_internals() -> None:
+    """Raises RuntimeError naming what is missing when this jax lacks the internals above."""
+    missing = [n for n in _INTERNALS if not callable(getattr(_xla_bridge(), n, None))]
+    if missing:
+        import jax
+        raise RuntimeError(f"jax {jax.__version__}: jax._src.xla_bridge lacks {missing} (tested with 0.10.2); "
+                           "update meditron_jax/targets (_xla_bridge)")
+
+
+def backends_initialized() -> bool:
+    """Has JAX started a backend in this process (then its platform and devices are fixed)?"""
+    return "jax" in sys.modules and _xla_bridge().backends_are_initialized()
+
+
+def set_host_device_count(n: int | None):
+    """`n` simulated CPU devices (`--xla_force_host_platform_device_count`), if JAX has not
+    started yet; otherwise the live device count is checked when the target is resolved."""
+    if n is None or backends_initialized():
+        return
+    flags = os.environ.get("XLA_FLAGS", "")
+    flags = " ".join(f for f in flags.split() if not f.startswith("--xla_force_host_platform_device_count"))
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if "jax" in sys.modules:  # imported (not initialised) already, e.g. by the CLI: tell its config too
+        import jax
+        if not jax.config.jax_platforms:
+            jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
+
+
+def compile_on_host():
+    """The host's own backend is the CPU (it compiles for a target's devices and runs nothing)."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+    if not jax.config.jax_platforms and not backends_initialized():
+        jax.config.update("jax_platforms", "cpu")  # jax was imported before the line above
