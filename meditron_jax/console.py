@@ -122,6 +122,18 @@ def summary_line(step: int, total: int, last: dict, tokens: int, wall_s: float, 
     return ", ".join(parts)
 
 
+def resumed(step: int, path: str) -> None:
+    """The one resume announcement, on every process (each restores its own shards): the step and
+    the checkpoint it came from; with several processes also which process and host speaks."""
+    import jax
+
+    where = ""
+    if jax.process_count() > 1:
+        import socket
+        where = f" on process {jax.process_index()} of {jax.process_count()} (host {socket.gethostname()})"
+    log.info(f"resumed from step {step} ({path}){where}")
+
+
 class Timer:
     """`with Timer() as t: ...; t.seconds`."""
 

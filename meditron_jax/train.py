@@ -86,6 +86,7 @@ class TrainConfig:  # Annotated ranges: checked with the types before anything r
     tensorboard: bool = True
     profile_steps: tuple = ()  # (first, last): jax.profiler trace into WORKDIR/profile (profiling.py)
     compilation_cache_dir: str | None = None  # JAX's persistent compilation cache
+    resume_step: Annotated[int | None, Range(min=0)] = None  # like --resume_step (workdir.check_resume_step)
 
 
 @gin.configurable("train")
@@ -95,13 +96,14 @@ def train_config(steps: int = gin.REQUIRED, micro_batch_size: int = gin.REQUIRED
                  eval_every: int = 0, eval_batches: int = 4, max_bad_steps: int = 10,
                  spike_threshold: float | None = None, loss_chunk: int | None = None,
                  poison_steps=(), wandb_project: str | None = None, progress: bool = True,
-                 tensorboard: bool = True, profile_steps=(), compilation_cache_dir: str | None = None) -> TrainConfig:
+                 tensorboard: bool = True, profile_steps=(), compilation_cache_dir: str | None = None,
+                 resume_step: int | None = None) -> TrainConfig:
     """gin `train.*`. `poison_steps` (tests only) makes those steps' loss NaN (fault injection)."""
     return TrainConfig(steps, micro_batch_size, global_batch_size, seq_len, seed, checkpoint_every, log_every,
                        init_from, eval_every, eval_batches, max_bad_steps, spike_threshold, loss_chunk,
                        tuple(poison_steps), wandb_project, progress, tensorboard,
                        tuple(profile_steps) if isinstance(profile_steps, (list, tuple)) else profile_steps,
-                       compilation_cache_dir)
+                       compilation_cache_dir, resume_step)
 
 
 # ---------------------------------------------------------------------------------------
@@ -361,8 +363,7 @@ def build_state(cfg, tc, tx, mesh, rules, zero1, workdir, manager, restart_from_
         raise UserError(f"--resume_step {resume_step}: that checkpoint does not restore (see the warning above)")
     if resumed is not None:
         state, step, data_state = resumed
-        who = f" (process {jax.process_index()} of {jax.process_count()})" if jax.process_count() > 1 else ""
-        print(f"resuming from checkpoint step {step}{who}", file=sys.stderr, flush=True)
+        console.resumed(step, os.path.join(ckpt.checkpoint_dir(workdir), str(step)))  # every process
         return state, step, data_state, state_sh
     init = jax.jit(lambda p: init_state(p, tx), out_shardings=state_sh)
     if tc.init_from:  # architecture checked by init_from.resolve_config; new vocab rows filled there
@@ -468,7 +469,7 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
     rules, zero1 = _gin_call(sharding.logical_rules)
     profiling.parse_steps(tc.profile_steps)
     validate(tc, cfg, sizes, workdir)
-    workdir_mod.check_resume_step(workdir, resume_step)
+    resume_step = workdir_mod.check_resume_step(workdir, resume_step, tc.resume_step)
     workdir_mod.acquire_for_run(workdir)  # one run per workdir (released when train returns)
     profiling.enable_compilation_cache(tc.compilation_cache_dir)
 
@@ -510,8 +511,6 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
             it = data.train_iterator()
             if data_state is not None:
                 it.set_state(data_state)
-            if start:
-                log0(f"resumed from step {start} ({os.path.join(ckpt.checkpoint_dir(workdir), str(start))})")
             if is_main:
                 truncate_metrics(workdir, start)
                 with open(os.path.join(workdir, "config.gin"), "w") as f:

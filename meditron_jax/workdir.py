@@ -235,19 +235,25 @@ def resolve_workdir(path: str) -> str:
 SUPERSEDED = "checkpoints_superseded"
 
 
-def check_resume_step(workdir: str, step: int | None) -> None:
-    """`--resume_step N`: N must be a complete checkpoint of this workdir (checked up front)."""
+def check_resume_step(workdir: str, flag: int | None, gin_value: int | None = None) -> int | None:
+    """The step to resume from: `--resume_step N` or gin `train.resume_step = N` (the same value
+    if both are given). It must be a complete checkpoint of this workdir; checked up front, before
+    data is built or anything compiles. Returns it (None: the newest that restores)."""
+    if flag is not None and gin_value is not None and flag != gin_value:
+        raise UserError(f"--resume_step {flag} disagrees with train.resume_step = {gin_value}; give one of them")
+    step = flag if flag is not None else gin_value
     if step is None:
-        return
+        return None
+    what = "--resume_step" if flag is not None else "train.resume_step ="
     from meditron_jax import checkpoint as ckpt
 
     if step < 0:
-        raise UserError(f"--resume_step {step}: must be >= 0")
+        raise UserError(f"{what} {step}: must be >= 0")
     steps = ckpt.complete_steps(ckpt.checkpoint_dir(workdir))
     if step not in steps:
         have = f"it has {steps}" if steps else "it has none"
-        raise UserError(f"--resume_step {step}: workdir {os.path.abspath(workdir)} has no complete checkpoint "
-                        f"at step {step} ({have})")
+        raise UserError(f"{what} {step}: workdir {workdir} has no complete checkpoint at step {step} ({have})")
+    return step
 
 
 def set_aside_newer(manager, workdir: str, step: int) -> list[int]:
