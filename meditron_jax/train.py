@@ -47,7 +47,7 @@ import numpy as np
 from meditron_jax import checkpoint as ckpt
 from meditron_jax import configcheck, ginfiles
 from meditron_jax import init_from as init_from_lib
-from meditron_jax import profiling, tokenizer_store
+from meditron_jax import paths, profiling, tokenizer_store
 from meditron_jax import workdir as workdir_mod
 from meditron_jax.configcheck import Range
 from meditron_jax import console
@@ -213,16 +213,9 @@ def validate_shapes(tc: TrainConfig, cfg: LlamaConfig, sizes: dict):
 
 
 def check_workdir(workdir: str, needed_bytes: int = 0):
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_probe_{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"workdir {workdir} is not writable ({e.strerror})") from None
-    free = shutil.disk_usage(workdir).free
-    if needed_bytes and free < needed_bytes:
+    paths.check_writable(workdir)  # local or remote (paths.py): one line when it cannot be written
+    free = storage.free_space(workdir)  # None for remote storage (no free-space check there)
+    if needed_bytes and free is not None and free < needed_bytes:
         raise UserError(f"workdir {workdir} has {_size(free)} free, one checkpoint needs {_size(needed_bytes)}")
 
 
@@ -427,24 +420,21 @@ def truncate_metrics(workdir: str, step: int) -> int:
     """Keeps metrics.jsonl records with step <= `step` (the restored step); later ones (written
     after the last checkpoint of an interrupted run, re-logged by this run) and a torn last line
     are appended to metrics.dropped.jsonl. Returns the number of records moved."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = paths.join(workdir, "metrics.jsonl")
+    if not paths.exists(path):
         return 0
     keep, drop = [], []
-    with open(path) as f:
-        for line in f:
-            try:
-                ok = line.endswith("\n") and int(json.loads(line)["step"]) <= step
-            except (ValueError, KeyError, TypeError):
-                ok = False
-            (keep if ok else drop).append(line)
+    for line in paths.read_text(path).splitlines(keepends=True):
+        try:
+            ok = line.endswith("\n") and int(json.loads(line)["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        (keep if ok else drop).append(line)
     if drop:
-        with open(os.path.join(workdir, "metrics.dropped.jsonl"), "a") as f:
-            f.writelines(x if x.endswith("\n") else x + "\n" for x in drop)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, path)
+        dropped = paths.join(workdir, "metrics.dropped.jsonl")
+        before = paths.read_text(dropped) if paths.exists(dropped) else ""
+        paths.write_text(dropped, before + "".join(x if x.endswith("\n") else x + "\n" for x in drop))
+        paths.write_text(path, "".join(keep))
     return len(drop)
 
 
@@ -513,8 +503,7 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
                 it.set_state(data_state)
             if is_main:
                 truncate_metrics(workdir, start)
-                with open(os.path.join(workdir, "config.gin"), "w") as f:
-                    f.write(gin.operative_config_str())
+                paths.write_text(paths.join(workdir, "config.gin"), gin.operative_config_str())
             step_fn = make_train_step(cfg, tx, lr_schedule, num_micro, layers_fn, tc.loss_chunk,
                                       tc.spike_threshold)
             jitted = jit_train_step(step_fn, state_sh, mesh)
@@ -636,6 +625,7 @@ def _loop(tc, cfg, state, start, it, data, mesh, jitted, eval_fn, finite_fn, man
                 return step, EXIT_BAD_STEPS
             params, opt_state = (state["params"], state["opt_state"]) if layout is None else \
                 layout.to_checkpoint(state["params"], state["opt_state"])
+            writer.sync()  # remote metrics.jsonl: every record up to this checkpoint is stored first
             ckpt.save(manager, step, params, opt_state, it.get_state(),
                       {**meta, "step": step, "bad_streak": bad_streak, "loss": last_loss})
             log0(f"saved checkpoint {step} (committing in the background)")

@@ -384,16 +384,17 @@ def test_workdir_urls():
     from meditron_jax.workdir import resolve_workdir
 
     assert resolve_workdir("/tmp/x") == "/tmp/x" and resolve_workdir("file:///tmp/x") == "/tmp/x"
-    with pytest.raises(UserError, match="gs:// storage is not supported"):
-        resolve_workdir("gs://bucket/run")
+    assert resolve_workdir("gs://bucket/run/") == "gs://bucket/run"  # supported (tests/test_remote_storage.py)
+    with pytest.raises(UserError, match="s3:// storage is not supported"):
+        resolve_workdir("s3://bucket/run")
 
 
 def test_remote_workdir_refused_before_anything(tmp_path, capfd, monkeypatch):
     monkeypatch.chdir(tmp_path)
     capfd.readouterr()
-    assert main(_argv("gs://bucket/run", "train.steps=2")) == 2
+    assert main(_argv("s3://bucket/run", "train.steps=2")) == 2
     assert len(_error_lines(capfd.readouterr().err)) == 1
-    assert list(tmp_path.iterdir()) == []  # no local gs:/bucket directory
+    assert list(tmp_path.iterdir()) == []  # no local s3:/bucket directory
 
 
 def test_tensorboard_groups_config_tokens_and_wall_time(tmp_path):
