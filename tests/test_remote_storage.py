@@ -153,9 +153,12 @@ def test_gs_workdir_train_resume_list_export(gcs, demo_data, tmp_path, capfd):
     rc, err = _train(url, demo_data, gcs, cwd, "train.steps=4")
     assert rc == 0, err[-3000:]
     assert "Traceback" not in err and "free-space checks skipped for gs://bkt/run/checkpoints" in err, err[-3000:]
-    rc, err = _train(url, demo_data, gcs, cwd, "train.steps=6")
+    rc, err = _train(url, demo_data, gcs, cwd, "train.steps=6", "train.profile_steps=(5, 5)")
     assert rc == 0, err[-3000:]
     assert "resumed from step 4 (gs://bkt/run/checkpoints/4)" in err, err[-3000:]
+    import fsspec
+    fs, _ = fsspec.core.url_to_fs(url)
+    assert [f for f in fs.find("bkt/run/profile") if f.endswith(".xplane.pb")], fs.find("bkt/run")  # uploaded
     assert list(cwd.iterdir()) == []  # no local `gs:/bkt/...` directory
 
     run = epath.Path(url)
