@@ -709,7 +709,8 @@ def add_arguments(p):
     add_gin_arguments(p)
     p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, config.gin go here")
     p.add_argument("--resume_step", type=int, default=None,
-                   help="resume from this checkpoint step (default: the newest that restores); newer ones "
+                   help="resume from this checkpoint step (gin: train.resume_step; default: the newest that "
+                        "restores); newer ones "
                         "are moved to WORKDIR/checkpoints_superseded/")
     p.add_argument("--coordinator_address", default=None, help="host:port of process 0 (multi-host)")
     p.add_argument("--num_processes", type=int, default=None, help="multi-host: number of processes")

@@ -12,7 +12,8 @@ Owns:
   when it is unreadable and older than that. Multi-host: process 0 holds it and all processes
   learn the outcome (`acquire_for_run`), so a refused start stops every process.
 - `releases_lock`: a decorator that releases the locks a call acquired, however it ends.
-- `check_resume_step` / `set_aside_newer`: `train --resume_step N` restores exactly step N
+- `check_resume_step` / `set_aside_newer`: `train --resume_step N` (or gin `train.resume_step = N`)
+  restores exactly step N
   (refusing one that isn't there, before anything is built); checkpoints newer than N are moved
   to `WORKDIR/checkpoints_superseded/`, never deleted, and metrics.jsonl is cut back to N by the
   trainer's usual resume rule.
