@@ -194,6 +194,14 @@ def test_gs_workdir_train_resume_list_export(gcs, demo_data, tmp_path, capfd):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     assert (tmp_path / "hf_gs" / "tokenizer.model").exists()  # the tokenizer stored in the gs:// checkpoint
 
+    outs = []  # eval reads the gs:// checkpoint too, and scores what the local one scores
+    for ckpt_path in (url, str(local)):
+        capfd.readouterr()
+        assert main(["eval", "ppl", "--checkpoint", ckpt_path, "--data", str(demo_data / "replay"),
+                     "--max-batches", "1", "--batch-size", "2", "--seq-len", "32"]) == 0
+        outs.append(capfd.readouterr().out.replace(ckpt_path, "CKPT"))
+    assert outs[0] == outs[1] and outs[0].strip(), outs
+
 
 def test_gs_lock_refuses_a_second_run_and_recovers_a_stale_one(gcs, monkeypatch):
     from meditron_jax import workdir as wd
