@@ -121,10 +121,20 @@ def _unlink(path: str) -> None:
         pass
 
 
+def local_output(out: str) -> str:
+    """`out` unchanged when it is a local path; a URL (gs://, file://) is refused in one line
+    (exit 2) instead of becoming a local `gs:/bucket` directory: call before `os.path.abspath`."""
+    if "://" in str(out):
+        raise UserError(f"output {out}: a URL is not supported for outputs (they are built under a temporary "
+                        f"name and renamed); write to a local or mounted directory")
+    return out
+
+
 def staging_dir(out: str, command: str, legacy_prefixes: tuple[str, ...] = ()) -> str:
     """A fresh, locked temporary sibling of `out` to build it in (after removing dead runs'
-    partials for the same destination). Release it with `commit_dir` or `discard_dir`."""
-    out = os.path.abspath(out)
+    partials for the same destination). Release it with `commit_dir` or `discard_dir`.
+    Outputs are local (or mounted) directories: a URL is refused, never made a local `gs:/` dir."""
+    out = os.path.abspath(local_output(out))
     parent = os.path.dirname(out)
     try:
         os.makedirs(parent, exist_ok=True)

@@ -139,7 +139,7 @@ def _losses(text: str) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in map(json.loads, text.splitlines()) if "loss" in r]
 
 
-def test_gs_workdir_train_resume_list_export(gcs, demo_data, tmp_path, capfd):
+def test_gs_workdir_train_resume_list_export(gcs, demo_data, tmp_path, capfd, monkeypatch):
     """A real tiny run to gs://bkt/run (4 steps), resumed to 6 steps; then `checkpoints` and
     `export` read it back. Equal, loss for loss and weight for weight, to the same run on a local
     workdir; nothing is written locally under a `gs:` name."""
@@ -193,6 +193,10 @@ def test_gs_workdir_train_resume_list_export(gcs, demo_data, tmp_path, capfd):
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     assert (tmp_path / "hf_gs" / "tokenizer.model").exists()  # the tokenizer stored in the gs:// checkpoint
+
+    monkeypatch.chdir(cwd)  # an output URL is refused, not made a local `gs:/bkt/hf` directory
+    assert main(["export", url, "--to", "hf", "--out", "gs://bkt/hf"]) == 2
+    assert "a URL is not supported for outputs" in capfd.readouterr().err and list(cwd.iterdir()) == []
 
     outs = []  # eval reads the gs:// checkpoint too, and scores what the local one scores
     for ckpt_path in (url, str(local)):
