@@ -5,7 +5,6 @@ Public entry point for Python users: `from_pretrained(path)`.
 
 from __future__ import annotations
 
-import os
 
 __version__ = "0.1.0"
 
@@ -20,9 +19,11 @@ def from_pretrained(path: str, dtype: str | None = None, step: int | None = None
     from meditron_jax.convert.io import ConversionError
     from meditron_jax.model import model_from_params
 
-    if not os.path.exists(path):
+    from meditron_jax import paths  # local paths and gs:// checkpoints
+
+    if not paths.exists(path):
         raise ConversionError(f"{path}: no such file or directory")
-    if os.path.exists(os.path.join(path, "config.json")) or not _is_checkpoint_dir(path):
+    if paths.exists(paths.join(path, "config.json")) or not _is_checkpoint_dir(path):
         cfg, params = load_hf_dir(path)
     else:
         from meditron_jax.checkpoint import load_params
@@ -36,6 +37,7 @@ def from_pretrained(path: str, dtype: str | None = None, step: int | None = None
 
 
 def _is_checkpoint_dir(path: str) -> bool:
-    return os.path.isdir(os.path.join(path, "checkpoints")) or os.path.exists(
-        os.path.join(path, "_CHECKPOINT_METADATA")) or any(
-        d.isdigit() for d in (os.listdir(path) if os.path.isdir(path) else []))
+    from meditron_jax import paths
+    return paths.isdir(paths.join(path, "checkpoints")) or paths.exists(
+        paths.join(path, "_CHECKPOINT_METADATA")) or any(
+        d.isdigit() for d in (paths.listdir(path) if paths.isdir(path) else []))

@@ -11,6 +11,7 @@ Also owns resuming safely (`newest_readable`): incomplete steps (remains of an i
 deletion) and unreadable ones are moved to `WORKDIR/checkpoints_unreadable/` with a warning,
 never deleted, and the newest step that restores is used (docs/reliability.md); in a
 multi-host run all processes take that decision together (the newest step every process reads).
+Paths are local or `gs://` (`paths.py`, etils epath as Orbax uses it); every read here works on both.
 Also owns the training loop's save hook (`CheckpointHook`). Does not own: what the train state
 contains (training/state.py), conversion (convert/).
 
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from typing import Any
 
@@ -32,6 +32,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from meditron_jax import paths
 from meditron_jax.config import LlamaConfig
 from meditron_jax.errors import UserError
 
@@ -60,7 +61,7 @@ def manager_options(keep: int = 3, keep_period: int | None = None, async_save: b
 
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+    return paths.join(paths.absolute(workdir), "checkpoints")  # a local path or a gs:// URL (paths.py)
 
 
 def make_manager(workdir: str, options: ocp.CheckpointManagerOptions | None = None) -> ocp.CheckpointManager:
@@ -86,14 +87,16 @@ def save(manager: ocp.CheckpointManager, step: int, params, opt_state=None, data
 
 
 def resolve(path: str, step: int | None = None) -> tuple[str, int]:
-    """A workdir, its checkpoints/ dir, or one step dir -> (checkpoints dir, step)."""
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
+    """A workdir, its checkpoints/ dir, or one step dir -> (checkpoints dir, step). Local paths
+    and gs:// URLs (`paths.resolve`: an unsupported scheme is one line)."""
+    path = paths.absolute(paths.resolve(path, "checkpoint"))
+    if not paths.isdir(path):
         raise CheckpointError(f"{path}: no such checkpoint directory")
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        root = os.path.join(path, "checkpoints")
-    elif os.path.isdir(os.path.join(path, "params")) and os.path.basename(path).isdigit():
-        root, step_here = os.path.dirname(path), int(os.path.basename(path))
+    base = path.rstrip("/").rsplit("/", 1)[-1]
+    if paths.isdir(paths.join(path, "checkpoints")):
+        root = paths.join(path, "checkpoints")
+    elif base.isdigit() and paths.isdir(paths.join(path, "params")):
+        root, step_here = path.rstrip("/")[:-len(base) - 1], int(base)
         if step is not None and step != step_here:
             raise CheckpointError(f"{path} is step {step_here}, but --step {step} was asked for")
         step = step_here
@@ -110,27 +113,35 @@ def resolve(path: str, step: int | None = None) -> tuple[str, int]:
 
 
 def complete_steps(root: str) -> list[int]:
-    """Committed steps: integer-named dirs (Orbax renames temporaries only when a save commits)
-    that are still whole (see `is_complete`)."""
-    if not os.path.isdir(root):
+    """The finalized steps Orbax lists (`orbax.checkpoint.utils.checkpoint_steps_paths`: committed by
+    the atomic rename locally, by the commit marker on GCS) that are still whole (`is_complete`)."""
+    if not paths.isdir(root):
         return []
-    return sorted(int(d) for d in os.listdir(root) if d.isdigit() and is_complete(os.path.join(root, d)))
+    return sorted(int(p.name) for p in ocp.utils.checkpoint_steps_paths(root)
+                  if p.name.isdigit() and is_complete(paths.join(root, p.name)))
 
 
 def is_complete(step_dir: str) -> bool:
-    """A committed step carries Orbax's commit marker, its metadata and a committed params item.
-    An integer-named directory without them is what an interrupted deletion (the keep-last-K
-    garbage collection, killed mid-`rmtree`) leaves behind: never a candidate for restoring."""
-    return all(os.path.exists(os.path.join(step_dir, *f)) for f in
+    """Orbax's own finalisation check (`orbax.checkpoint.utils.is_checkpoint_finalized`) of the step
+    and of its params item, plus the remains of an interrupted deletion: locally Orbax decides
+    by the name alone (no `.orbax-checkpoint-tmp` suffix), so an integer-named directory that the
+    keep-last-K garbage collection left half-removed (killed mid-`rmtree`) still passes it; one
+    that lacks the commit marker or the step metadata is never a candidate for restoring."""
+    try:
+        if not (ocp.utils.is_checkpoint_finalized(step_dir)
+                and ocp.utils.is_checkpoint_finalized(paths.join(step_dir, "params"))):
+            return False
+    except Exception:  # noqa: BLE001 - a vanished or unreadable directory
+        return False
+    return all(paths.exists(paths.join(step_dir, *f)) for f in
                (("commit_success.txt",), ("_CHECKPOINT_METADATA",), ("params", "commit_success.txt")))
 
 
 def read_meta(path: str, step: int | None = None) -> dict:
     root, step = resolve(path, step)
-    meta_path = os.path.join(root, str(step), "meta", "metadata")
+    meta_path = paths.join(root, str(step), "meta", "metadata")
     try:
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta = json.loads(paths.read_text(meta_path))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{meta_path}: unreadable checkpoint metadata ({e})") from None
     if meta.get("format") != FORMAT:
@@ -145,7 +156,7 @@ def model_config(path: str, step: int | None = None) -> LlamaConfig:
 def restore_params(path: str, abstract_params: Any, step: int | None = None):
     """Restore the params item onto the shardings of `abstract_params` (ShapeDtypeStructs)."""
     root, step = resolve(path, step)
-    step_dir = os.path.join(root, str(step), "params")
+    step_dir = paths.join(root, str(step), "params")
     check_shapes(step_dir, abstract_params)
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(step_dir, abstract_params)
@@ -193,7 +204,7 @@ def read_step(manager: ocp.CheckpointManager, step: int, args: ocp.args.Composit
     me = jax.process_index()
     options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler(), multiprocessing_options=options) as ckptr:
-        return ckptr.restore(os.path.join(str(manager.directory), str(step)), args=args)
+        return ckptr.restore(paths.join(str(manager.directory), str(step)), args=args)
 
 
 def newest_readable(manager: ocp.CheckpointManager, workdir: str, restore, params_target,
@@ -215,7 +226,7 @@ def newest_readable(manager: ocp.CheckpointManager, workdir: str, restore, param
 
     root = checkpoint_dir(workdir)
     listed = sorted(manager.all_steps())
-    seen = multihost.allgather_json([listed, [s for s in listed if is_complete(os.path.join(root, str(s)))]])
+    seen = multihost.allgather_json([listed, [s for s in listed if is_complete(paths.join(root, str(s)))]])
     everywhere = set.intersection(*(set(complete) for _, complete in seen))
     remnants = sorted(set().union(*(set(lst) for lst, _ in seen)) - everywhere)
     if remnants:
@@ -229,7 +240,7 @@ def newest_readable(manager: ocp.CheckpointManager, workdir: str, restore, param
     for step in steps:
         restored, outcome = None, ["ok", ""]
         try:
-            check_shapes(os.path.join(root, str(step), "params"), params_target)
+            check_shapes(paths.join(root, str(step), "params"), params_target)
             restored = restore(step)
         except CheckpointMismatch as e:
             outcome = ["mismatch", str(e)]
@@ -264,7 +275,7 @@ def newest_readable(manager: ocp.CheckpointManager, workdir: str, restore, param
 
 
 def quarantine_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints_unreadable")
+    return paths.join(paths.absolute(workdir), "checkpoints_unreadable")
 
 
 def _warn(msg: str):
@@ -281,13 +292,13 @@ def _quarantine(manager: ocp.CheckpointManager, workdir: str, steps):
     multihost.barrier()
     if jax.process_index() == 0:
         dest_root = quarantine_dir(workdir)
-        os.makedirs(dest_root, exist_ok=True)
+        paths.makedirs(dest_root)
         for step in steps:
-            dest = os.path.join(dest_root, str(step))
+            dest = paths.join(dest_root, str(step))
             n = 1
-            while os.path.exists(dest):
-                dest, n = os.path.join(dest_root, f"{step}.{n}"), n + 1
-            os.rename(os.path.join(checkpoint_dir(workdir), str(step)), dest)
+            while paths.exists(dest):
+                dest, n = paths.join(dest_root, f"{step}.{n}"), n + 1
+            paths.rename(paths.join(checkpoint_dir(workdir), str(step)), dest)
     multihost.barrier()
     manager.reload()
 

@@ -4,15 +4,15 @@ Columns: step, commit time (UTC, from Orbax's commit timestamp), size on disk, t
 logged at that step (recorded in the checkpoint since this version; older checkpoints: looked up
 in WORKDIR/metrics.jsonl), and a state: `ok`, `incomplete` (remains of an interrupted save or
 deletion: a resume skips it) or, under `checkpoints_unreadable/`, `quarantined`. Reads only
-metadata; loads no array. Pick one with `train --resume_step N` or `export --step N`.
+metadata; loads no array. Local paths and gs:// URLs (`paths.py`). Pick one with `train --resume_step N` or `export --step N`.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
-import os
 
+from meditron_jax import paths
 from meditron_jax.errors import UserError
 
 
@@ -22,14 +22,7 @@ def add_arguments(p):
 
 
 def _size(path: str) -> int:
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.path.getsize(os.path.join(dirpath, f))
-            except OSError:
-                pass
-    return total
+    return paths.tree_bytes(path)
 
 
 def human_size(n: int) -> str:
@@ -42,13 +35,11 @@ def human_size(n: int) -> str:
 
 def _commit_time(step_dir: str) -> str | None:
     try:
-        with open(os.path.join(step_dir, "_CHECKPOINT_METADATA")) as f:
-            ns = json.load(f).get("commit_timestamp_nsecs")
+        ns = json.loads(paths.read_text(paths.join(step_dir, "_CHECKPOINT_METADATA"))).get("commit_timestamp_nsecs")
         t = ns / 1e9
     except (OSError, ValueError, TypeError, AttributeError):
-        try:
-            t = os.path.getmtime(step_dir)
-        except OSError:
+        t = paths.mtime(step_dir)
+        if t is None:
             return None
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
 
@@ -56,15 +47,14 @@ def _commit_time(step_dir: str) -> str | None:
 def _logged_losses(workdir: str) -> dict[int, float]:
     out = {}
     try:
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                    if "loss" in r:
-                        out[int(r["step"])] = float(r["loss"])
-                except (ValueError, KeyError, TypeError):
-                    continue
-    except OSError:
+        for line in paths.read_text(paths.join(workdir, "metrics.jsonl")).splitlines():
+            try:
+                r = json.loads(line)
+                if "loss" in r:
+                    out[int(r["step"])] = float(r["loss"])
+            except (ValueError, KeyError, TypeError):
+                continue
+    except (OSError, FileNotFoundError):
         pass
     return out
 
@@ -74,37 +64,36 @@ def list_checkpoints(workdir: str) -> list[dict]:
 
     from meditron_jax.workdir import resolve_workdir
 
-    workdir = os.path.abspath(resolve_workdir(workdir))
-    if os.path.basename(workdir) == "checkpoints" and not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        workdir = os.path.dirname(workdir)
+    workdir = paths.absolute(resolve_workdir(workdir)).rstrip("/")
+    if workdir.endswith("/checkpoints") and not paths.isdir(paths.join(workdir, "checkpoints")):
+        workdir = workdir[:-len("/checkpoints")]
     root = ckpt.checkpoint_dir(workdir)
-    if not os.path.isdir(workdir):
+    if not paths.isdir(workdir):
         raise UserError(f"{workdir}: no such workdir")
-    if not os.path.isdir(root):
+    if not paths.isdir(root):
         raise UserError(f"{workdir} has no checkpoints/ directory")
     losses = _logged_losses(workdir)
     rows = []
     for where, state_ok in ((root, "ok"), (ckpt.quarantine_dir(workdir), "quarantined")):
-        if not os.path.isdir(where):
+        if not paths.isdir(where):
             continue
-        for name in os.listdir(where):
+        for name in paths.listdir(where):
             step_s = name.split(".")[0]
             if not step_s.isdigit():
                 continue
-            d = os.path.join(where, name)
+            d = paths.join(where, name)
             step = int(step_s)
             state = state_ok if (state_ok != "ok" or ckpt.is_complete(d)) else "incomplete"
             loss = None
             try:
-                with open(os.path.join(d, "meta", "metadata")) as f:
-                    meta = json.load(f)
+                meta = json.loads(paths.read_text(paths.join(d, "meta", "metadata")))
                 loss = meta.get("loss")
             except (OSError, ValueError):
                 meta = {}
             if loss is None and state != "quarantined":
                 loss = losses.get(step)
             rows.append({"step": step, "time": _commit_time(d), "bytes": _size(d), "loss": loss, "state": state,
-                         "path": d, "has_opt_state": os.path.isdir(os.path.join(d, "opt_state")),
+                         "path": d, "has_opt_state": paths.isdir(paths.join(d, "opt_state")),
                          "tokenizer_stored": bool((meta.get("tokenizer") or {}).get("model_b64"))
                          if isinstance(meta.get("tokenizer"), dict) else False})
     rows.sort(key=lambda r: (r["state"] == "quarantined", r["step"]))

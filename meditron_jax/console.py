@@ -21,7 +21,7 @@ log = logging.getLogger("meditron_jax")
 
 # Loggers of libraries that print progress chatter at INFO (Orbax through absl, JAX's
 # compilation cache, tensorstore through absl): warnings and errors still come through.
-_QUIET = ("absl", "orbax", "jax", "jax._src", "tensorstore", "etils", "grain", "asyncio")
+_QUIET = ("absl", "orbax", "jax", "jax._src", "tensorstore", "etils", "grain", "asyncio", "gcsfs", "fsspec")
 
 
 class _Formatter(logging.Formatter):
@@ -57,6 +57,11 @@ def setup(level: int = logging.INFO) -> logging.Logger:
     log.propagate = False
     for name in _QUIET:
         logging.getLogger(name).setLevel(logging.WARNING if name != "absl" else logging.ERROR)
+    gcsfs_log = logging.getLogger("gcsfs")  # its bucket-type probe needs project credentials; it falls back
+    if not any(getattr(f, "_meditron_quiet", False) for f in gcsfs_log.filters):
+        drop = lambda record: "Could not determine bucket type" not in record.getMessage()  # noqa: E731
+        drop._meditron_quiet = True
+        gcsfs_log.addFilter(drop)
     try:  # absl's own verbosity (Orbax logs through absl.logging)
         from absl import logging as absl_logging
         absl_logging.set_verbosity(absl_logging.ERROR)
@@ -120,6 +125,18 @@ def summary_line(step: int, total: int, last: dict, tokens: int, wall_s: float, 
     if checkpoint:
         parts.append(f"checkpoint {checkpoint}")
     return ", ".join(parts)
+
+
+def resumed(step: int, path: str) -> None:
+    """The one resume announcement, on every process (each restores its own shards): the step and
+    the checkpoint it came from; with several processes also which process and host speaks."""
+    import jax
+
+    where = ""
+    if jax.process_count() > 1:
+        import socket
+        where = f" on process {jax.process_index()} of {jax.process_count()} (host {socket.gethostname()})"
+    log.info(f"resumed from step {step} ({path}){where}")
 
 
 class Timer:

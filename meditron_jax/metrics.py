@@ -25,6 +25,7 @@ import time
 
 import jax
 
+from meditron_jax import paths
 from meditron_jax.config import LlamaConfig
 from meditron_jax.errors import storage_fault, storage_faults
 
@@ -83,7 +84,7 @@ class MetricsWriter:
             return
         progress = _console.progress_enabled(progress)
         with storage_faults("opening", self.path):
-            self._file = open(self.path, "a")
+            self._file = RemoteAppendFile(self.path) if paths.is_remote(self.path) else open(self.path, "a")
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -189,6 +190,13 @@ class MetricsWriter:
             console.log.info(line)
         return line
 
+    def sync(self):
+        """Makes every record written so far durable now (remote metrics.jsonl: uploads it; a local
+        file is already flushed at every record). The trainer calls it before each save."""
+        if self.enabled and isinstance(self._file, RemoteAppendFile):
+            with storage_faults("writing metrics to", self.path, hint=_RERUN):
+                self._file.upload()
+
     def advance(self, n: int = 1):
         if self._bar is not None:
             self._bar.update(n)
@@ -213,6 +221,39 @@ class MetricsWriter:
             self._bar.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+class RemoteAppendFile:
+    """metrics.jsonl on remote storage, where an object cannot be appended to: the content is kept
+    here and the whole object is rewritten, at most every `interval_s` at a flush, and always at
+    `upload()` (before each checkpoint save) and `close()`. A reader sees a whole file; a crash
+    loses at most the records since the last upload, all after the newest checkpoint, which a
+    resume drops and re-logs anyway (train.truncate_metrics)."""
+
+    def __init__(self, path: str, interval_s: float = 10.0):
+        self.path, self.interval_s = path, interval_s
+        self._text = paths.read_text(path) if paths.exists(path) else ""
+        self._dirty, self._last = False, time.monotonic()
+        self.closed = False
+
+    def write(self, text: str) -> int:
+        self._text += text
+        self._dirty = True
+        return len(text)
+
+    def flush(self):
+        if self._dirty and time.monotonic() - self._last >= self.interval_s:
+            self.upload()
+
+    def upload(self):
+        if self._dirty:
+            paths.write_text(self.path, self._text)
+            self._dirty, self._last = False, time.monotonic()
+
+    def close(self):
+        if not self.closed:
+            self.upload()
+            self.closed = True
 
 
 def _event_writers(tb) -> list:
@@ -295,22 +336,19 @@ def truncate_metrics(workdir: str, step: int) -> int:
     """Keeps metrics.jsonl records with step <= `step` (the restored step); later ones (written
     after the last checkpoint of an interrupted run, re-logged by this run) and a torn last line
     are appended to metrics.dropped.jsonl. Returns the number of records moved."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = paths.join(workdir, "metrics.jsonl")
+    if not paths.exists(path):
         return 0
     keep, drop = [], []
-    with open(path) as f:
-        for line in f:
-            try:
-                ok = line.endswith("\n") and int(json.loads(line)["step"]) <= step
-            except (ValueError, KeyError, TypeError):
-                ok = False
-            (keep if ok else drop).append(line)
+    for line in paths.read_text(path).splitlines(keepends=True):
+        try:
+            ok = line.endswith("\n") and int(json.loads(line)["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        (keep if ok else drop).append(line)
     if drop:
-        with open(os.path.join(workdir, "metrics.dropped.jsonl"), "a") as f:
-            f.writelines(x if x.endswith("\n") else x + "\n" for x in drop)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, path)
+        dropped = paths.join(workdir, "metrics.dropped.jsonl")
+        before = paths.read_text(dropped) if paths.exists(dropped) else ""
+        paths.write_text(dropped, before + "".join(x if x.endswith("\n") else x + "\n" for x in drop))
+        paths.write_text(path, "".join(keep))
     return len(drop)

@@ -7,7 +7,9 @@ Owns:
   `first` is dispatched and stops after step `last` has finished on the device, so the window
   holds exactly those steps' device work. Process 0 only by default (each process can trace
   its own devices; one trace is what people read). Pick steps after the first: step 1 is
-  dominated by compilation.
+  dominated by compilation. With a remote workdir (gs://) the trace is written to a local
+  temporary directory and uploaded to WORKDIR/profile/ when it stops (the profiler writes
+  local files).
 - `enable_compilation_cache(dir)`: JAX's persistent compilation cache. It helps when the same
   program is compiled again -- a restarted or resumed run, a preempted job rerun, the
   `plan`/`train` pair of one config, the test suite -- and not within one run (each program is
@@ -48,7 +50,10 @@ def stop_active():
 class StepProfiler:
     def __init__(self, steps, workdir: str, all_processes: bool = False):
         self.window = parse_steps(steps)
-        self.dir = os.path.join(os.path.abspath(workdir), "profile")
+        from meditron_jax import paths
+
+        self.dir = paths.join(paths.absolute(workdir), "profile")
+        self.local = None  # a remote workdir: the local directory the trace goes to first
         self.active = False
         if not all_processes and jax.process_index() != 0:
             self.window = None
@@ -56,9 +61,13 @@ class StepProfiler:
     def before(self, step: int):
         """Call before dispatching step `step` (1-based)."""
         if self.window and step == self.window[0] and not self.active:
-            from meditron_jax import console
-            os.makedirs(self.dir, exist_ok=True)
-            jax.profiler.start_trace(self.dir)
+            from meditron_jax import console, paths
+            if paths.is_remote(self.dir):
+                import tempfile
+                self.local = tempfile.mkdtemp(prefix="meditron-jax-profile-")
+            else:
+                os.makedirs(self.dir, exist_ok=True)
+            jax.profiler.start_trace(self.local or self.dir)
             self.active = True
             _active.append(self)
             console.log.info(f"profiling steps {self.window[0]}-{self.window[1]} into {self.dir}")
@@ -76,7 +85,25 @@ class StepProfiler:
             self.active = False
             if self in _active:
                 _active.remove(self)
+            if self.local:
+                _upload(self.local, self.dir)
+                self.local = None
             console.log.info(f"profile written to {self.dir}")
+
+
+def _upload(local: str, remote: str):
+    """Copies the trace files under `local` to `remote` (same relative names), then removes them."""
+    import shutil
+
+    from etils import epath
+    for root, _, files in os.walk(local):
+        for f in files:
+            src = os.path.join(root, f)
+            dst = epath.Path(remote) / os.path.relpath(src, local)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            with open(src, "rb") as fh:
+                dst.write_bytes(fh.read())
+    shutil.rmtree(local, ignore_errors=True)
 
 
 def enable_compilation_cache(directory: str | None):

@@ -17,6 +17,8 @@ Owns:
   free space is compared with the size of the last checkpoint (the state's bytes for the first):
   a warning, once, when the next save will not fit; `startup_space_check` sizes the whole run's
   footprint (the first save and `checkpoint.keep` of them, plus the one being written).
+Remote storage (`gs://`, `paths.py`): there is no free-space figure for a bucket, so the space
+checks are skipped there, with one log line (`free_space`).
 Does not own: the checkpoint layout and the restore decision (`checkpoint.py`), the messages'
 exit statuses (`errors.py`).
 """
@@ -119,10 +121,20 @@ def _unlink(path: str) -> None:
         pass
 
 
+def local_output(out: str) -> str:
+    """`out` unchanged when it is a local path; a URL (gs://, file://) is refused in one line
+    (exit 2) instead of becoming a local `gs:/bucket` directory: call before `os.path.abspath`."""
+    if "://" in str(out):
+        raise UserError(f"output {out}: a URL is not supported for outputs (they are built under a temporary "
+                        f"name and renamed); write to a local or mounted directory")
+    return out
+
+
 def staging_dir(out: str, command: str, legacy_prefixes: tuple[str, ...] = ()) -> str:
     """A fresh, locked temporary sibling of `out` to build it in (after removing dead runs'
-    partials for the same destination). Release it with `commit_dir` or `discard_dir`."""
-    out = os.path.abspath(out)
+    partials for the same destination). Release it with `commit_dir` or `discard_dir`.
+    Outputs are local (or mounted) directories: a URL is refused, never made a local `gs:/` dir."""
+    out = os.path.abspath(local_output(out))
     parent = os.path.dirname(out)
     try:
         os.makedirs(parent, exist_ok=True)
@@ -188,6 +200,25 @@ def commit_dir(tmp: str, out: str, sync=None) -> None:
 
 
 # ---- checkpoint saves ----------------------------------------------------------------------------
+_REMOTE_SPACE_NOTED: set[str] = set()
+
+
+def free_space(path) -> int | None:
+    """Free bytes where `path` lives; None when unknown. For remote storage (an object store has no
+    free-space figure) None, and the space checks that use it are skipped, said once per path."""
+    from meditron_jax import paths
+
+    if paths.is_remote(path):
+        if path not in _REMOTE_SPACE_NOTED:
+            _REMOTE_SPACE_NOTED.add(path)
+            import jax
+            if jax.process_index() == 0:
+                from meditron_jax import console
+                console.log.info(f"free-space checks skipped for {path} (remote storage has no free-space figure)")
+        return None
+    return free_bytes(path)
+
+
 def _warn(msg: str) -> None:
     import jax
     if jax.process_index() == 0:
@@ -303,14 +334,15 @@ class WatchedManager:
 
     # -- helpers --
     def _committed(self, step: int) -> bool:
-        from meditron_jax import checkpoint as ckpt
-        return ckpt.is_complete(os.path.join(self.root, str(step)))
+        from meditron_jax import checkpoint as ckpt, paths
+        return ckpt.is_complete(paths.join(self.root, str(step)))
 
     def _note_committed(self) -> bool:
         """If the pending step has committed: record its size, clear it, True."""
         if self.pending is None or self._manager.is_saving_in_progress() or not self._committed(self.pending):
             return False
-        self.last_size = _tree_bytes(os.path.join(self.root, str(self.pending)))
+        from meditron_jax import paths
+        self.last_size = paths.tree_bytes(paths.join(self.root, str(self.pending)))
         self.pending = None
         return True
 
@@ -318,7 +350,7 @@ class WatchedManager:
         if self._space_warned:
             return
         need = self.last_size or self.state_bytes
-        free = free_bytes(self.root)
+        free = free_space(self.root)
         if free is not None and need and free < need:
             self._space_warned = True
             what = "the last checkpoint took" if self.last_size else "the train state is"
@@ -367,17 +399,22 @@ def _remove_temporaries(root: str, step: int, timeout_s: float = 10.0) -> bool:
     they are gone. True when nothing is left."""
     import time
 
+    from meditron_jax import checkpoint as ckpt, paths
+
+    step_dir = paths.join(root, str(step))  # on GCS Orbax writes the final name and commits by a marker file
+    if paths.is_remote(root) and paths.exists(step_dir) and not ckpt.is_complete(step_dir):
+        paths.rmtree(step_dir)
     deadline = time.monotonic() + timeout_s
     empty = 0
     while True:
-        left = glob.glob(os.path.join(glob.escape(root), f"{step}.orbax-checkpoint-tmp*"))
+        left = paths.glob(root, f"{step}.orbax-checkpoint-tmp*")
         for tmp in left:
-            shutil.rmtree(tmp, ignore_errors=True)
+            paths.rmtree(tmp)
         empty = 0 if left else empty + 1
         if empty == 2:  # gone, and still gone a moment later
             return True
         if time.monotonic() > deadline:
-            return not glob.glob(os.path.join(glob.escape(root), f"{step}.orbax-checkpoint-tmp*"))
+            return not paths.glob(root, f"{step}.orbax-checkpoint-tmp*")
         time.sleep(0.1)
 
 
@@ -397,7 +434,7 @@ def startup_space_check(workdir: str, state_bytes: int, keep: int | None, saves:
     root = ckpt.checkpoint_dir(workdir)
     peak = saves if not keep else min(saves, keep + 1 - min(existing_steps, keep))
     need = max(1, peak) * int(state_bytes)
-    free = free_bytes(root)
+    free = free_space(root)
     if free is not None and free < need:
         _warn(f"{root} has {format_bytes(free)} free; this run's checkpoints need up to {format_bytes(need)} "
               f"({max(1, peak)} x {format_bytes(state_bytes)}: checkpoint.keep={keep} plus the one being written): "

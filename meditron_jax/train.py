@@ -38,7 +38,7 @@ import jax
 
 from meditron_jax import checkpoint as ckpt
 from meditron_jax import init_from as init_from_lib
-from meditron_jax import multihost, profiling, sharding, storage, tokenizer_store
+from meditron_jax import multihost, paths, profiling, sharding, storage, tokenizer_store
 from meditron_jax import workdir as workdir_mod
 from meditron_jax.config import parse_gin
 from meditron_jax.errors import UserError
@@ -68,7 +68,7 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
     tc, cfg = run.train, run.model
     profiling.parse_steps(tc.profile_steps)
     validate(run, workdir)
-    workdir_mod.check_resume_step(workdir, resume_step)
+    resume_step = workdir_mod.check_resume_step(workdir, resume_step, tc.resume_step)
     workdir_mod.acquire_for_run(workdir)  # one run per workdir (released when train returns)
     profiling.enable_compilation_cache(tc.compilation_cache_dir)
 
@@ -93,12 +93,9 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
             it = data.train_iterator()
             if data_state is not None:
                 it.set_state(data_state)
-            if start:
-                log0(f"resumed from step {start} ({os.path.join(ckpt.checkpoint_dir(workdir), str(start))})")
             if is_main:
                 truncate_metrics(workdir, start)
-                with open(os.path.join(workdir, "config.gin"), "w") as f:
-                    f.write(gin.operative_config_str())
+                paths.write_text(paths.join(workdir, "config.gin"), gin.operative_config_str())
             step_fn = step.jitted
             if jax.process_count() > 1:
                 # compile first, then start together: on CPU, gloo gives up on a peer that reaches
@@ -177,6 +174,8 @@ def add_hooks(loop: Loop, run, mesh, writer, preempt, saver, evaluator):
     if tc.eval_every:
         loop.add_hook(evaluator, every=tc.eval_every)
     loop.add_hook(BadStepGuard(tc.max_bad_steps), every=logged, at_end=True)
+    # remote metrics.jsonl: every record up to a checkpoint is stored before it (metrics.sync)
+    loop.add_hook(lambda info: writer.sync(), every=tc.checkpoint_every, at_end=True)
     loop.add_hook(saver.save, every=tc.checkpoint_every, at_end=True)
 
 
@@ -213,8 +212,8 @@ def add_arguments(p):
     add_gin_arguments(p)
     p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, config.gin go here")
     p.add_argument("--resume_step", type=int, default=None,
-                   help="resume from this checkpoint step (default: the newest that restores); newer ones "
-                        "are moved to WORKDIR/checkpoints_superseded/")
+                   help="resume from this checkpoint step (gin: train.resume_step; default: the newest that "
+                        "restores); newer ones are moved to WORKDIR/checkpoints_superseded/")
     p.add_argument("--coordinator_address", default=None, help="host:port of process 0 (multi-host)")
     p.add_argument("--num_processes", type=int, default=None, help="multi-host: number of processes")
     p.add_argument("--process_id", type=int, default=None, help="multi-host: this process's index (0 = coordinator)")

@@ -4,12 +4,16 @@ Owns:
 - `RunLock`: `WORKDIR/run.lock`, a JSON file naming host, pid, start time and a heartbeat
   (rewritten every `heartbeat_s` by a daemon thread). It is created with O_CREAT|O_EXCL, so of
   two runs starting together exactly one gets it. A second run refuses in one line naming the
-  holder. A lock is stale, and taken over with a warning, when its pid is dead on this host,
+  holder. On remote storage (gs://, `paths.py`) there is no O_EXCL: the lock is created if
+  absent, then read back after `REMOTE_SETTLE_S` (of two runs writing it together the last
+  write wins and the other sees a token not its own and refuses), and kept by the same
+  heartbeat. A lock is stale, and taken over with a warning, when its pid is dead on this host,
   or when its heartbeat is older than `stale_after_s` (a run on another host that died), or
   when it is unreadable and older than that. Multi-host: process 0 holds it and all processes
   learn the outcome (`acquire_for_run`), so a refused start stops every process.
 - `releases_lock`: a decorator that releases the locks a call acquired, however it ends.
-- `check_resume_step` / `set_aside_newer`: `train --resume_step N` restores exactly step N
+- `check_resume_step` / `set_aside_newer`: `train --resume_step N` (or gin `train.resume_step = N`)
+  restores exactly step N
   (refusing one that isn't there, before anything is built); checkpoints newer than N are moved
   to `WORKDIR/checkpoints_superseded/`, never deleted, and metrics.jsonl is cut back to N by the
   trainer's usual resume rule.
@@ -26,11 +30,13 @@ import threading
 import time
 import uuid
 
+from meditron_jax import paths
 from meditron_jax.errors import UserError
 
 LOCK_NAME = "run.lock"
 STALE_AFTER_S = 600.0
 HEARTBEAT_S = 30.0
+REMOTE_SETTLE_S = 1.0  # remote lock: how long a fresh lock is left before it is read back
 
 
 class WorkdirLocked(UserError):
@@ -61,8 +67,9 @@ _call_stack = threading.local()
 class RunLock:
     def __init__(self, workdir: str, stale_after_s: float = STALE_AFTER_S, heartbeat_s: float = HEARTBEAT_S,
                  command: str = "train"):
-        self.workdir = os.path.abspath(workdir)
-        self.path = os.path.join(self.workdir, LOCK_NAME)
+        self.workdir = paths.absolute(workdir)
+        self.path = paths.join(self.workdir, LOCK_NAME)
+        self.remote = paths.is_remote(self.workdir)
         self.stale_after_s, self.heartbeat_s = stale_after_s, heartbeat_s
         self.token = uuid.uuid4().hex
         now = time.time()
@@ -73,9 +80,12 @@ class RunLock:
 
     # -- acquiring -------------------------------------------------------------------------
     def acquire(self) -> "RunLock":
-        os.makedirs(self.workdir, exist_ok=True)
+        paths.makedirs(self.workdir)
         for _ in range(3):
             try:
+                if self.remote:
+                    self._create_remote()
+                    break
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = self._read()
@@ -105,20 +115,29 @@ class RunLock:
         self._thread.start()
         return self
 
+    def _create_remote(self):
+        """Create-if-absent without O_EXCL: write, wait, read back; FileExistsError when another
+        run's lock is there (before or after our write)."""
+        if paths.exists(self.path):
+            raise FileExistsError(self.path)
+        self._write(replace=False)
+        time.sleep(REMOTE_SETTLE_S)
+        if (self._read() or {}).get("token") != self.token:
+            raise FileExistsError(self.path)  # another run wrote after us: theirs
+
     def _read(self) -> dict | None:
         try:
-            with open(self.path) as f:
-                data = json.load(f)
+            data = json.loads(paths.read_text(self.path))
             return data if isinstance(data, dict) else None
         except (OSError, ValueError):
             return None
 
     def _stale_reason(self, holder: dict | None) -> str | None:
         if holder is None:
-            try:
-                age = time.time() - os.path.getmtime(self.path)
-            except OSError:
+            mtime = paths.mtime(self.path)
+            if mtime is None:
                 return "it vanished"
+            age = time.time() - mtime
             return f"unreadable lock file, {age:.0f} s old" if age > min(self.stale_after_s, 10.0) else None
         if holder.get("token") in _held:
             return None  # held by a live lock of this very process: refuse like any other holder
@@ -142,12 +161,7 @@ class RunLock:
                 f"it is taken over once that pid is gone or after {self.stale_after_s:.0f} s without a heartbeat)")
 
     def _write(self, replace: bool):
-        tmp = f"{self.path}.{self.token}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.record, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        paths.write_text(self.path, json.dumps(self.record))  # whole: a temporary name and a rename locally
 
     # -- holding ---------------------------------------------------------------------------
     def _beat(self):
@@ -158,7 +172,7 @@ class RunLock:
             self.record.update(heartbeat=now, heartbeat_utc=_now_iso(now))
             try:
                 self._write(replace=True)
-            except OSError:
+            except Exception:  # noqa: BLE001 - a missed beat (full disk, network): the next one retries
                 pass
 
     def release(self):
@@ -167,8 +181,8 @@ class RunLock:
             self._thread.join(timeout=5)
         if _held.pop(self.token, None) is not None and (self._read() or {}).get("token") == self.token:
             try:
-                os.remove(self.path)
-            except OSError:
+                paths.remove(self.path)
+            except Exception:  # noqa: BLE001 - left behind: stale once its heartbeat is old
                 pass
 
 
@@ -213,21 +227,10 @@ def acquire_for_run(workdir: str, **kwargs) -> RunLock | None:
 # ---- where the workdir lives -----------------------------------------------------------------
 
 def resolve_workdir(path: str) -> str:
-    """A local path, or a `file://` URL (made a local path). Any other scheme (gs://, s3://, ...)
-    is refused in one line before anything runs: the trainer writes its lock, metrics.jsonl,
-    TensorBoard events and config.gin with local file I/O, so a remote workdir would train and
-    then fail (or write a local `gs:/bucket` directory). Use a mounted path (gcsfuse, NFS)."""
-    path = str(path)
-    if "://" not in path:
-        return path
-    scheme, rest = path.split("://", 1)
-    if scheme == "file":
-        if not rest.startswith("/"):
-            raise UserError(f"workdir {path}: a file:// URL needs an absolute path (file:///abs/path)")
-        return rest
-    raise UserError(f"workdir {path}: {scheme}:// storage is not supported by the trainer yet (it writes "
-                    f"metrics, TensorBoard and its lock with local file I/O); use a local or mounted path "
-                    f"(e.g. a gcsfuse mount of the bucket)")
+    """A local path, a `file://` URL (made a local path) or a `gs://` URL where its filesystem
+    package is installed (`paths.resolve`). Anything else is refused in one line before anything
+    runs (and nothing is created: no local `gs:/bucket` directory)."""
+    return paths.resolve(path, "workdir")
 
 
 # ---- resuming from a chosen step -------------------------------------------------------------
@@ -235,19 +238,26 @@ def resolve_workdir(path: str) -> str:
 SUPERSEDED = "checkpoints_superseded"
 
 
-def check_resume_step(workdir: str, step: int | None) -> None:
-    """`--resume_step N`: N must be a complete checkpoint of this workdir (checked up front)."""
+def check_resume_step(workdir: str, flag: int | None, gin_value: int | None = None) -> int | None:
+    """The step to resume from: `--resume_step N` or gin `train.resume_step = N` (the same value
+    if both are given). It must be a complete checkpoint of this workdir; checked up front, before
+    data is built or anything compiles. Returns it (None: the newest that restores)."""
+    if flag is not None and gin_value is not None and flag != gin_value:
+        raise UserError(f"--resume_step {flag} disagrees with train.resume_step = {gin_value}; give one of them")
+    step = flag if flag is not None else gin_value
     if step is None:
-        return
+        return None
+    what = "--resume_step" if flag is not None else "train.resume_step ="
     from meditron_jax import checkpoint as ckpt
 
     if step < 0:
-        raise UserError(f"--resume_step {step}: must be >= 0")
+        raise UserError(f"{what} {step}: must be >= 0")
     steps = ckpt.complete_steps(ckpt.checkpoint_dir(workdir))
     if step not in steps:
         have = f"it has {steps}" if steps else "it has none"
-        raise UserError(f"--resume_step {step}: workdir {os.path.abspath(workdir)} has no complete checkpoint "
-                        f"at step {step} ({have})")
+        raise UserError(f"{what} {step}: workdir {paths.absolute(workdir)} has no complete checkpoint at step "
+                        f"{step} ({have})")
+    return step
 
 
 def set_aside_newer(manager, workdir: str, step: int) -> list[int]:
@@ -260,13 +270,13 @@ def set_aside_newer(manager, workdir: str, step: int) -> list[int]:
 
     newer = sorted(s for s in manager.all_steps() if s > step)
     if newer and jax.process_index() == 0:
-        dest_root = os.path.join(os.path.abspath(workdir), SUPERSEDED)
-        os.makedirs(dest_root, exist_ok=True)
+        dest_root = paths.join(paths.absolute(workdir), SUPERSEDED)
+        paths.makedirs(dest_root)
         for s in newer:
-            dest, n = os.path.join(dest_root, str(s)), 1
-            while os.path.exists(dest):
-                dest, n = os.path.join(dest_root, f"{s}.{n}"), n + 1
-            os.rename(os.path.join(ckpt.checkpoint_dir(workdir), str(s)), dest)
+            dest, n = paths.join(dest_root, str(s)), 1
+            while paths.exists(dest):
+                dest, n = paths.join(dest_root, f"{s}.{n}"), n + 1
+            paths.rename(paths.join(ckpt.checkpoint_dir(workdir), str(s)), dest)
         console.log.warning(f"--resume_step {step}: newer checkpoints {newer} moved to {dest_root}")
     if newer and jax.process_count() > 1:
         from jax.experimental import multihost_utils

@@ -259,10 +259,8 @@ def test_bad_input(case, tmp_path, inputs, capfd, monkeypatch):
     build, words = CASES[case]
     argv = build(tmp_path, inputs)
     if case == "train_insufficient_disk":  # a full disk, as the OS reports it
-        import meditron_jax.training.config as train_config_mod
-
         real = shutil.disk_usage
-        monkeypatch.setattr(train_config_mod.shutil, "disk_usage",
+        monkeypatch.setattr(shutil, "disk_usage",
                             lambda p: real(p)._replace(free=1 << 20))
     before_tmp, before_inputs = _snapshot(tmp_path), _snapshot(inputs["root"])
     capfd.readouterr()

@@ -185,7 +185,7 @@ def test_four_processes_resume_the_stage_spanning_checkpoint(runs, reference, st
     w = copy_run(stage_run, runs / "four")
     outs = train(w, 4, 2, ["train.steps=10", "mesh.data=1", "mesh.stage=4", "mesh.tensor=2"])
     for i, out in enumerate(outs):
-        assert f"resuming from checkpoint step 5 (process {i} of 4)" in out, out[-2000:]
+        assert f"resumed from step 5 ({w / 'checkpoints' / '5'}) on process {i} of 4 (host " in out, out[-2000:]
     assert sorted(losses(w)) == list(range(1, 11))
     same(losses(w), losses(reference), range(1, 11))
     same(eval_losses(w), eval_losses(reference), [5, 10])
@@ -221,7 +221,7 @@ def test_corrupt_shard_only_process_1_reads(runs, reference, stage_run):
     outs = train(w, 2, 4, ["train.steps=5", "train.eval_every=0", *STAGE_MESH])
     elapsed = time.monotonic() - t0
     for i, out in enumerate(outs):
-        assert f"resuming from checkpoint step 3 (process {i} of 2)" in out, out[-2000:]
+        assert f"resumed from step 3 ({w / 'checkpoints' / '3'}) on process {i} of 2 (host " in out, out[-2000:]
         assert "Traceback" not in out
     warnings = [ln for out in outs for ln in out.splitlines() if "warning:" in ln]
     assert len(warnings) == 1, warnings
@@ -257,7 +257,7 @@ def test_tensor_spanning_two_processes_killed_during_a_save(runs, demo, referenc
     assert complete and max(complete) < 5, complete
     outs = train(w, 2, 4, params)
     for i, out in enumerate(outs):
-        assert f"resuming from checkpoint step {max(complete)} (process {i} of 2)" in out, out[-2000:]
+        assert f"resumed from step {max(complete)} ({w / 'checkpoints' / str(max(complete))}) on process {i} of 2 (host " in out, out[-2000:]
     assert sorted(losses(w)) == list(range(1, 6))
     same(losses(w), losses(reference), range(1, 6))
     assert not [e for e in root.iterdir() if not e.name.isdigit()], "leftover temporary directory"

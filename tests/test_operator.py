@@ -304,11 +304,21 @@ def test_resume_step_is_bitwise(run, tmp_path, capfd):
     w0, _ = run
     w = tmp_path / "w"
     shutil.copytree(w0, w, ignore=shutil.ignore_patterns("profile"))
-    assert main(_argv(w, "train.steps=6", args=["--resume_step", "7"])) == 2
-    assert "no complete checkpoint at step 7" in capfd.readouterr().err
-    assert main(_argv(w, "train.steps=6", args=["--resume_step", "2"])) == 0
+    before = sorted(p.relative_to(w) for p in w.rglob("*"))
+    for params, args, expected in [
+            ((), ["--resume_step", "7"], "--resume_step 7: workdir "),
+            (("train.resume_step=7",), [], "train.resume_step = 7: workdir "),
+            (("train.resume_step=4",), ["--resume_step", "2"], "--resume_step 2 disagrees with train.resume_step = 4"),
+            (("train.resume_step=-1",), [], "train.resume_step"),
+            (("train.resume_step='2'",), [], "train.resume_step")]:
+        assert main(_argv(w, "train.steps=6", *params, args=args)) == 2, (params, args)
+        lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and expected in lines[0] and "error" in lines[0], lines
+    assert sorted(p.relative_to(w) for p in w.rglob("*")) == before  # refused before anything was written
+    assert main(_argv(w, "train.steps=6", "train.resume_step=2")) == 0  # the gin spelling of --resume_step 2
     err = capfd.readouterr().err
     assert f"resumed from step 2 ({w / 'checkpoints' / '2'})" in err, err
+    assert err.count("resumed from step") == 1 and "resuming from" not in err, err  # one announcement
     assert sorted(os.listdir(w / "checkpoints_superseded")) == ["4", "6"]
     for step in (4, 6):
         _, again = ckpt.load_params(str(w / "checkpoints" / str(step)))
@@ -374,16 +384,17 @@ def test_workdir_urls():
     from meditron_jax.workdir import resolve_workdir
 
     assert resolve_workdir("/tmp/x") == "/tmp/x" and resolve_workdir("file:///tmp/x") == "/tmp/x"
-    with pytest.raises(UserError, match="gs:// storage is not supported"):
-        resolve_workdir("gs://bucket/run")
+    assert resolve_workdir("gs://bucket/run/") == "gs://bucket/run"  # supported (tests/test_remote_storage.py)
+    with pytest.raises(UserError, match="s3:// storage is not supported"):
+        resolve_workdir("s3://bucket/run")
 
 
 def test_remote_workdir_refused_before_anything(tmp_path, capfd, monkeypatch):
     monkeypatch.chdir(tmp_path)
     capfd.readouterr()
-    assert main(_argv("gs://bucket/run", "train.steps=2")) == 2
+    assert main(_argv("s3://bucket/run", "train.steps=2")) == 2
     assert len(_error_lines(capfd.readouterr().err)) == 1
-    assert list(tmp_path.iterdir()) == []  # no local gs:/bucket directory
+    assert list(tmp_path.iterdir()) == []  # no local s3:/bucket directory
 
 
 def test_tensorboard_groups_config_tokens_and_wall_time(tmp_path):

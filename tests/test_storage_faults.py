@@ -541,3 +541,26 @@ def test_sigkilled_export_command_leaves_a_partial_the_next_export_removes(tmp_p
     assert len(lines) == 1 and partial.name in lines[0] and str(out) in lines[0], err
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     assert (out / "model.safetensors").stat().st_size > 20 << 20
+
+
+def test_is_complete_is_orbax_finalisation_plus_deletion_remains(tmp_path):
+    """`checkpoint.is_complete`: Orbax's own finalisation check (a `.orbax-checkpoint-tmp` name
+    is never complete) plus the remains of an interrupted deletion (a step whose commit marker,
+    step metadata or params marker is gone); `complete_steps` lists only the whole ones."""
+    import orbax.checkpoint as ocp
+
+    mngr = ckpt.make_manager(str(tmp_path), ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
+                                                                         enable_async_checkpointing=False))
+    for step in (1, 2, 3, 4, 5):
+        ckpt.save(mngr, step, {"w": np.full((4,), step, np.float32)}, meta={"format": ckpt.FORMAT})
+    mngr.close()
+    root = Path(ckpt.checkpoint_dir(str(tmp_path)))
+    assert ckpt.complete_steps(str(root)) == [1, 2, 3, 4, 5]
+    (root / "2" / "_CHECKPOINT_METADATA").unlink()
+    (root / "3" / "commit_success.txt").unlink()
+    (root / "4" / "params" / "commit_success.txt").unlink()
+    (root / "5").rename(root / "5.orbax-checkpoint-tmp-123")
+    assert [ckpt.is_complete(str(root / s)) for s in ("1", "2", "3", "4", "5.orbax-checkpoint-tmp-123")] == \
+        [True, False, False, False, False]
+    assert ckpt.complete_steps(str(root)) == [1]
+    assert not ckpt.is_complete(str(root / "6"))  # not there

@@ -151,7 +151,7 @@ def staging_dir(out: str, overwrite: bool, command: str = "export") -> str:
     """Check `out` may be written and return a fresh temporary sibling to build it in (locked
     while this run lives; partials of dead earlier runs for `out` are removed first, with one
     line: `storage.staging_dir`). Release it with `commit_dir` or `storage.discard_dir`."""
-    out = os.path.abspath(out)
+    out = os.path.abspath(storage.local_output(out))  # a URL: one line, no local `gs:/` directory
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"{out} exists and is not a directory")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:

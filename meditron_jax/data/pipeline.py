@@ -363,7 +363,7 @@ def build_pipeline(seq_len: int, global_batch_size: int, seed: int, process_inde
             raise DataConfigError("data.demo = True builds its own sources; do not also set data.sources/sft_files")
         from meditron_jax.data.demo import prepare_demo
 
-        root = os.path.join(workdir, "demo_data") if workdir else os.path.join(tempfile.gettempdir(), "meditron-jax-demo")
+        root = os.path.join(workdir, "demo_data") if workdir and "://" not in str(workdir) else os.path.join(tempfile.gettempdir(), "meditron-jax-demo")
         import jax  # in a real multi-process run, process 0 builds the demo and the others wait
 
         if jax.process_count() > 1:

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
+from meditron_jax import paths as _paths
 from meditron_jax import sharding
 from meditron_jax.config import LlamaConfig
 from meditron_jax.errors import UserError
@@ -242,7 +243,7 @@ def load_model_on_mesh(path: str, mesh, dtype: str | None = None, step: int | No
     from meditron_jax.convert.io import ConversionError
     from meditron_jax.model import abstract_model
 
-    if not os.path.exists(path):
+    if not _paths.exists(path):  # local or gs:// (meditron_jax.paths)
         raise InferenceMeshError(f"{path}: no such checkpoint or model directory")
     hf = os.path.exists(os.path.join(path, "config.json"))
     if hf:

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 
+from meditron_jax import paths as _paths
 from meditron_jax.errors import UserError
 
 
@@ -130,7 +131,7 @@ def load(args):
     """(model, tokenizer) from parsed `add_model_arguments` flags; vocab checked."""
     from meditron_jax import from_pretrained
 
-    if not os.path.exists(args.checkpoint):
+    if not _paths.exists(args.checkpoint):  # local or gs:// (meditron_jax.paths)
         raise LoadError(f"{args.checkpoint}: no such checkpoint or model directory")
     tok = resolve_tokenizer(args.checkpoint, args.tokenizer, args.step)
     model = from_pretrained(args.checkpoint, dtype=args.dtype, step=args.step)
@@ -145,7 +146,7 @@ def load_for_inference(args, batch: int = 8, seq_len: int | None = None, cache_l
     from meditron_jax import from_pretrained
     from meditron_jax.eval import distributed
 
-    if not os.path.exists(args.checkpoint):
+    if not _paths.exists(args.checkpoint):  # local or gs:// (meditron_jax.paths)
         raise LoadError(f"{args.checkpoint}: no such checkpoint or model directory")
     if getattr(args, "coordinator_address", None) or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         from meditron_jax.multihost import init_distributed  # before any device query, as training does

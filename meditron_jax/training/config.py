@@ -11,13 +11,11 @@ files (`config.parse_gin`), the values' types and ranges (`configcheck`), the me
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 from typing import Annotated
 
 import gin
 
-from meditron_jax import sharding
+from meditron_jax import paths, sharding, storage
 from meditron_jax.config import LlamaConfig, gin_call
 from meditron_jax.configcheck import Range
 from meditron_jax.errors import UserError
@@ -43,6 +41,7 @@ class TrainConfig:  # Annotated ranges: checked with the types before anything r
     tensorboard: bool = True
     profile_steps: tuple = ()  # (first, last): jax.profiler trace into WORKDIR/profile (profiling.py)
     compilation_cache_dir: str | None = None  # JAX's persistent compilation cache
+    resume_step: Annotated[int | None, Range(min=0)] = None  # like --resume_step (workdir.check_resume_step)
 
 
 @gin.configurable("train")
@@ -52,13 +51,14 @@ def train_config(steps: int = gin.REQUIRED, micro_batch_size: int = gin.REQUIRED
                  eval_every: int = 0, eval_batches: int = 4, max_bad_steps: int = 10,
                  spike_threshold: float | None = None, loss_chunk: int | None = None,
                  wandb_project: str | None = None, progress: bool = True,
-                 tensorboard: bool = True, profile_steps=(), compilation_cache_dir: str | None = None) -> TrainConfig:
+                 tensorboard: bool = True, profile_steps=(), compilation_cache_dir: str | None = None,
+                 resume_step: int | None = None) -> TrainConfig:
     """gin `train.*`."""
     return TrainConfig(steps, micro_batch_size, global_batch_size, seq_len, seed, checkpoint_every, log_every,
                        init_from, eval_every, eval_batches, max_bad_steps, spike_threshold, loss_chunk,
                        wandb_project, progress, tensorboard,
                        tuple(profile_steps) if isinstance(profile_steps, (list, tuple)) else profile_steps,
-                       compilation_cache_dir)
+                       compilation_cache_dir, resume_step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,16 +149,9 @@ def accumulation_steps(tc: TrainConfig, cfg: LlamaConfig, sizes: dict, ps) -> in
 
 def check_workdir(workdir: str, needed_bytes: int = 0):
     """The workdir is writable and (with `needed_bytes`) has room for one checkpoint."""
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_probe_{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"workdir {workdir} is not writable ({e.strerror})") from None
-    free = shutil.disk_usage(workdir).free
-    if needed_bytes and free < needed_bytes:
+    paths.check_writable(workdir)  # local or remote (paths.py): one line when it cannot be written
+    free = storage.free_space(workdir)  # None for remote storage (no free-space check there)
+    if needed_bytes and free is not None and free < needed_bytes:
         raise UserError(f"workdir {workdir} has {_size(free)} free, one checkpoint needs {_size(needed_bytes)}")
 
 

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
+import os
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from meditron_jax import checkpoint as ckpt
-from meditron_jax import sharding
+from meditron_jax import console, sharding
 from meditron_jax.config import LlamaConfig
 from meditron_jax.errors import UserError
 from meditron_jax.model import PARAM_AXES, Llama, param_shapes, run_layers
@@ -123,8 +123,7 @@ def build_state(run, step: StepBuild, workdir: str, manager, restart_from_scratc
         raise UserError(f"--resume_step {resume_step}: that checkpoint does not restore (see the warning above)")
     if resumed is not None:
         state, start, data_state = resumed
-        who = f" (process {jax.process_index()} of {jax.process_count()})" if jax.process_count() > 1 else ""
-        print(f"resuming from checkpoint step {start}{who}", file=sys.stderr, flush=True)
+        console.resumed(start, os.path.join(ckpt.checkpoint_dir(workdir), str(start)))  # every process
         return state, start, data_state
     tx, state_sh = step.tx, step.state_sh
     init = jax.jit(lambda p: init_state(p, tx), out_shardings=state_sh)
