@@ -1,6 +1,7 @@
 """Data-parallel traffic of the compiled train step, per device per step, from the optimized HLO.
 
-    python bench/grad_traffic.py [--zero1] [--data 4 --tensor 2 --micro 4] [--preset tiny-bf16]
+    python bench/grad_traffic.py [--zero1] [--data 4 --fsdp 1 --tensor 2 --micro 4] [--remat full]
+                                 [--fsdp_grad_reduce micro_batch|step]
 
 Prints JSON: bytes x loop trip counts of every collective, grouped by the mesh axes it spans,
 op, dtype and loop depth (0 = outside every loop), and the per-device parameter / optimizer
@@ -17,9 +18,12 @@ p = argparse.ArgumentParser()
 p.add_argument("--data", type=int, default=4)
 p.add_argument("--tensor", type=int, default=2)
 p.add_argument("--micro", type=int, default=4)
+p.add_argument("--fsdp", type=int, default=1)
 p.add_argument("--zero1", action="store_true")
+p.add_argument("--remat", default="none", help="model.remat; 'full' takes the fused accumulation (fused_accum.py)")
+p.add_argument("--fsdp_grad_reduce", default=None, choices=[None, "micro_batch", "step"])
 args = p.parse_args()
-os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={args.data * args.tensor}")
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={args.data * args.fsdp * args.tensor}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
@@ -34,8 +38,8 @@ from meditron_jax.training.state import abstract_batch, jit_train_step, state_sh
 from meditron_jax.train_step import init_state, make_train_step  # noqa: E402
 
 cfg = LlamaConfig(vocab_size=517, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                  num_kv_heads=2, max_position_embeddings=64, dtype="bfloat16")
-mesh = sharding.make_mesh(dict(data=args.data, stage=1, fsdp=1, tensor=args.tensor))
+                  num_kv_heads=2, max_position_embeddings=64, dtype="bfloat16", remat=args.remat)
+mesh = sharding.make_mesh(dict(data=args.data, stage=1, fsdp=args.fsdp, tensor=args.tensor))
 oc = OptimizerConfig()
 tx = make_optimizer(oc, 10)
 with sharding.use_mesh(mesh):
@@ -44,8 +48,10 @@ with sharding.use_mesh(mesh):
                         {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in param_shapes(cfg).items()})
     st = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), ab, sh)
     kw = {"zero1": args.zero1} if "zero1" in inspect.signature(make_train_step).parameters else {}
+    if "sync" in inspect.signature(make_train_step).parameters:
+        kw["sync"] = sharding.GradSync(fsdp=args.fsdp_grad_reduce)
     fn = make_train_step(cfg, tx, schedule(oc, 10), args.micro, **kw)
-    comp = jit_train_step(fn, sh, mesh).lower(st, abstract_batch(2 * args.data * args.micro, 16, mesh)).compile()
+    comp = jit_train_step(fn, sh, mesh).lower(st, abstract_batch(2 * args.data * args.fsdp * args.micro, 16, mesh)).compile()
 colls = hlo_stats.collectives(comp.as_text())
 hlo_stats.assign_axes(colls, dict(mesh.shape))
 by_key = {}  # (axes, op, dtype, loop depth) -> [result bytes x trips, ops]
@@ -59,7 +65,8 @@ def per_device(tree):
 
 
 print(json.dumps({
-    "mesh": dict(mesh.shape), "zero1": args.zero1, "micro_batches": args.micro,
+    "mesh": dict(mesh.shape), "zero1": args.zero1, "micro_batches": args.micro, "remat": args.remat,
+    "fsdp_grad_reduce": args.fsdp_grad_reduce,
     "param_bytes_fp32_total": int(sum(np.prod(s) for s in param_shapes(cfg).values()) * 4),
     "per_device_bytes": {"params": per_device(st["params"]), "opt_state": per_device(st["opt_state"])},
     "collectives": {f"{a}|{op}|{dt}|depth{d}": {"bytes_x_trips": v[0], "ops": v[1]}

@@ -174,14 +174,61 @@ def default_positions(tokens):
 
 def embed(cfg: LlamaConfig, table, tokens):
     """tokens [B,T] -> [B,T,D] in the compute dtype."""
-    x = jnp.take(table, tokens, axis=0).astype(jnp.dtype(cfg.dtype))
+    x = _lookup(jnp.dtype(cfg.dtype), table, tokens)
     return constrain(x, ("batch", "length", "embed"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _lookup(dtype, table, tokens):
+    """table[tokens] in `dtype`, gathered from the table cast to `dtype` first: with the vocab split
+    over `tensor` the gather's partial rows are summed across ranks, and that all-reduce then runs
+    in the compute dtype (exact: one non-zero term per entry). The gradient (a scatter-add of
+    every token's row gradient) stays in the table's dtype (fp32 for the fp32 view the step
+    differentiates), as `jnp.take(table).astype(dtype)` would give."""
+    return jnp.take(table.astype(dtype), tokens, axis=0)
+
+
+def _lookup_fwd(dtype, table, tokens):
+    return _lookup(dtype, table, tokens), (jnp.zeros((0, *table.shape), table.dtype), tokens)
+
+
+def _lookup_bwd(dtype, res, g):
+    like, tokens = res  # like: an empty [0, V, D] array that carries the table's shape and dtype
+    return jnp.zeros(like.shape[1:], like.dtype).at[tokens].add(g.astype(like.dtype)), None
+
+
+_lookup.defvjp(_lookup_fwd, _lookup_bwd)
+
+
+@jax.custom_vjp
+def _project(h, w):
+    """h [B,T,D] @ w [D,V] -> fp32 logits, both inputs in the compute dtype.
+
+    Backward: d logits (fp32) is rounded to the compute dtype once (Megatron's output layer is a
+    compute-dtype GEMM too), so the input gradient d h = d logits @ w^T leaves the matmul in the
+    compute dtype and its all-reduce over the vocab-split `tensor` axis moves bf16, not fp32;
+    d w accumulates in fp32 inside the matmul (preferred element type) and is rounded to w's dtype."""
+    return jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
+
+
+def _project_fwd(h, w):
+    return _project(h, w), (h, w)
+
+
+def _project_bwd(res, g):
+    h, w = res
+    g = g.astype(h.dtype)
+    dh = jnp.einsum("btv,dv->btd", g, w)
+    dw = jnp.einsum("btd,btv->dv", h, g, preferred_element_type=jnp.float32).astype(w.dtype)
+    return dh, dw
+
+
+_project.defvjp(_project_fwd, _project_bwd)
 
 
 def lm_logits(cfg: LlamaConfig, lm_head, h, true_vocab: bool = True):
     """h [B,T,D] -> fp32 logits. true_vocab: sliced to cfg.vocab_size; else padded entries masked."""
-    out = jnp.einsum("btd,dv->btv", h, lm_head.astype(jnp.dtype(cfg.dtype)),
-                     preferred_element_type=jnp.float32)
+    out = _project(h, lm_head.astype(jnp.dtype(cfg.dtype)))
     out = constrain(out, ("batch", "length", "vocab"))
     if true_vocab:
         return out[..., : cfg.vocab_size]

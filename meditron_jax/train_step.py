@@ -22,7 +22,7 @@ import optax
 
 from jax.sharding import PartitionSpec as P
 
-from meditron_jax import sharding
+from meditron_jax import fused_accum, sharding
 from meditron_jax.config import LlamaConfig
 from meditron_jax.model import LAYER_KEYS, PARAM_AXES, forward_hidden, lm_logits, run_layers
 from meditron_jax.sharding import constrain
@@ -99,7 +99,7 @@ def _fused_ce_fwd(cfg, chunk, lm_head, h, targets, mask):
         loss, p, onehot = _chunk_loss(cfg, W, hc, tc, mc)
         mw = mc[..., None]
         dlogits = (p * mw - jnp.where(onehot, mw, 0.0)).astype(dt)  # [B,c,V] = m (softmax - onehot)
-        dh = jnp.einsum("bcv,dv->bcd", dlogits, W, preferred_element_type=jnp.float32).astype(dt)
+        dh = jnp.einsum("bcv,dv->bcd", dlogits, W)  # in dt: its all-reduce over tensor moves dt
         dW = dW + jnp.einsum("bcd,bcv->dv", hc, dlogits, preferred_element_type=jnp.float32)
         return dW, (loss, dh)
 
@@ -220,7 +220,7 @@ def _reduce_local(g, master: list, manual: tuple, dtype):
 
 
 def accumulate_gradients(grad_fn, work: dict, micro: dict, num_micro: int, *, zero1: bool = False,
-                         sync: sharding.GradSync | None = None):
+                         sync: sharding.GradSync | None = None, fused: bool = False):
     """(fp32 gradient sums, loss sum, token count) over the `num_micro` micro-batches.
 
     Data parallelism: the micro-batch loop runs inside a `shard_map` that is manual over the
@@ -230,6 +230,8 @@ def accumulate_gradients(grad_fn, work: dict, micro: dict, num_micro: int, *, ze
     unreduced, in fp32; after the last micro-batch they are reduced once, in
     `sync.dtype`: a reduce-scatter into the ZeRO-1 shard (`zero1`), else one all-reduce.
     Without an active mesh, or with no data axis > 1, it is the plain loop.
+    fused: `grad_fn(params, micro_batch, layer_accumulators)` returns the layer entries already
+    added into the accumulators (`fused_accum`), so no second stacked gradient tree exists.
     """
     sync = sync or sharding.GradSync()
 
@@ -243,11 +245,15 @@ def accumulate_gradients(grad_fn, work: dict, micro: dict, num_micro: int, *, ze
             # scatter-add and the fused head's dW stay in fp32, as with fp32 params.
             p32 = {k: w if k in LAYER_KEYS and "norm" not in k else w.astype(jnp.float32)
                    for k, w in work.items()}
-            (l, n), g = grad_fn(p32, mb)
+            if fused:  # the layer gradients come back already added into g_acc (fused_accum)
+                (l, n), g = grad_fn(p32, mb, {k: g_acc[k] for k in LAYER_KEYS})
+            else:
+                (l, n), g = grad_fn(p32, mb)
             # gradients in the parameters' layout: with fsdp automatic (the default), this is
             # the per-micro-batch reduce-scatter over fsdp; over `data` nothing is reduced here
             g = _inside_layout(g)
-            g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+            g_acc = {k: g[k] if fused and k in LAYER_KEYS else a + g[k].astype(jnp.float32)
+                     for k, a in g_acc.items()}
             return (g_acc, l_acc + l, n_acc + n), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), work)
@@ -294,6 +300,24 @@ def _pad(spec: P, ndim: int) -> tuple:
     return tuple(spec) + (None,) * (ndim - len(spec))
 
 
+def _fused_grad_fn(cfg: LlamaConfig, loss_chunk):
+    """`grad_fn(params, micro_batch, layer_acc)`: the layer entries of the gradients are
+    layer_acc + d loss / d layers, added inside the backward layer scan (`fused_accum`)."""
+    def loss(rest, acc, layers, b):
+        p = _inside_layout({**rest, **layers}, True)
+        acc = _inside_layout(acc)
+        stack = lambda c, lay, x, pos, seg: fused_accum.run_layers_into(c, lay, acc, x, pos, seg)
+        return loss_sum(cfg, p, b, stack, loss_chunk)
+
+    vg = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+
+    def grad_fn(p, b, acc):
+        rest = {k: v for k, v in p.items() if k not in LAYER_KEYS}
+        out, (g_rest, g_acc) = vg(rest, acc, {k: p[k] for k in LAYER_KEYS}, b)
+        return out, {**g_rest, **g_acc}
+    return grad_fn
+
+
 def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
                     num_micro: int = 1, layers_fn: Callable = run_layers, loss_chunk: int | None = None,
                     spike_threshold: float | None = None, *, zero1: bool | None = None,
@@ -313,8 +337,9 @@ def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, lr_sched
     gin settings (`sharding.zero1`, `sharding.grad_reduce_dtype`, `sharding.fsdp_grad_reduce`);
     they must agree with the state shardings the step is jitted with.
     """
-    grad_fn = jax.value_and_grad(lambda p, b: loss_sum(cfg, _inside_layout(p, True), b, layers_fn, loss_chunk),
-                                 has_aux=True)
+    fused = fused_accum.fusable(cfg, layers_fn)
+    grad_fn = _fused_grad_fn(cfg, loss_chunk) if fused else jax.value_and_grad(
+        lambda p, b: loss_sum(cfg, _inside_layout(p, True), b, layers_fn, loss_chunk), has_aux=True)
     if zero1 is None:
         zero1 = sharding.logical_rules()[1]
     sync = sync or sharding.grad_sync()
@@ -325,7 +350,8 @@ def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, lr_sched
         act = sharding.active()
         manual = sync.manual_axes(act[0]) if act is not None else ()
         work = working_copy(cfg, params, manual, zero1)
-        grads, total, tokens = accumulate_gradients(grad_fn, work, micro, num_micro, zero1=zero1, sync=sync)
+        grads, total, tokens = accumulate_gradients(grad_fn, work, micro, num_micro, zero1=zero1, sync=sync,
+                                                    fused=fused)
         denom = jnp.maximum(tokens, 1.0)
         loss = total / denom
         grads = jax.tree.map(lambda g: g / denom, grads)
