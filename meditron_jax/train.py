@@ -381,7 +381,7 @@ def _batch_shardings(mesh):
 def state_shardings(cfg: LlamaConfig, tx, mesh, rules=None, zero1=False):
     abstract_params = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in param_shapes(cfg).items()}
     abstract_state = jax.eval_shape(lambda p: init_state(p, tx), abstract_params)
-    return sharding.tree_shardings(abstract_state, PARAM_AXES, mesh, rules or dict(sharding.DEFAULT_RULES), zero1)
+    return sharding.tree_shardings(abstract_state, PARAM_AXES, mesh, rules or dict(sharding.DEFAULT_RULES), zero1, tx=tx)
 
 
 def jit_train_step(step_fn, state_sh, mesh):

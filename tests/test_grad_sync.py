@@ -47,7 +47,7 @@ def _run(params, batches, mesh_sizes=None, zero1=False, sync=None, cfg=CFG, num_
             losses.append(float(m["loss"]))
         return losses, jax.device_get(state)
     mesh = sharding.make_mesh(dict(BASE, **mesh_sizes))
-    with sharding.use_mesh(mesh):
+    with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
         step_fn = make_train_step(cfg, tx, schedule(OC, 10), num_micro, layers_fn_for(cfg, mesh),
                                   zero1=zero1, sync=sync)
         sh = state_shardings(cfg, tx, mesh, zero1=zero1)
@@ -98,7 +98,7 @@ def _replica_sum(dtype, zero1):
         c = mb["loss_mask"][0, 0]
         return (jnp.sum(p["norm"]) * c, jnp.float32(1.0)), {"norm": jnp.ones_like(p["norm"]) * c}
 
-    with sharding.use_mesh(mesh):
+    with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
         f = jax.jit(lambda w, m: accumulate_gradients(grad_fn, w, m, 1, zero1=zero1,
                                                       sync=sharding.GradSync(dtype))[0]["norm"])
         g = np.asarray(f(work, micro))
@@ -115,7 +115,7 @@ def _compiled_step(zero1, tmp_path):
     cfg = CFG.replace(dtype="bfloat16", hidden_size=64, num_heads=4)
     mesh = sharding.make_mesh(dict(BASE, data=4, tensor=2))
     tx = make_optimizer(OC, 10)
-    with sharding.use_mesh(mesh):
+    with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
         sh = state_shardings(cfg, tx, mesh, zero1=zero1)
         abstract = jax.eval_shape(lambda p: init_state(p, tx),
                                   {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in param_shapes(cfg).items()})
@@ -176,7 +176,7 @@ def test_checkpoint_from_old_layout_and_stage4_restores_zero1_stage1(tmp_path, o
     params = jax.device_get(nnx_params(cfg, 1))
     state = jax.device_get(init_state(jax.tree.map(jnp.asarray, params), tx))
     old = sharding.make_mesh(dict(BASE, data=2, stage=4))
-    with sharding.use_mesh(old):
+    with sharding.use_mesh(old, sharding.DEFAULT_RULES):
         sh = state_shardings(cfg, tx, old, zero1=False)
         placed = jax.device_put({"params": state["params"], "opt_state": state["opt_state"]},
                                 {"params": sh["params"], "opt_state": sh["opt_state"]})
@@ -185,7 +185,7 @@ def test_checkpoint_from_old_layout_and_stage4_restores_zero1_stage1(tmp_path, o
         ckpt.save(manager, 5, placed["params"], placed["opt_state"], {"it": 1}, {"step": 5})
         manager.wait_until_finished()
     new = sharding.make_mesh(dict(BASE, data=8))
-    with sharding.use_mesh(new):
+    with sharding.use_mesh(new, sharding.DEFAULT_RULES):
         sh = state_shardings(cfg, tx, new, zero1=True)
         abstract = jax.eval_shape(lambda p: init_state(p, tx),
                                   {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in param_shapes(cfg).items()})
@@ -224,7 +224,7 @@ def test_eval_step_micro_batched_equals_whole_batch(one_device):
     b = batches[0]
     whole = jax.jit(make_eval_step(CFG, num_micro=1, zero1=False, sync=sharding.GradSync()))(params, b)
     mesh = sharding.make_mesh(dict(BASE, data=4, tensor=2))
-    with sharding.use_mesh(mesh):
+    with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
         tx = make_optimizer(OC, 10)
         sh = state_shardings(CFG, tx, mesh, zero1=True)
         fn = jax.jit(make_eval_step(CFG, num_micro=NUM_MICRO, zero1=True, sync=sharding.GradSync()),

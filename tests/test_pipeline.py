@@ -74,7 +74,7 @@ def _run(name, sizes, cfg=CFG, repeats=1, microbatches=None, pipeline_layout=Fal
     layers = pipeline.to_pipeline_layout(LAYERS, S, repeats) if pipeline_layout else LAYERS
     layer_sh = _rule_shardings(mesh, layers)
     x_sh = sharding.batch_sharding(mesh, 3)
-    with sharding.use_mesh(mesh):
+    with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
         def f(layers, x):
             y = pipeline.pipeline_layers(cfg, layers, x, POS, SEG, mesh=mesh, repeats=repeats,
                                          microbatches=microbatches, pipeline_layout=pipeline_layout,
@@ -225,7 +225,7 @@ def test_bad_pipeline_configs(kwargs, match):
 
 def test_pipeline_layers_rejects_bad_batch_before_compiling():
     mesh = sharding.make_mesh(MESHES["stage4_data2"])
-    with sharding.use_mesh(mesh), pytest.raises(MeshError, match="data-parallel size 2"):
+    with sharding.use_mesh(mesh, sharding.DEFAULT_RULES), pytest.raises(MeshError, match="data-parallel size 2"):
         pipeline.pipeline_layers(CFG, LAYERS, X, POS, SEG, mesh=mesh, microbatches=16)
 
 
