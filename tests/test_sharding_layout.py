@@ -103,10 +103,17 @@ def test_dropped_axes_and_skipped_zero1_logged_once_per_parameter(caplog, monkey
                       num_kv_heads=5, max_position_embeddings=64)
     mesh = sharding.make_mesh(dict(data=4, stage=1, fsdp=1, tensor=2))
     tx = make_optimizer(OptimizerConfig(), 100)
-    # the CLI's console setup (run by earlier tests) stops propagation to caplog's root handler
-    monkeypatch.setattr(logging.getLogger("meditron_jax"), "propagate", True)
+    # caplog's handler on the package logger itself, propagation off (as the CLI's console
+    # setup leaves it): each record is captured exactly once whatever ran before
+    logger = logging.getLogger("meditron_jax")
+    monkeypatch.setattr(logger, "propagate", False)
     caplog.set_level(logging.INFO, logger="meditron_jax")
-    got = sharding.tree_shardings(_abstract_state(tx, odd), PARAM_AXES, mesh, sharding.DEFAULT_RULES, True, tx=tx)
+    logger.addHandler(caplog.handler)
+    try:
+        got = sharding.tree_shardings(_abstract_state(tx, odd), PARAM_AXES, mesh, sharding.DEFAULT_RULES, True,
+                                      tx=tx)
+    finally:
+        logger.removeHandler(caplog.handler)
     lines = [r.getMessage() for r in caplog.records if r.name == "meditron_jax"]
     dropped = [m.split()[1] for m in lines if "is not split over mesh axis tensor=2" in m]
     skipped = [m.split()[1] for m in lines if "no ZeRO-1 split over data=4" in m]
