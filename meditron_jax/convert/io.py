@@ -42,7 +42,9 @@ class SafetensorsFile:
     def __init__(self, path: str):
         self.path = path
         try:
-            self._f = safe_open(path, framework="numpy")
+            with safe_open(path, framework="numpy") as f:
+                described = [(k, f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape()))
+                             for k in f.offset_keys()]
             size = os.path.getsize(path)
             with open(path, "rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
@@ -51,9 +53,7 @@ class SafetensorsFile:
         # safetensors refuses files whose tensors are not contiguous in offset order from the
         # end of the header to the end of the file, so the offsets follow from the sizes.
         self.header, offset = {}, 0
-        for name in self._f.offset_keys():
-            sl = self._f.get_slice(name)
-            dtype, shape = sl.get_dtype(), tuple(sl.get_shape())
+        for name, dtype, shape in described:
             if dtype not in SAFETENSORS_DTYPES:
                 raise ConversionError(f"{path}: unsupported dtype {dtype} for {name}")
             nbytes = math.prod(shape) * np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize
@@ -70,7 +70,8 @@ class SafetensorsFile:
         return self.header[name]["shape"]
 
     def get(self, name: str) -> np.ndarray:
-        return self._f.get_tensor(name)
+        with safe_open(self.path, framework="numpy") as f:
+            return f.get_tensor(name)
 
     def read(self, name: str, scratch: "Scratch | None" = None) -> np.ndarray:
         """Like `get`, but read with pread into `scratch`'s buffer when given (valid until the
