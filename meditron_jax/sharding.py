@@ -331,6 +331,22 @@ def tree_shardings(abstract_state: dict, axes_by_name: dict, mesh: Mesh, rules, 
     out = {k: jax.tree.map(lambda _: rep, v) for k, v in abstract_state.items()}
     out["params"] = params
     out["opt_state"] = optax.tree_utils.tree_map_params(
-        tx, like_param, abstract_state["opt_state"], abstract_state["params"], params,
+        _traced_init(tx), like_param, abstract_state["opt_state"], abstract_state["params"], params,
         transform_non_params=lambda v: jax.tree.map(lambda _: rep, v))
     return out
+
+
+def _traced_init(tx):
+    """`tx.init` for `tree_map_params`' parameter placeholder, traced instead of run: `plan`
+    lays out a step for devices this host cannot execute on (a GPU/TPU target under
+    `use_mesh`), where an eager `jnp.zeros` in the init fails. Only the state's structure is
+    used, so its array leaves come back as 0."""
+    def init(placeholder):
+        box = {}
+
+        def structure():
+            box["state"] = jax.tree.map(lambda v: 0 if isinstance(v, jax.Array) else v, tx.init(placeholder))
+            return 0
+        jax.eval_shape(structure)
+        return box["state"]
+    return init
