@@ -42,8 +42,8 @@ cfg = LlamaConfig(vocab_size=517, hidden_size=64, intermediate_size=128, num_lay
 mesh = sharding.make_mesh(dict(data=args.data, stage=1, fsdp=args.fsdp, tensor=args.tensor))
 oc = OptimizerConfig()
 tx = make_optimizer(oc, 10)
-with sharding.use_mesh(mesh):
-    sh = state_shardings(cfg, tx, mesh, zero1=args.zero1)
+with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
+    sh = state_shardings(cfg, tx, mesh, sharding.DEFAULT_RULES, zero1=args.zero1)
     ab = jax.eval_shape(lambda q: init_state(q, tx),
                         {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in param_shapes(cfg).items()})
     st = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), ab, sh)

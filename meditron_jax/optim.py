@@ -6,7 +6,7 @@ clipping and the weight-decay mask. Does not own: gradient accumulation or the s
 (`train_step.py`).
 
 Weight decay: applied to every matrix, embeddings and lm_head included, and not to the
-RMSNorm weights. That is Megatron-LLM's rule (Meditron's trainer: only biases and norm
+RMSNorm weights (told apart by their logical axes, not their names: `decay_mask`). That is Megatron-LLM's rule (Meditron's trainer: only biases and norm
 weights are exempt; Llama has no biases). The padded vocab rows get zero gradient, and
 AdamW's update of a zero row with zero moments is zero, so they stay exactly zero.
 
@@ -24,6 +24,7 @@ import jax
 import optax
 
 from meditron_jax.errors import UserError
+from meditron_jax.model import PARAM_AXES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +70,19 @@ def schedule(oc: OptimizerConfig, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params):
-    """True where weight decay applies: every parameter except the RMSNorm weights."""
-    return {k: ("norm" not in k) for k in params} if isinstance(params, dict) else jax.tree.map(
-        lambda _: True, params)
+    """True where weight decay applies: the matrices, told apart by structure (nanoGPT's rule,
+    from dimensions): a parameter decays when its logical axes (`model.PARAM_AXES`), the
+    stacking axis `layers` aside, are two or more (embeddings, lm_head, attention and MLP
+    projections); vectors (the RMSNorm weights) do not. A parameter without logical axes is
+    an error, not a guess. Anything but a dict of named parameters (optax's placeholder when
+    it traces the state's structure) decays throughout."""
+    if not isinstance(params, dict):
+        return jax.tree.map(lambda _: True, params)
+    missing = sorted(k for k in params if k not in PARAM_AXES)
+    if missing:
+        raise ValueError(f"no logical axes (model.PARAM_AXES) for parameters {missing}: cannot tell "
+                         "whether weight decay applies")
+    return {k: sum(a != "layers" for a in PARAM_AXES[k]) >= 2 for k in params}
 
 
 def make_optimizer(oc: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:

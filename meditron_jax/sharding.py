@@ -1,9 +1,10 @@
-"""Device meshes and the one place where logical axis names become mesh axes.
+"""The one place where logical axis names become mesh axes.
 
-Owns: the mesh (axes `data, stage, fsdp, tensor`), the logical->mesh rules (data, bound in
-gin), `constrain()` for activations, parameter / optimizer-state shardings, and turning
-per-host numpy batches into global `jax.Array`s. Does not own: model code (which only names
-logical axes) or the pipeline schedule (`pipeline.py`).
+Owns: the logical->mesh rules (data, bound in gin), the sharding context (`ShardingContext`,
+entered with `use_mesh` / `push_rules`) that `constrain()` pins activations against, and the
+parameter / optimizer-state shardings. Does not own: building the mesh (`meshes.py`), turning
+per-host numpy batches into global arrays (`host_batch.py`; both re-exported here), model code
+(which only names logical axes) or the pipeline schedule (`pipeline.py`).
 
 Axis types: all mesh axes are `AxisType.Auto`. Shardings are fixed explicitly at the jit
 boundary (parameters, optimizer state, batch) and at a few activation points through
@@ -14,19 +15,26 @@ sharding-in-types annotations while still pinning every layout that matters.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
+import logging
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import gin
 import jax
-import numpy as np
-from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from meditron_jax.errors import UserError
+from meditron_jax.meshes import (  # noqa: F401  (re-exported: `sharding.make_mesh` etc.)
+    DEFAULT_PROCESS_AXES, MESH_AXES, MeshError, check_placement, make_mesh, mesh_shape, process_axes,
+    process_placement)
+from meditron_jax.host_batch import (  # noqa: F401  (re-exported: `sharding.global_batch` etc.)
+    batch_sharding, data_parallel_size, global_batch, host_rows, local_data_parallel_size,
+    manual_axes_here, rows_of)
 
-MESH_AXES = ("data", "stage", "fsdp", "tensor")
+log = logging.getLogger("meditron_jax")
+
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers")
 
 # Megatron-style tensor parallelism + FSDP over `embed` + data parallelism over batch.
@@ -44,146 +52,6 @@ DEFAULT_RULES: tuple[tuple[str, object], ...] = (
     ("vocab", "tensor"),
     ("layers", "stage"),
 )
-
-
-class MeshError(UserError, ValueError):
-    """User-caused mesh problem (reported as one line)."""
-
-
-@gin.configurable("mesh")
-def mesh_shape(data: int = -1, stage: int = 1, fsdp: int = 1, tensor: int = 1,
-               num_devices: int | None = None) -> dict[str, int]:
-    """Resolve the gin `mesh.*` sizes (one may be -1: it takes the remaining devices)."""
-    n = jax.device_count() if num_devices is None else num_devices
-    sizes = {"data": data, "stage": stage, "fsdp": fsdp, "tensor": tensor}
-    free = [k for k, v in sizes.items() if v == -1]
-    if len(free) > 1:
-        raise MeshError(f"only one mesh axis may be -1, got {free}")
-    for k, v in sizes.items():
-        if v != -1 and v < 1:
-            raise MeshError(f"mesh.{k} must be >= 1 or -1, got {v}")
-    fixed = math.prod(v for v in sizes.values() if v != -1)
-    note = _process_note() if num_devices is None else ""
-    if free:
-        if n % fixed:
-            raise MeshError(f"mesh {sizes} does not divide the {n} devices{note}")
-        sizes[free[0]] = n // fixed
-    if math.prod(sizes.values()) != n:
-        raise MeshError(f"mesh data={sizes['data']} stage={sizes['stage']} fsdp={sizes['fsdp']} "
-                        f"tensor={sizes['tensor']} has {math.prod(sizes.values())} devices, "
-                        f"but {n} are available{note}")
-    return sizes
-
-
-def make_mesh(sizes: dict[str, int] | None = None, devices: Sequence | None = None) -> Mesh:
-    """The mesh over `devices` (default: every device of every process).
-
-    With several processes, each mesh axis is split into a part across processes and a part
-    inside one process (`process_placement`, in the order of `placement.process_axes`), and
-    jax's hybrid-mesh builder lays the devices out so that each process's devices form one
-    block of that split (e.g. Meditron-70B on 16 hosts of 8 GPUs: tensor 8 inside a host,
-    stage 8 x data 2 across hosts)."""
-    sizes = sizes or mesh_shape()
-    shape = tuple(sizes[a] for a in MESH_AXES)
-    devices = list(devices) if devices is not None else jax.devices()
-    if math.prod(shape) != len(devices):
-        raise MeshError(f"mesh {sizes} needs {math.prod(shape)} devices, have {len(devices)}"
-                        f"{_process_note(devices)}")
-    per_process = _devices_by_process(devices)
-    if len(per_process) > 1:
-        across = process_placement(sizes, len(per_process), len(per_process[0]),
-                                   [len(d) for d in per_process])
-        inside = tuple(sizes[a] // across[a] for a in MESH_AXES)
-        outside = tuple(across[a] for a in MESH_AXES)
-        try:
-            dev_array = mesh_utils.create_hybrid_device_mesh(inside, outside, devices=devices,
-                                                             process_is_granule=True)
-        except ValueError:  # a process's devices do not form its physical sub-mesh: plain order
-            grid = np.empty(outside, dtype=object)
-            for p, group in enumerate(per_process):
-                grid.flat[p] = np.asarray(group, dtype=object).reshape(inside)
-            dev_array = np.block(grid.tolist())
-    else:
-        try:
-            dev_array = mesh_utils.create_device_mesh(shape, devices=devices)
-        except Exception:  # e.g. CPU or unusual topologies: plain order is fine
-            dev_array = np.asarray(devices, dtype=object).reshape(shape)
-    return Mesh(dev_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
-
-
-# ---- placing the mesh on processes (hosts) ----------------------------------------------
-# Which axes span processes first: pipeline stages (point-to-point activations, once per
-# micro-batch and stage boundary) and data parallelism (one gradient all-reduce per step) are
-# the cheap ones across a slow network; fsdp (all-gather + reduce-scatter of every layer's
-# weights per micro-batch) and tensor parallelism (all-reduces inside every layer) are the
-# expensive ones and span processes only when an axis is larger than what one process holds.
-DEFAULT_PROCESS_AXES = ("stage", "data", "fsdp", "tensor")
-
-
-@gin.configurable("placement")
-def process_axes(process_axes: Sequence[str] = DEFAULT_PROCESS_AXES) -> tuple[str, ...]:
-    """gin `placement.process_axes`: the mesh axes that may span processes, in the order they
-    take the process count's factors (an axis left out never spans processes)."""
-    order = tuple(process_axes)
-    bad = [a for a in order if a not in MESH_AXES]
-    if bad or len(set(order)) != len(order):
-        raise MeshError(f"placement.process_axes {order} must name distinct mesh axes of {MESH_AXES}")
-    return order
-
-
-def _mesh_str(sizes: dict[str, int]) -> str:
-    return " ".join(f"{a}={sizes[a]}" for a in MESH_AXES)
-
-
-def process_placement(sizes: dict[str, int], num_processes: int, devices_per_process: int,
-                      local_counts: Sequence[int] | None = None,
-                      order: Sequence[str] | None = None) -> dict[str, int]:
-    """How many processes each mesh axis spans ({axis: n}, product = num_processes).
-
-    Greedy over `order` (gin `placement.process_axes`): each axis takes the largest factor of
-    the processes still to place that divides it; the rest of the axis lies inside a process.
-    A MeshError (one line naming the mesh, the process count and the devices per process) when
-    the mesh cannot be laid out so."""
-    where = f"{num_processes} processes x {devices_per_process} devices"
-    if local_counts is not None and len(set(local_counts)) > 1:
-        raise MeshError(f"mesh {_mesh_str(sizes)} cannot be placed on {num_processes} processes: they hold "
-                        f"different numbers of devices {sorted(set(local_counts))}")
-    if math.prod(sizes.values()) != num_processes * devices_per_process:
-        raise MeshError(f"mesh {_mesh_str(sizes)} has {math.prod(sizes.values())} devices, but {where} "
-                        f"are {num_processes * devices_per_process}")
-    order = process_axes() if order is None else tuple(order)
-    across = {a: 1 for a in MESH_AXES}
-    left = num_processes
-    for a in order:
-        across[a] = math.gcd(left, sizes[a])
-        left //= across[a]
-    if left != 1:
-        raise MeshError(f"mesh {_mesh_str(sizes)} cannot be placed on {where}: only the axes {order} "
-                        f"(placement.process_axes) may span processes, and their sizes do not split over "
-                        f"{num_processes} processes")
-    return across
-
-
-def _devices_by_process(devices) -> list[list]:
-    groups: dict[int, list] = {}
-    for d in devices:
-        groups.setdefault(d.process_index, []).append(d)
-    return [groups[k] for k in sorted(groups)]
-
-
-def _process_note(devices=None) -> str:
-    groups = _devices_by_process(jax.devices() if devices is None else devices)
-    if len(groups) <= 1:
-        return ""
-    counts = sorted({len(g) for g in groups})
-    return f" ({len(groups)} processes x {'/'.join(map(str, counts))} devices)"
-
-
-def check_placement(sizes: dict[str, int]):
-    """Startup validation: the mesh can be laid out on this run's processes (before any compile)."""
-    groups = _devices_by_process(jax.devices())
-    if len(groups) > 1:
-        process_placement(sizes, len(groups), len(groups[0]), [len(g) for g in groups])
 
 
 @gin.configurable("sharding")
@@ -269,8 +137,9 @@ def logical_to_spec(axes: Sequence[str | None], rules: dict) -> P:
     return P(*out)
 
 
-def _fit(spec: P, shape, mesh: Mesh) -> P:
-    """Drop mesh axes from dimensions they do not divide (e.g. vocab 517, odd batch)."""
+def fit_spec(spec: P, shape, mesh: Mesh, dropped: list | None = None) -> P:
+    """Drop mesh axes from dimensions they do not divide (e.g. vocab 517, odd batch); each
+    drop is appended to `dropped` as (dim, mesh axis) when given (`tree_shardings` logs them)."""
     out = []
     for i, entry in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
         if entry is None:
@@ -283,35 +152,62 @@ def _fit(spec: P, shape, mesh: Mesh) -> P:
             if shape[i] % (size * mesh.shape[n]) == 0:
                 keep.append(n)
                 size *= mesh.shape[n]
+            elif dropped is not None:
+                dropped.append((i, n))
         out.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
     return P(*out)
 
 
-# ---- the active mesh + rules (so model code can stay mesh-free) ----------------------
-_ACTIVE: list[tuple[Mesh, dict]] = []
+# ---- the sharding context: which mesh and rules `constrain` targets -------------------
+class ShardingContext(NamedTuple):
+    """The mesh (a `Mesh`, or a trace's abstract mesh inside a shard_map) and the logical ->
+    mesh rules that `constrain()` and the step's layout pins use. Immutable; entered with
+    `use_mesh` (also jax's mesh context) or `push_rules` (rules only), and read back with
+    `active()`. There is no default: outside both, `active()` is None and `constrain` is a
+    no-op, so model code runs unsharded on one device."""
+    mesh: object
+    rules: dict
+
+
+_CURRENT: contextvars.ContextVar = contextvars.ContextVar("meditron_jax_sharding", default=None)
+
+
+def checked_rules(rules) -> dict:
+    """`rules` as a dict ({logical: mesh axis | tuple | None}; DEFAULT_RULES' pairs work too),
+    refusing logical or mesh axes outside the closed vocabularies."""
+    if rules is None:
+        raise ValueError("sharding rules are required (pass sharding.DEFAULT_RULES explicitly)")
+    table = dict(rules.items() if isinstance(rules, dict) else rules)
+    bad = [k for k in table if k not in LOGICAL_AXES]
+    bad += [n for v in table.values() for n in (() if v is None else (v,) if isinstance(v, str) else v)
+            if n not in MESH_AXES]
+    if bad:
+        raise ValueError(f"sharding rules name unknown axes {bad}; logical: {LOGICAL_AXES}, mesh: {MESH_AXES}")
+    return table
 
 
 @contextlib.contextmanager
-def push_rules(mesh, rules: dict):
-    """Point `constrain` at `mesh` (a Mesh or an abstract mesh) and `rules`, without entering
-    jax's mesh context (the pipeline uses it inside its shard_map body)."""
-    _ACTIVE.append((mesh, rules))
+def push_rules(mesh, rules):
+    """Enter `ShardingContext(mesh, rules)` without jax's mesh context (the pipeline and the
+    step use it inside shard_map bodies, with the trace's abstract mesh)."""
+    token = _CURRENT.set(ShardingContext(mesh, checked_rules(rules)))
     try:
         yield mesh
     finally:
-        _ACTIVE.pop()
+        _CURRENT.reset(token)
 
 
 @contextlib.contextmanager
-def use_mesh(mesh: Mesh, rules: dict | None = None):
-    """Activate `mesh` and the logical rules for `constrain` (and jax's mesh context)."""
-    rules = dict(DEFAULT_RULES) if rules is None else rules
+def use_mesh(mesh: Mesh, rules):
+    """Enter `ShardingContext(mesh, rules)` and jax's mesh context. `rules` is required: the
+    gin-bound `logical_rules()[0]`, or `DEFAULT_RULES` named at the call site."""
     with push_rules(mesh, rules), jax.set_mesh(mesh):
         yield mesh
 
 
-def active() -> tuple[Mesh, dict] | None:
-    return _ACTIVE[-1] if _ACTIVE else None
+def active() -> ShardingContext | None:
+    """The innermost entered context (unpacks as `mesh, rules`), or None."""
+    return _CURRENT.get()
 
 
 def mesh_platform(mesh=None) -> str:
@@ -348,16 +244,17 @@ def manual_rules(axes):
 
 
 def constrain(x, axes: Sequence[str | None]):
-    """Pin an activation's layout by logical axis names; a no-op when no mesh is active."""
-    if not _ACTIVE:
+    """Pin an activation's layout by logical axis names; a no-op when no context is active."""
+    ctx = active()
+    if ctx is None:
         return x
-    mesh, rules = _ACTIVE[-1]
-    spec = _fit(logical_to_spec(axes, rules), x.shape, mesh)
+    mesh, rules = ctx
+    spec = fit_spec(logical_to_spec(axes, rules), x.shape, mesh)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def sharding_for(axes, shape, mesh: Mesh, rules: dict) -> NamedSharding:
-    return NamedSharding(mesh, _fit(logical_to_spec(axes, rules), shape, mesh))
+    return NamedSharding(mesh, fit_spec(logical_to_spec(axes, rules), shape, mesh))
 
 
 def zero1_sharding(s: NamedSharding, shape) -> NamedSharding:
@@ -385,102 +282,71 @@ def zero1_sharding(s: NamedSharding, shape) -> NamedSharding:
     return s
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def rows_of(s: NamedSharding, global_batch_size: int, devices) -> np.ndarray:
-    """The global batch rows (sorted) that `devices` hold under the batch sharding `s`."""
-    index = s.devices_indices_map((global_batch_size,) + (1,) * (len(s.spec) - 1))
-    rows: set[int] = set()
-    for d in devices:
-        rows.update(range(*index[d][0].indices(global_batch_size)))
-    return np.asarray(sorted(rows), dtype=np.int64)
-
-
-def host_rows(mesh: Mesh, global_batch_size: int, process_index: int | None = None) -> np.ndarray:
-    """The global batch rows this process (or `process_index`) must supply: the union of the rows
-    its devices hold under `batch_sharding`. Devices that differ only in stage, tensor (or any
-    axis the batch is not split over) share rows; a process whose devices sit in several
-    data-parallel groups supplies each group's rows. Not 1/process_count of the batch in general:
-    with stage or tensor spanning processes, processes hold the same rows."""
-    p = jax.process_index() if process_index is None else process_index
-    devices = [d for d in mesh.devices.flat if d.process_index == p]
-    return rows_of(batch_sharding(mesh, 2), global_batch_size, devices)
-
-
-def _rows_share(mesh: Mesh) -> tuple[int, int]:
-    """(this process's data-parallel groups, all groups): its rows are that share of the batch."""
-    s = batch_sharding(mesh, 2)
-    dp = data_parallel_size(mesh)
-    mine = rows_of(s, dp, [d for d in mesh.devices.flat if d.process_index == jax.process_index()])
-    return len(mine), dp
-
-
-def global_batch(host_batch: dict[str, np.ndarray], mesh: Mesh,
-                 global_batch_size: int | None = None) -> dict[str, jax.Array]:
-    """This process's rows (numpy) -> global arrays sharded over (data, fsdp) along the batch axis.
-
-    `host_batch` holds exactly the rows `host_rows(mesh, global_batch_size)` names, in that
-    order (the data pipeline builds just those); each device gets its slice of them. The global
-    size defaults to the one those rows imply."""
+def param_shardings(abstract_params: dict, axes_by_name: dict, mesh: Mesh, rules, zero1: bool = False) -> dict:
+    """Each parameter's sharding from its logical axes (plus ZeRO-1 over `data` when asked:
+    the fp32 master weights live split like the optimizer state, Megatron's distributed
+    optimizer; the step gathers a working copy in the compute dtype). A parameter without
+    logical axes of its rank is an error, never a silent replicate. Logs (logger
+    "meditron_jax", once per parameter and call) each mesh axis left out because it does not
+    divide a dimension, and each ZeRO-1 split that no dimension allows."""
+    rules = checked_rules(rules)
     out = {}
-    for k, v in host_batch.items():
-        gb = global_batch_size
-        if gb is None:
-            mine, dp = _rows_share(mesh)
-            gb = v.shape[0] * dp // mine
-        rows = host_rows(mesh, gb)
-        if len(rows) != v.shape[0]:
-            raise ValueError(f"process {jax.process_index()} passed {v.shape[0]} rows of '{k}'; its devices "
-                             f"hold {len(rows)} rows of the global batch of {gb}")
-        out[k] = _assemble(v, rows, batch_sharding(mesh, v.ndim), (gb,) + v.shape[1:])
+    for name, x in abstract_params.items():
+        axes = axes_by_name.get(name)
+        if axes is None or len(axes) != len(x.shape):
+            raise ValueError(f"parameter {name} {tuple(x.shape)} has no logical axes of its rank ({axes})")
+        dropped: list = []
+        s = NamedSharding(mesh, fit_spec(logical_to_spec(axes, rules), x.shape, mesh, dropped))
+        for i, n in dropped:
+            log.info("sharding: %s %s: dim %d (%s) is not split over mesh axis %s=%d (does not divide)",
+                     name, tuple(x.shape), i, axes[i], n, mesh.shape[n])
+        if zero1:
+            z = zero1_sharding(s, x.shape)
+            if z is s and mesh.shape["data"] > 1 and "data" not in str(s.spec):
+                log.info("sharding: %s %s: no ZeRO-1 split over data=%d (no dimension divides); its "
+                         "optimizer state is replicated over data", name, tuple(x.shape), mesh.shape["data"])
+            s = z
+        out[name] = s
     return out
 
 
-def _assemble(local: np.ndarray, rows: np.ndarray, s: NamedSharding, global_shape) -> jax.Array:
-    def shard(index):
-        start, stop, _ = index[0].indices(global_shape[0])
-        lo = int(np.searchsorted(rows, start))  # a device's rows are contiguous, and all are local
-        return local[(slice(lo, lo + stop - start),) + tuple(index[1:])]
-    return jax.make_array_from_callback(global_shape, s, shard)
+def tree_shardings(abstract_state: dict, axes_by_name: dict, mesh: Mesh, rules, zero1: bool = False, *, tx):
+    """Shardings for a train state `{"params": P, "opt_state": tx.init(P), ...scalars}`.
+
+    The optimizer state's layout comes from its structure, not from key names:
+    `optax.tree_utils.tree_map_params` finds every copy of the parameter tree inside `tx`'s
+    state (Adam's mu and nu, ...) and gives each leaf its parameter's sharding when the shapes
+    agree; anything else (counts, hyper-parameters, factored statistics) is replicated, as are
+    the state's other entries (step counters)."""
+    rep = replicated(mesh)
+    params = param_shardings(abstract_state["params"], axes_by_name, mesh, rules, zero1)
+
+    def like_param(x, p, s):
+        return s if tuple(getattr(x, "shape", ())) == tuple(p.shape) else rep
+
+    out = {k: jax.tree.map(lambda _: rep, v) for k, v in abstract_state.items()}
+    out["params"] = params
+    out["opt_state"] = optax.tree_utils.tree_map_params(
+        _traced_init(tx), like_param, abstract_state["opt_state"], abstract_state["params"], params,
+        transform_non_params=lambda v: jax.tree.map(lambda _: rep, v))
+    return out
 
 
-def data_parallel_size(mesh: Mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]
+def _traced_init(tx):
+    """`tx.init` for `tree_map_params`' parameter placeholder, traced instead of run: `plan`
+    lays out a step for devices this host cannot execute on (a GPU/TPU target under
+    `use_mesh`), where an eager `jnp.zeros` in the init fails. Only the state's structure is
+    used, so its array leaves come back as 0."""
+    def init(placeholder):
+        box = {}
 
-
-def manual_axes_here() -> frozenset:
-    """Mesh axes that are manual at this point of the trace (inside a shard_map over them)."""
-    am = jax.sharding.get_abstract_mesh()
-    return frozenset(getattr(am, "manual_axes", ()) or ()) if am is not None and not am.empty else frozenset()
-
-
-def local_data_parallel_size(mesh: Mesh) -> int:
-    """`data_parallel_size` over the axes still automatic here: inside the train step's
-    shard_map manual over `data` (and `fsdp`), a value's batch is already the local rows."""
-    manual = manual_axes_here()
-    return math.prod(mesh.shape[a] for a in ("data", "fsdp") if a not in manual)
-
-
-def tree_shardings(abstract_tree, axes_by_name: dict, mesh: Mesh, rules: dict, zero1: bool = False):
-    """Shardings for a train-state-like tree: a leaf under a dict key named like a parameter
-    (e.g. params/q_proj, opt_state/.../mu/q_proj) with that parameter's rank gets the
-    parameter's sharding (plus ZeRO-1 over `data` when asked, for the optimizer state and the
-    fp32 master params alike: Megatron's distributed optimizer; the step gathers a working
-    copy in the compute dtype); everything else (counters, scalars) is replicated."""
-    def leaf(path, x):
-        names = [getattr(k, "key", None) for k in path]
-        name = next((n for n in reversed(names) if n in axes_by_name), None)
-        shape = getattr(x, "shape", ())
-        if name is None or len(shape) != len(axes_by_name[name]):
-            return replicated(mesh)
-        s = sharding_for(axes_by_name[name], shape, mesh, rules)
-        if zero1:  # params too: the fp32 master weights live sharded with the optimizer state
-            s = zero1_sharding(s, shape)
-        return s
-    return jax.tree_util.tree_map_with_path(leaf, abstract_tree)
+        def structure():
+            box["state"] = jax.tree.map(lambda v: 0 if isinstance(v, jax.Array) else v, tx.init(placeholder))
+            return 0
+        jax.eval_shape(structure)
+        return box["state"]
+    return init

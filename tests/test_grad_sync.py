@@ -45,10 +45,10 @@ def _run(params, batches, mesh_sizes=None, zero1=False, sync=None, cfg=CFG, num_
             losses.append(float(m["loss"]))
         return losses, jax.device_get(state)
     mesh = sharding.make_mesh(dict(BASE, **mesh_sizes))
-    with sharding.use_mesh(mesh):
+    with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
         step_fn = make_train_step(cfg, tx, schedule(OC, 10), num_micro, layers_fn_for(cfg, mesh, PipelineSettings()),
                                   zero1=zero1, sync=sync)
-        sh = state_shardings(cfg, tx, mesh, zero1=zero1)
+        sh = state_shardings(cfg, tx, mesh, sharding.DEFAULT_RULES, zero1=zero1)
         state = jax.jit(lambda p: init_state(p, tx), out_shardings=sh)(params)
         step = jit_train_step(step_fn, sh, mesh)
         losses = []
@@ -118,8 +118,8 @@ def test_fused_accumulation_memory():
     tx = make_optimizer(OC, 10)
     tc = TrainConfig(steps=1, micro_batch_size=rows, global_batch_size=rows * 4 * micro, seq_len=T)
     temps = {}
-    with sharding.use_mesh(mesh):
-        sh = state_shardings(cfg, tx, mesh, zero1=True)
+    with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
+        sh = state_shardings(cfg, tx, mesh, sharding.DEFAULT_RULES, zero1=True)
         abstract = jax.eval_shape(lambda p: init_state(p, tx),
                                   {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in param_shapes(cfg).items()})
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sh)
@@ -148,7 +148,7 @@ def _replica_sum(dtype, zero1):
         c = mb["loss_mask"][0, 0]
         return (jnp.sum(p["norm"]) * c, jnp.float32(1.0)), {"norm": jnp.ones_like(p["norm"]) * c}
 
-    with sharding.use_mesh(mesh):
+    with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
         f = jax.jit(lambda w, m: accumulate_gradients(grad_fn, w, m, 1, zero1=zero1,
                                                       sync=sharding.GradSync(dtype))[0]["norm"])
         g = np.asarray(f(work, micro))
@@ -165,8 +165,8 @@ def _compiled_step(zero1, tmp_path):
     cfg = CFG.replace(dtype="bfloat16", hidden_size=64, num_heads=4)
     mesh = sharding.make_mesh(dict(BASE, data=4, tensor=2))
     tx = make_optimizer(OC, 10)
-    with sharding.use_mesh(mesh):
-        sh = state_shardings(cfg, tx, mesh, zero1=zero1)
+    with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
+        sh = state_shardings(cfg, tx, mesh, sharding.DEFAULT_RULES, zero1=zero1)
         abstract = jax.eval_shape(lambda p: init_state(p, tx),
                                   {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in param_shapes(cfg).items()})
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sh)
@@ -230,8 +230,8 @@ def test_checkpoint_from_old_layout_and_stage4_restores_zero1_stage1(tmp_path, o
     params = jax.device_get(nnx_params(cfg, 1))
     state = jax.device_get(init_state(jax.tree.map(jnp.asarray, params), tx))
     old = sharding.make_mesh(dict(BASE, data=2, stage=4))
-    with sharding.use_mesh(old):
-        sh = state_shardings(cfg, tx, old, zero1=False)
+    with sharding.use_mesh(old, sharding.DEFAULT_RULES):
+        sh = state_shardings(cfg, tx, old, sharding.DEFAULT_RULES, zero1=False)
         placed = jax.device_put({"params": state["params"], "opt_state": state["opt_state"]},
                                 {"params": sh["params"], "opt_state": sh["opt_state"]})
         assert placed["params"]["q_proj"].sharding.spec[0] == "stage"
@@ -239,8 +239,8 @@ def test_checkpoint_from_old_layout_and_stage4_restores_zero1_stage1(tmp_path, o
         ckpt.save(manager, 5, placed["params"], placed["opt_state"], {"it": 1}, {"step": 5})
         manager.wait_until_finished()
     new = sharding.make_mesh(dict(BASE, data=8))
-    with sharding.use_mesh(new):
-        sh = state_shardings(cfg, tx, new, zero1=True)
+    with sharding.use_mesh(new, sharding.DEFAULT_RULES):
+        sh = state_shardings(cfg, tx, new, sharding.DEFAULT_RULES, zero1=True)
         abstract = jax.eval_shape(lambda p: init_state(p, tx),
                                   {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in param_shapes(cfg).items()})
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sh)
@@ -278,9 +278,9 @@ def test_eval_step_micro_batched_equals_whole_batch(one_device):
     b = batches[0]
     whole = jax.jit(make_eval_step(CFG, num_micro=1, zero1=False, sync=sharding.GradSync()))(params, b)
     mesh = sharding.make_mesh(dict(BASE, data=4, tensor=2))
-    with sharding.use_mesh(mesh):
+    with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
         tx = make_optimizer(OC, 10)
-        sh = state_shardings(CFG, tx, mesh, zero1=True)
+        sh = state_shardings(CFG, tx, mesh, sharding.DEFAULT_RULES, zero1=True)
         fn = jax.jit(make_eval_step(CFG, num_micro=NUM_MICRO, zero1=True, sync=sharding.GradSync()),
                      in_shardings=(sh["params"], {k: sharding.batch_sharding(mesh) for k in b}))
         jaxpr = str(jax.make_jaxpr(fn)(jax.device_put(params, sh["params"]), sharding.global_batch(b, mesh)))

@@ -69,7 +69,6 @@ def test_safetensors_sharded_and_bin(tmp_path):
     hf = make_hf_model(cfg, seed=2)
     hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
-    hf.save_pretrained(tmp_path / "bin", safe_serialization=False) if _bin_supported() else None
     tokens = _tokens(cfg, seed=3)
     with torch.no_grad():
         ref = hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
@@ -81,10 +80,6 @@ def test_safetensors_sharded_and_bin(tmp_path):
     torch.save(hf.state_dict(), tmp_path / "bin2" / "pytorch_model.bin")
     out2 = np.asarray(from_pretrained(str(tmp_path / "bin2"))(jnp.asarray(tokens)))
     np.testing.assert_allclose(out2, ref, atol=1e-4 * max(1, np.abs(ref).max()))
-
-
-def _bin_supported():
-    return False
 
 
 def test_to_hf_from_hf_bitwise():

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 from meditron_jax import checkpoint as ckpt
-from meditron_jax import sharding
+from meditron_jax import host_batch, sharding
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".jax_cache"
@@ -317,7 +317,7 @@ def test_rows_follow_the_batch_sharding(sizes, n, expect):
         for d in g:
             assert set(range(*index[d][0].indices(gb))) <= set(r)
     # the assembly maps local rows to each device's slice
-    arr = sharding._assemble(full, np.arange(gb), s, (gb, 3))
+    arr = host_batch._assemble(full, np.arange(gb), s, (gb, 3))
     np.testing.assert_array_equal(np.asarray(arr), full)
 
 

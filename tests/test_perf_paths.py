@@ -85,7 +85,7 @@ def test_fused_loss_on_sharded_mesh():
     W, h, t, m = _loss_inputs(B=4)
     ref = _ce_grad(CFG, None, W, h, t, m)
     mesh = sharding.make_mesh(dict(data=2, stage=1, fsdp=2, tensor=2))
-    with sharding.use_mesh(mesh):
+    with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
         spec = jax.sharding.PartitionSpec
         put = lambda a, s: jax.device_put(a, jax.sharding.NamedSharding(mesh, s))
         Ws = put(W, spec(None, "tensor"))

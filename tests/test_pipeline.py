@@ -66,7 +66,8 @@ _RUNS: dict = {}
 
 def _run(name, sizes, cfg=CFG, repeats=1, microbatches=None, pipeline_layout=False,
          stage_remat=False, x_dtype=jnp.float32):
-    """Compile once per configuration; returns (loss, y, (grad_layers, grad_x), hlo, mesh)."""
+    """Compile once per configuration; returns (loss, y, (grad_layers, grad_x), hlo, mesh,
+    (the compiled step's weight input shardings, {name: [(device, index, gradient shard)]}))."""
     if name in _RUNS:
         return _RUNS[name]
     mesh = sharding.make_mesh(sizes)
@@ -74,7 +75,7 @@ def _run(name, sizes, cfg=CFG, repeats=1, microbatches=None, pipeline_layout=Fal
     layers = pipeline.to_pipeline_layout(LAYERS, S, repeats) if pipeline_layout else LAYERS
     layer_sh = _rule_shardings(mesh, layers)
     x_sh = sharding.batch_sharding(mesh, 3)
-    with sharding.use_mesh(mesh):
+    with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
         def f(layers, x):
             y = pipeline.pipeline_layers(cfg, layers, x, POS, SEG, mesh=mesh, repeats=repeats,
                                          microbatches=microbatches, pipeline_layout=pipeline_layout,
@@ -87,9 +88,14 @@ def _run(name, sizes, cfg=CFG, repeats=1, microbatches=None, pipeline_layout=Fal
         (loss, y), (g_layers, g_x) = compiled(jax.device_put(layers, layer_sh), jax.device_put(x, x_sh))
     for k, g in g_layers.items():  # gradients come back sharded like the params
         assert g.sharding.is_equivalent_to(layer_sh[k], g.ndim), (name, k, g.sharding)
+    # what the step did per device: the layout it compiled for its weight inputs, and each
+    # device's piece of the weight gradients it returned
+    per_device = (compiled.input_shardings[0][0],
+                  {k: [(sh.device, sh.index, np.asarray(sh.data)) for sh in g.addressable_shards]
+                   for k, g in g_layers.items()})
     if pipeline_layout:
         g_layers = pipeline.from_pipeline_layout(g_layers, S, repeats)
-    out = jax.device_get((loss, y, (g_layers, g_x))) + (compiled.as_text(), mesh)
+    out = jax.device_get((loss, y, (g_layers, g_x))) + (compiled.as_text(), mesh, per_device)
     _RUNS[name] = out
     return out
 
@@ -117,13 +123,17 @@ MESHES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(MESHES))
-def test_pipeline_matches_run_layers(reference, name):
+def _mesh_run(name):
     # Remat must not change the numbers: stage 8 runs with full per-layer remat inside each
     # stage, (stage 2, data 2, tensor 2) with per-layer "dots" remat and whole-chunk remat.
     cfg = {"stage8": CFG.replace(remat="full"),
            "stage2_data2_tensor2": CFG.replace(remat="dots")}.get(name, CFG)
-    run = _run(name, MESHES[name], cfg=cfg, stage_remat=name == "stage2_data2_tensor2")
+    return _run(name, MESHES[name], cfg=cfg, stage_remat=name == "stage2_data2_tensor2")
+
+
+@pytest.mark.parametrize("name", sorted(MESHES))
+def test_pipeline_matches_run_layers(reference, name):
+    run = _mesh_run(name)
     _assert_matches(run, reference, name)
     hlo = run[3]
     assert "collective-permute" in hlo
@@ -133,18 +143,20 @@ def test_pipeline_matches_run_layers(reference, name):
 
 
 def test_each_device_holds_only_its_stage(reference):
+    """What the compiled step does (the runs above, not a fresh device_put): it takes every
+    layer weight split over `stage` along the layer axis, and each device's piece of the weight
+    gradients it returns is exactly its own stage's layers, equal to the reference's rows."""
     for name, sizes in MESHES.items():
-        mesh = sharding.make_mesh(sizes)
-        S = sizes["stage"]
-        placed = jax.device_put(LAYERS, _rule_shardings(mesh, LAYERS))
+        *_, mesh, (in_sh, shards) = _mesh_run(name)
+        S, L = sizes["stage"], CFG.num_layers
         stage_of = {d: int(np.argwhere(mesh.devices == d)[0][1]) for d in mesh.devices.flat}
-        for k, arr in placed.items():
-            full = np.asarray(LAYERS[k])
-            for shard in arr.addressable_shards:
-                assert shard.data.shape[0] == CFG.num_layers // S, (name, k, shard.data.shape)
-                s = stage_of[shard.device]
-                rows = slice(s * CFG.num_layers // S, (s + 1) * CFG.num_layers // S)
-                np.testing.assert_array_equal(np.asarray(shard.data), full[rows][(slice(None),) + shard.index[1:]])
+        for k in LAYER_KEYS:
+            assert in_sh[k].spec[0] == "stage", (name, k, in_sh[k].spec)
+            assert len(shards[k]) == mesh.devices.size
+            for device, index, data in shards[k]:
+                s = stage_of[device]
+                assert data.shape[0] == L // S and index[0] == slice(s * L // S, (s + 1) * L // S), (name, k, index)
+                _close(data, reference[2][0][k][index], f"{name} d/d{k} on {device}")
 
 
 def test_circular_repeats_equal_gpipe(reference):
@@ -225,7 +237,7 @@ def test_bad_pipeline_configs(kwargs, match):
 
 def test_pipeline_layers_rejects_bad_batch_before_compiling():
     mesh = sharding.make_mesh(MESHES["stage4_data2"])
-    with sharding.use_mesh(mesh), pytest.raises(MeshError, match="data-parallel size 2"):
+    with sharding.use_mesh(mesh, sharding.DEFAULT_RULES), pytest.raises(MeshError, match="data-parallel size 2"):
         pipeline.pipeline_layers(CFG, LAYERS, X, POS, SEG, mesh=mesh, microbatches=16)
 
 

@@ -79,8 +79,8 @@ def run_ours(params, batches, mesh_sizes=None, num_micro=1, steps=STEPS):
             losses.append(float(m["loss"]))
         return losses, state, None
     mesh = sharding.make_mesh(dict(dict(data=1, stage=1, fsdp=1, tensor=1), **mesh_sizes))
-    with sharding.use_mesh(mesh):
-        sh = state_shardings(CFG, tx, mesh)
+    with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
+        sh = state_shardings(CFG, tx, mesh, sharding.DEFAULT_RULES)
         state = jax.jit(lambda p: init_state(p, tx), out_shardings=sh)(params)
         jitted = jit_train_step(step_fn, sh, mesh)
         losses = []

@@ -55,69 +55,77 @@ def hf_shape(name: str, cfg: LlamaConfig) -> tuple[int, ...]:
             "lm_head": (V, D)}[name]
 
 
-def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
-    if a.shape[0] == rows:
-        return a
-    out = np.zeros((rows,) + a.shape[1:], a.dtype)
-    out[: a.shape[0]] = a
-    return out
+def layout_view(name: str, w: np.ndarray, cfg: LlamaConfig) -> np.ndarray:
+    """One HF tensor (one layer's) seen in our layout, sharing memory with `w` (no copy), at
+    the true vocab size (the padded rows/columns are not part of the view). The one layout
+    table: `tensor_from_hf` / `tensor_to_hf` and the streaming conversion all go through it.
 
-
-def tensor_from_hf(name: str, w: np.ndarray, cfg: LlamaConfig) -> np.ndarray:
-    """One HF tensor (one layer's, for stacked names) -> our layout (no layer axis)."""
+    Streaming conversion slices blocks out of this view: reading `view[block]` converts a block
+    from HF to ours, writing into `view[block]` of an HF-shaped buffer converts ours to HF.
+    """
     kind = KEY_TABLE[name][1]
     expected = hf_shape(name, cfg)
     if tuple(w.shape) != expected:
         raise ConversionError(f"{KEY_TABLE[name][0]}: shape {tuple(w.shape)} disagrees with config {expected}")
     D, H = cfg.hidden_size, cfg.head_dim
-    if kind == "copy":
-        return w
-    if kind == "linear":
-        return np.ascontiguousarray(w.T)
-    if kind == "in_heads":
-        return np.ascontiguousarray(w.T).reshape(D, cfg.num_heads, H)
-    if kind == "in_kv_heads":
-        return np.ascontiguousarray(w.T).reshape(D, cfg.num_kv_heads, H)
-    if kind == "out_heads":
-        return np.ascontiguousarray(w.T).reshape(cfg.num_heads, H, D)
-    if kind == "vocab_rows":
-        return _pad_rows(w, cfg.padded_vocab_size)
-    if kind == "vocab_cols":
-        return np.ascontiguousarray(_pad_rows(w, cfg.padded_vocab_size).T)
-    raise AssertionError(kind)
+    if kind in ("copy", "vocab_rows"):
+        v = w[...]
+    elif kind in ("linear", "vocab_cols"):
+        v = w.T
+    else:  # [N*H, D].T -> [D, N, H] (q/k/v) or [D, N*H].T -> [N, H, D] (o); copy=False raises
+        shape = {"in_heads": (D, cfg.num_heads, H), "in_kv_heads": (D, cfg.num_kv_heads, H),
+                 "out_heads": (cfg.num_heads, H, D)}[kind]  # instead of silently copying
+        v = np.reshape(w.T, shape, copy=False)
+    return v
+
+
+def _unpadded(view_shape) -> tuple[slice, ...]:
+    """The part of our (vocab-padded) layout that an HF tensor's `layout_view` covers."""
+    return tuple(slice(0, n) for n in view_shape)
+
+
+def tensor_from_hf(name: str, w: np.ndarray, cfg: LlamaConfig) -> np.ndarray:
+    """One HF tensor (one layer's, for stacked names) -> our layout (no layer axis), a
+    contiguous array; the padded vocab rows/columns are zero."""
+    v = layout_view(name, w, cfg)
+    kind = KEY_TABLE[name][1]
+    if kind not in ("vocab_rows", "vocab_cols") or cfg.padded_vocab_size == cfg.vocab_size:
+        return np.ascontiguousarray(v)
+    shape = (cfg.padded_vocab_size, v.shape[1]) if kind == "vocab_rows" else (v.shape[0], cfg.padded_vocab_size)
+    out = np.zeros(shape, w.dtype)
+    out[_unpadded(v.shape)] = v
+    return out
 
 
 def tensor_to_hf(name: str, a: np.ndarray, cfg: LlamaConfig) -> np.ndarray:
     """Inverse of `tensor_from_hf` (drops the padded vocab)."""
-    kind = KEY_TABLE[name][1]
     a = np.asarray(a)
-    D, V = cfg.hidden_size, cfg.vocab_size
-    if kind == "copy":
-        return a
-    if kind == "linear":
-        return np.ascontiguousarray(a.T)
-    if kind in ("in_heads", "in_kv_heads"):
-        return np.ascontiguousarray(a.reshape(D, -1).T)
-    if kind == "out_heads":
-        return np.ascontiguousarray(a.reshape(-1, D).T)
-    if kind == "vocab_rows":
-        return np.ascontiguousarray(a[:V])
-    if kind == "vocab_cols":
-        return np.ascontiguousarray(a[:, :V].T)
-    raise AssertionError(kind)
+    out = np.empty(hf_shape(name, cfg), a.dtype)
+    view = layout_view(name, out, cfg)
+    view[...] = a[_unpadded(view.shape)]
+    return out
 
 
-def from_hf(state_dict: dict[str, np.ndarray], cfg: LlamaConfig) -> dict[str, np.ndarray]:
-    """HF state dict (numpy) -> our params (numpy, source dtype kept)."""
+def _gather(cfg: LlamaConfig, get, where: str = "") -> dict[str, np.ndarray]:
+    """Our params from `get(hf_key)` (None: missing), stacking the per-layer tensors."""
     params = {}
     for name in KEY_TABLE:
         parts = []
         for key in hf_names(name, cfg):
-            if key not in state_dict:
-                raise ConversionError(f"missing tensor {key}")
-            parts.append(tensor_from_hf(name, state_dict[key], cfg))
+            w = get(key)
+            if w is None:
+                raise ConversionError(f"{where}tensor {key} is missing" + (" from the weights" if where else ""))
+            try:
+                parts.append(tensor_from_hf(name, w, cfg))
+            except ConversionError as e:
+                raise ConversionError(f"{where}{e}") from None
         params[name] = np.stack(parts) if name in STACKED else parts[0]
     return params
+
+
+def from_hf(state_dict: dict[str, np.ndarray], cfg: LlamaConfig) -> dict[str, np.ndarray]:
+    """HF state dict (numpy) -> our params (numpy, source dtype kept)."""
+    return _gather(cfg, state_dict.get)
 
 
 def to_hf(params: dict[str, np.ndarray], cfg: LlamaConfig) -> dict[str, np.ndarray]:
@@ -157,38 +165,5 @@ def load_hf_dir(directory: str) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
     """config.json + weights -> (config, our params as numpy). In memory (see import for streaming)."""
     cfg = read_hf_config(directory)
     weights = HFWeights(directory)
-    params = {}
-    for name in KEY_TABLE:
-        parts = []
-        for key in hf_names(name, cfg):
-            if key not in weights.keys():
-                raise ConversionError(f"{directory}: tensor {key} is missing from the weights")
-            try:
-                parts.append(tensor_from_hf(name, weights.get(key), cfg))
-            except ConversionError as e:
-                raise ConversionError(f"{directory}: {e}") from None
-        params[name] = np.stack(parts) if name in STACKED else parts[0]
-    return cfg, params
-
-
-def layout_view(name: str, w: np.ndarray, cfg: LlamaConfig) -> np.ndarray:
-    """One HF tensor (one layer's) seen in our layout, sharing memory with `w` (no copy), at
-    the true vocab size (the padded rows/columns are not part of the view).
-
-    Streaming conversion slices blocks out of this view: reading `view[block]` converts a block
-    from HF to ours, writing into `view[block]` of an HF-shaped buffer converts ours to HF.
-    """
-    kind = KEY_TABLE[name][1]
-    expected = hf_shape(name, cfg)
-    if tuple(w.shape) != expected:
-        raise ConversionError(f"{KEY_TABLE[name][0]}: shape {tuple(w.shape)} disagrees with config {expected}")
-    D, H = cfg.hidden_size, cfg.head_dim
-    if kind in ("copy", "vocab_rows"):
-        v = w[...]
-    elif kind in ("linear", "vocab_cols"):
-        v = w.T
-    else:  # [N*H, D].T -> [D, N, H] (q/k/v) or [D, N*H].T -> [N, H, D] (o); copy=False raises
-        shape = {"in_heads": (D, cfg.num_heads, H), "in_kv_heads": (D, cfg.num_kv_heads, H),
-                 "out_heads": (cfg.num_heads, H, D)}[kind]  # instead of silently copying
-        v = np.reshape(w.T, shape, copy=False)
-    return v
+    have = set(weights.keys())
+    return cfg, _gather(cfg, lambda key: weights.get(key) if key in have else None, f"{directory}: ")

@@ -1,7 +1,7 @@
 """Reading and writing checkpoint files tensor by tensor (bounded memory).
 
-Owns: the safetensors file format (read via memory map, so bf16 works without torch and only
-the tensor asked for is paged in), `pytorch_model*.bin` / `.pth` loading through
+Owns: reading safetensors files (the `safetensors` library parses and validates them; bf16
+works without torch through ml_dtypes), a streaming safetensors writer, `pytorch_model*.bin` / `.pth` loading through
 `torch.load(weights_only=True)` (never pickle code execution), and Hugging Face directory
 discovery (single file, sharded with index). Does not own: name/layout mapping (`hf.py`,
 `meta.py`).
@@ -10,11 +10,13 @@ discovery (single file, sharded with index). Does not own: name/layout mapping (
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 
 import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 from meditron_jax.errors import UserError
 
@@ -26,55 +28,56 @@ class ConversionError(UserError, ValueError):
 SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
 }
 DTYPE_NAMES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 class SafetensorsFile:
-    """Lazy reader: header parsed once, each tensor a view of a read-only memory map."""
+    """One safetensors file: opened, validated and described by the `safetensors` library
+    (`safe_open`: header, dtypes, shapes, the file covering every tensor); `get` is its copy of
+    one tensor; `read` preads one tensor's bytes into a reusable buffer (below: why)."""
 
     def __init__(self, path: str):
         self.path = path
         try:
+            with safe_open(path, framework="numpy") as f:
+                described = [(k, f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape()))
+                             for k in f.offset_keys()]
             size = os.path.getsize(path)
             with open(path, "rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
-                if n > size - 8:
-                    raise ConversionError(f"{path}: truncated safetensors header")
-                header = json.loads(f.read(n))
-        except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConversionError(f"{path}: not a readable safetensors file ({e})") from None
-        header.pop("__metadata__", None)
+        except (OSError, SafetensorError, struct.error) as e:
+            raise ConversionError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+        # safetensors refuses files whose tensors are not contiguous in offset order from the
+        # end of the header to the end of the file, so the offsets follow from the sizes.
+        self.header, offset = {}, 0
+        for name, dtype, shape in described:
+            if dtype not in SAFETENSORS_DTYPES:
+                raise ConversionError(f"{path}: unsupported dtype {dtype} for {name}")
+            nbytes = math.prod(shape) * np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize
+            self.header[name] = {"dtype": dtype, "shape": shape, "data_offsets": (offset, offset + nbytes)}
+            offset += nbytes
         self.base = 8 + n
-        self.header = header
-        end = max((v["data_offsets"][1] for v in header.values()), default=0)
-        if self.base + end > size:
-            raise ConversionError(f"{path}: truncated (header needs {self.base + end} bytes, file has {size})")
-        self._mm = np.memmap(path, dtype=np.uint8, mode="r") if size else None
+        if self.base + offset != size:
+            raise ConversionError(f"{path}: truncated (header needs {self.base + offset} bytes, file has {size})")
 
     def keys(self):
         return list(self.header)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.header[name]["shape"])
+        return self.header[name]["shape"]
 
     def get(self, name: str) -> np.ndarray:
-        info = self.header[name]
-        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise ConversionError(f"{self.path}: unsupported dtype {info['dtype']} for {name}")
-        a, b = info["data_offsets"]
-        raw = self._mm[self.base + a: self.base + b]
-        return raw.view(dtype).reshape(info["shape"])
+        with safe_open(self.path, framework="numpy") as f:
+            return f.get_tensor(name)
 
     def read(self, name: str, scratch: "Scratch | None" = None) -> np.ndarray:
-        """Like `get`, but a copy read with pread: nothing stays mapped, so the process's
-        resident memory holds only this tensor (a memory map would keep every touched page).
-        With `scratch`, the copy lives in its buffer (valid until the scratch is used again)."""
+        """Like `get`, but read with pread into `scratch`'s buffer when given (valid until the
+        scratch is used again): nothing stays mapped and no fresh memory is faulted in per
+        tensor, which a streaming conversion pays for every tensor (bench/convert.py)."""
         info = self.header[name]
-        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise ConversionError(f"{self.path}: unsupported dtype {info['dtype']} for {name}")
         a, b = info["data_offsets"]
         out = np.empty(b - a, np.uint8) if scratch is None else scratch.get(b - a)
         with open(self.path, "rb", buffering=0) as f:
@@ -85,7 +88,12 @@ class SafetensorsFile:
                 if not n:
                     raise ConversionError(f"{self.path}: truncated while reading {name}")
                 done += n
-        return out.view(dtype).reshape(info["shape"])
+        return out.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 # Bytes per write system call. On the VMs we measured, one big write (64-256 MB) cost 2-4 s of
@@ -168,8 +176,8 @@ def torch_load(path: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # pickle refusing code, truncated zip, ...
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConversionError(f"{path}: cannot load safely with torch.load(weights_only=True): {msg}") from None
+        raise ConversionError(f"{path}: cannot load safely with torch.load(weights_only=True): "
+                              f"{_first_line(e)}") from None
 
 
 def torch_to_numpy(t) -> np.ndarray:

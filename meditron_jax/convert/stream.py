@@ -259,21 +259,18 @@ class _StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
             self._write_all(values, infos, args), name="streamed_array")]
 
 
-class _StreamingStandardHandler(ocp.StandardCheckpointHandler):
-    """`StandardCheckpointHandler` on disk (and by name in the step metadata, so the trainer's
-    composite restore picks the standard handler), but accepting `StreamedArray` leaves."""
+class _StreamingStandardHandler(ocp.PyTreeCheckpointHandler):
+    """A `PyTreeCheckpointHandler` (through its public `type_handler_registry`) that accepts
+    `StreamedArray` leaves and names itself `StandardCheckpointHandler` in the step metadata
+    (public `typestr`), so the trainer's composite restore picks the standard handler. On disk
+    the two are one format: `StandardCheckpointHandler.save` validates its leaves, then saves
+    through a `PyTreeCheckpointHandler` with the same arguments (orbax-checkpoint 0.12.8);
+    tests/test_convert.py restores an import with `StandardRestore` to hold that."""
 
     def __init__(self, bar: tqdm | None = None):
-        super().__init__()
         self.leaf_handler = _StreamedArrayHandler(bar)
         registry = ocp.type_handlers.create_type_handler_registry((StreamedArray, self.leaf_handler))
-        self._impl = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_ocdbt=True)
-
-    def _validate_save_state(self, item, save_args=None):
-        bad = [k for k, v in item.items() if not isinstance(v, StreamedArray)]
-        if bad:
-            raise TypeError(f"expected StreamedArray leaves, got {bad}")
-        return item
+        super().__init__(type_handler_registry=registry, use_ocdbt=True)
 
     @classmethod
     def typestr(cls) -> str:
@@ -283,17 +280,20 @@ class _StreamingStandardHandler(ocp.StandardCheckpointHandler):
 def write_checkpoint(out: str, params: dict[str, StreamedArray], meta: dict, overwrite: bool = False,
                      desc: str = "import") -> str:
     """Write `out/0/{params,meta}` (a checkpoints directory holding step 0); returns `out/0`."""
+    bad = [k for k, v in params.items() if not isinstance(v, StreamedArray)]
+    if bad:
+        raise TypeError(f"expected StreamedArray leaves, got {bad}")
     tmp = staging_dir(out, overwrite, "import")
     bar = progress(sum(p.nbytes for p in params.values()), desc)
     handler = _StreamingStandardHandler(bar)
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-    registry.add("params", ocp.args.StandardSave, handler)
+    registry.add("params", ocp.args.PyTreeSave, handler)
     registry.add("meta", ocp.args.JsonSave, ocp.JsonCheckpointHandler())
     try:
         try:
             with ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=registry)) as ckptr:
                 ckptr.save(epath.Path(tmp) / "0", args=ocp.args.Composite(
-                    params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
+                    params=ocp.args.PyTreeSave(params), meta=ocp.args.JsonSave(meta)))
         finally:
             bar.close()
         if isinstance(handler.leaf_handler.error, UserError):

@@ -201,7 +201,7 @@ class Placement:
         self.data = data_size(mesh)
 
     def context(self):
-        return sharding.use_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+        return sharding.use_mesh(self.mesh, sharding.DEFAULT_RULES) if self.mesh is not None else contextlib.nullcontext()
 
     def round_batch(self, n: int) -> int:
         return -(-n // self.data) * self.data
@@ -211,7 +211,7 @@ class Placement:
         if self.mesh is None:
             return x
         spec = sharding.batch_sharding(self.mesh, x.ndim).spec if x.ndim else ()
-        s = NamedSharding(self.mesh, sharding._fit(jax.sharding.PartitionSpec(*spec), x.shape, self.mesh))
+        s = NamedSharding(self.mesh, sharding.fit_spec(jax.sharding.PartitionSpec(*spec), x.shape, self.mesh))
         return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
 
     def fetch(self, tree):

@@ -32,9 +32,9 @@ def abstract_state(cfg: LlamaConfig, tx):
     return jax.eval_shape(lambda p: init_state(p, tx), abstract_params)
 
 
-def state_shardings(cfg: LlamaConfig, tx, mesh, rules=None, zero1=False):
-    return sharding.tree_shardings(abstract_state(cfg, tx), PARAM_AXES, mesh, rules or dict(sharding.DEFAULT_RULES),
-                                   zero1)
+def state_shardings(cfg: LlamaConfig, tx, mesh, rules: dict, zero1=False):
+    """The train state's shardings under `rules` (explicit: no default is assumed here)."""
+    return sharding.tree_shardings(abstract_state(cfg, tx), PARAM_AXES, mesh, rules, zero1, tx=tx)
 
 
 def batch_shardings(mesh):
