@@ -1,12 +1,10 @@
-"""Model configuration and gin parsing: `LlamaConfig`, its presets, the Hugging Face mapping,
-and reading a run's gin files (`parse_gin`).
+"""Model configuration: `LlamaConfig`, its presets, the Hugging Face mapping, gin `model.*`.
 
 Owns: architecture hyper-parameters and how they translate to/from a Hugging Face
-`config.json`; parsing `--gin_file` / `--gin_param` (T5X style) with every configurable of the
-package registered, the refusal of `import` statements in gin files, and `gin_call` (a
-configurable's error as one line). Does not own: training, mesh or data settings (those are
-gin-bound in `training/config.py`, `sharding.py` and `data/`) or finding gin files
-(`ginfiles.py`).
+`config.json`, and `gin_call` (a configurable's error as one line). Does not own: training,
+mesh or data settings (those are gin-bound in `training/config.py`, `sharding.py` and
+`data/`) or finding and parsing gin files (`ginfiles.py`: it sits above every configurable,
+so this low module imports none of them).
 """
 
 from __future__ import annotations
@@ -210,77 +208,7 @@ def model_config(
     return base.replace(**overrides)
 
 
-# ---- gin files ------------------------------------------------------------------------------
-
-def parse_gin(gin_files, gin_params, search_path=()):
-    """Parses (and checks, `configcheck`) the gin files and bindings; files are found through
-    `ginfiles` (cwd, `--gin_search_path`, the configs shipped with the package)."""
-    import tokenize
-
-    from meditron_jax import configcheck, ginfiles
-
-    gin.clear_config()
-    resolved = []
-    for f in gin_files:
-        full = ginfiles.find(f, search_path)
-        if full is None:
-            raise UserError(f"gin file not found: {f} (searched {', '.join(ginfiles.search_paths(search_path))}; "
-                            "add a directory with --gin_search_path)")
-        resolved.append(full)
-    register_configurables()
-    try:
-        with ginfiles.plain_file_reading(search_path):
-            for f in resolved:
-                refuse_gin_imports(f, search=search_path)
-            gin.parse_config_files_and_bindings(resolved, list(gin_params), skip_unknown=False)
-    except (ValueError, KeyError, TypeError, SyntaxError, IOError, tokenize.TokenError) as e:
-        raise UserError(f"gin: {configcheck.explain_parse_error(str(e), gin_params)}") from None
-    configcheck.check_bindings()  # types and ranges of every bound value, before anything runs
-
-
-def register_configurables():
-    """Imports every module that defines a gin configurable of a run (`train`, `model`,
-    `optimizer`, `mesh`, `placement`, `sharding`, `pipeline`, `data`, `checkpoint`)."""
-    import meditron_jax.checkpoint  # noqa: F401  (gin `checkpoint.*`)
-    import meditron_jax.data.pipeline  # noqa: F401  (gin `data.*`)
-    import meditron_jax.optim  # noqa: F401  (gin `optimizer.*`)
-    import meditron_jax.pipeline  # noqa: F401  (gin `pipeline.*`)
-    import meditron_jax.sharding  # noqa: F401  (gin `mesh.*`, `placement.*`, `sharding.*`)
-    import meditron_jax.training.config  # noqa: F401  (gin `train.*`)
-
-
-def refuse_gin_imports(path: str, seen=None, search=()):
-    """Gin files are configuration: values are literals (gin uses `ast.literal_eval`), and the
-    `import` statements gin would execute (running a module's code) are refused here, in the
-    file and in everything it includes."""
-    import os
-
-    from gin import config_parser
-
-    from meditron_jax import ginfiles
-
-    class _Delegate(config_parser.ParserDelegate):
-        def configurable_reference(self, scoped_name, evaluate):
-            return None
-
-        def macro(self, name):
-            return None
-
-    full = ginfiles.find(path, search)
-    seen = set() if seen is None else seen
-    if full is None or os.path.realpath(full) in seen:
-        return  # gin itself reports a missing include
-    seen.add(os.path.realpath(full))
-    with open(full) as fh:
-        for st in config_parser.ConfigParser(fh, _Delegate()):
-            if isinstance(st, config_parser.ImportStatement) and not st.module.startswith("__gin__."):
-                raise UserError(f"{path} line {st.location.line_num}: `{st.format()}` is not allowed: gin files "
-                                "are configuration, they may not import Python code")
-            if isinstance(st, config_parser.IncludeStatement):
-                refuse_gin_imports(st.filename, seen, search)
-                if not os.path.isabs(st.filename):
-                    refuse_gin_imports(os.path.join(os.path.dirname(full), st.filename), seen, search)
-
+# ---- gin configurables ---------------------------------------------------------------------
 
 def gin_call(fn):
     """`fn()` (a gin configurable, or a function calling some) with its user errors as one line:

@@ -37,7 +37,8 @@ def operative_config(gin_files, gin_params, search_path=(), devices: int | None 
     import gin
 
     from meditron_jax import checkpoint
-    from meditron_jax.config import gin_call, parse_gin
+    from meditron_jax.config import gin_call
+    from meditron_jax.ginfiles import parse_gin
     from meditron_jax.data.pipeline import data_config
     from meditron_jax.training.config import accumulation_steps, read_run_config, validate_shapes
 

@@ -6,7 +6,9 @@ Owns: the search order for `--gin_file F` and for `include 'F'` inside gin files
     3. the package directory, which holds `configs/` (shipped in the wheel), so
        `--gin_file configs/tiny.gin` and `include 'configs/mesh/single.gin'` work from anywhere
     4. the source checkout's root (when running from a checkout)
-and `plain_file_reading()`: while our files are parsed, gin reads only plain files. Gin's
+`parse_gin` (a run's `--gin_file` / `--gin_param`, T5X style, with every configurable of the
+package registered and `import` statements in gin files refused), and
+`plain_file_reading()`: while our files are parsed, gin reads only plain files. Gin's
 other reader treats `configs/mesh` as a Python package name: outside the repository it logged
 a spurious "Path not found: configs/mesh/single.gin" error for every include, and when the
 checkout is on PYTHONPATH (a `configs` namespace package) it crashed with a TypeError.
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+
+from meditron_jax.errors import UserError
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(PACKAGE_DIR)
@@ -67,3 +71,76 @@ def shipped_configs() -> list[str]:
     for dirpath, _, files in os.walk(root):
         out += [os.path.relpath(os.path.join(dirpath, f), os.path.dirname(root)) for f in files if f.endswith(".gin")]
     return sorted(out)
+
+
+# ---- parsing a run's gin files ---------------------------------------------------------------
+
+def parse_gin(gin_files, gin_params, search_path=()):
+    """Parses (and checks, `configcheck`) the gin files and bindings; files are found through
+    `ginfiles` (cwd, `--gin_search_path`, the configs shipped with the package)."""
+    import tokenize
+
+    import gin
+
+    from meditron_jax import configcheck
+
+    gin.clear_config()
+    resolved = []
+    for f in gin_files:
+        full = find(f, search_path)
+        if full is None:
+            raise UserError(f"gin file not found: {f} (searched {', '.join(search_paths(search_path))}; "
+                            "add a directory with --gin_search_path)")
+        resolved.append(full)
+    register_configurables()
+    try:
+        with plain_file_reading(search_path):
+            for f in resolved:
+                refuse_gin_imports(f, search=search_path)
+            gin.parse_config_files_and_bindings(resolved, list(gin_params), skip_unknown=False)
+    except (ValueError, KeyError, TypeError, SyntaxError, IOError, tokenize.TokenError) as e:
+        raise UserError(f"gin: {configcheck.explain_parse_error(str(e), gin_params)}") from None
+    configcheck.check_bindings()  # types and ranges of every bound value, before anything runs
+
+
+def register_configurables():
+    """Imports every module that defines a gin configurable of a run (`train`, `model`,
+    `optimizer`, `mesh`, `placement`, `sharding`, `pipeline`, `data`, `checkpoint`)."""
+    import meditron_jax.checkpoint  # noqa: F401  (gin `checkpoint.*`)
+    import meditron_jax.data.pipeline  # noqa: F401  (gin `data.*`)
+    import meditron_jax.optim  # noqa: F401  (gin `optimizer.*`)
+    import meditron_jax.pipeline  # noqa: F401  (gin `pipeline.*`)
+    import meditron_jax.sharding  # noqa: F401  (gin `mesh.*`, `placement.*`, `sharding.*`)
+    import meditron_jax.training.config  # noqa: F401  (gin `train.*`)
+
+
+def refuse_gin_imports(path: str, seen=None, search=()):
+    """Gin files are configuration: values are literals (gin uses `ast.literal_eval`), and the
+    `import` statements gin would execute (running a module's code) are refused here, in the
+    file and in everything it includes."""
+    import os
+
+    from gin import config_parser
+
+
+    class _Delegate(config_parser.ParserDelegate):
+        def configurable_reference(self, scoped_name, evaluate):
+            return None
+
+        def macro(self, name):
+            return None
+
+    full = find(path, search)
+    seen = set() if seen is None else seen
+    if full is None or os.path.realpath(full) in seen:
+        return  # gin itself reports a missing include
+    seen.add(os.path.realpath(full))
+    with open(full) as fh:
+        for st in config_parser.ConfigParser(fh, _Delegate()):
+            if isinstance(st, config_parser.ImportStatement) and not st.module.startswith("__gin__."):
+                raise UserError(f"{path} line {st.location.line_num}: `{st.format()}` is not allowed: gin files "
+                                "are configuration, they may not import Python code")
+            if isinstance(st, config_parser.IncludeStatement):
+                refuse_gin_imports(st.filename, seen, search)
+                if not os.path.isabs(st.filename):
+                    refuse_gin_imports(os.path.join(os.path.dirname(full), st.filename), seen, search)

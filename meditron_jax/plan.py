@@ -76,7 +76,7 @@ def compile_step(gin_files, gin_params, devices: int | None = None, target: str 
         targets.compile_on_host()  # the host compiles; it runs nothing
 
     from meditron_jax import sharding
-    from meditron_jax.config import parse_gin
+    from meditron_jax.ginfiles import parse_gin
     from meditron_jax.errors import UserError
     from meditron_jax.training.config import read_run_config, validate_shapes
     from meditron_jax.training.state import build_step

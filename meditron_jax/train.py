@@ -1,6 +1,6 @@
 """`meditron-jax train`: the training entry point.
 
-The run is a short sequence: parse and check the config (`config.parse_gin`,
+The run is a short sequence: parse and check the config (`ginfiles.parse_gin`,
 `training.config`), join the cluster (`multihost.init_distributed`), build mesh, data and
 state (`training.state`: a fresh state, `train.init_from`, or resumed from the workdir), then
 run the loop (`training.loop.Loop`) with its hooks: profiling, preemption
@@ -40,7 +40,7 @@ from meditron_jax import checkpoint as ckpt
 from meditron_jax import init_from as init_from_lib
 from meditron_jax import multihost, paths, profiling, sharding, storage, tokenizer_store
 from meditron_jax import workdir as workdir_mod
-from meditron_jax.config import parse_gin
+from meditron_jax.ginfiles import parse_gin
 from meditron_jax.errors import UserError
 from meditron_jax.eval.during_training import EvalHook
 from meditron_jax.hostmem import keep_freed_memory

@@ -184,27 +184,19 @@ def data_imports_eval() -> list[str]:
     return layer_imports(f"{PACKAGE}.data", f"{PACKAGE}.eval")
 
 
-# The checks fail on main at the time they were written (the structure issue is fixing them in
-# parallel); each is a separate test so that a merge shows which ones pass. Remove the xfail
-# marks once they do.
-@pytest.mark.xfail(strict=False, reason="on main: config_cli <-> train, data.tokenizer <-> data.preprocess")
+# One test per rule, so a failure names the rule it breaks.
 def test_no_import_cycles():
     assert cycles() == []
 
 
-@pytest.mark.xfail(strict=False, reason="on main: train._gin_call (config_cli, plan, eval.distributed), sharding._fit, "
-                   "plan._set_device_count, mcq._gather_logprobs (eval.distributed, eval.plan_eval)")
 def test_no_private_names_across_modules():
     assert private_imports() == []
 
 
-@pytest.mark.xfail(strict=False, reason="on main: train.py 743, data/pipeline.py 559, plan.py 545, sharding.py 486, "
-                   "eval/mcq.py 453")
 def test_no_file_over_450_lines():
     assert long_files() == []
 
 
-@pytest.mark.xfail(strict=False, reason="on main: data/cli.py imports eval.mcq and eval.tasks")
 def test_data_does_not_import_eval():
     assert data_imports_eval() == []
 

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 
+from meditron_jax import paths
 from meditron_jax.eval import loader
 
 
@@ -164,7 +165,7 @@ def run_mcq(args) -> int:
 def run_ppl(args) -> int:
     from meditron_jax.eval import perplexity
 
-    if not loader._paths.exists(args.checkpoint):  # local or gs:// (meditron_jax.paths)
+    if not paths.exists(args.checkpoint):  # local or gs:// (meditron_jax.paths)
         raise loader.LoadError(f"{args.checkpoint}: no such checkpoint or model directory")
     tok = loader.load_tokenizer(args.tokenizer) if args.tokenizer else None
     fingerprint = tok.fingerprint if tok else loader.recorded_tokenizer(args.checkpoint, args.step).get("fingerprint")

@@ -67,7 +67,8 @@ def mesh_from_flags(mesh_text: str | None, gin_files=(), gin_params=()) -> dict[
         return parse_mesh(mesh_text)
     if not gin_files and not gin_params:
         return None
-    from meditron_jax.config import gin_call, parse_gin
+    from meditron_jax.config import gin_call
+    from meditron_jax.ginfiles import parse_gin
     parse_gin(list(gin_files), list(gin_params))
     return gin_call(lambda: sharding.mesh_shape())
 

@@ -4,7 +4,7 @@ Owns: `TrainConfig` (gin `train.*`), `read_run_config` (every configurable a run
 once: train, model (or `train.init_from`'s), optimizer, mesh, logical rules, pipeline), the
 startup validation (batch, mesh and model sizes agree; the workdir is writable and has room)
 and `accumulation_steps`. Shared by `train`, `plan` and `config`. Does not own: parsing the gin
-files (`config.parse_gin`), the values' types and ranges (`configcheck`), the mesh
+files (`ginfiles.parse_gin`), the values' types and ranges (`configcheck`), the mesh
 (`sharding.py`).
 """
 
@@ -63,7 +63,7 @@ def train_config(steps: int = gin.REQUIRED, micro_batch_size: int = gin.REQUIRED
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Every gin value a run reads, read once (after `config.parse_gin`) and passed on."""
+    """Every gin value a run reads, read once (after `ginfiles.parse_gin`) and passed on."""
     train: TrainConfig
     model: LlamaConfig
     optimizer: object  # optim.OptimizerConfig
