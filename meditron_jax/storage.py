@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 
+from meditron_jax import paths
 from meditron_jax.errors import (SPACE_ERRNOS, StorageFault, UserError, format_bytes, free_bytes,
                                  storage_fault)
 
@@ -67,17 +68,6 @@ def _lock_is_free(lock_path: str) -> bool:
         os.close(fd)
 
 
-def _tree_bytes(path: str) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(root, f)).st_size
-            except OSError:
-                pass
-    return total
-
-
 def remove_stale_partials(out: str, command: str, legacy_prefixes: tuple[str, ...] = ()) -> list[str]:
     """Removes the partial outputs for `out` that dead runs left next to it (no live lock), and
     says so in one line on stderr; returns what was removed. `legacy_prefixes`: other temporary
@@ -98,7 +88,7 @@ def remove_stale_partials(out: str, command: str, legacy_prefixes: tuple[str, ..
             continue
         if path in held or not _lock_is_free(path + LOCK_SUFFIX):
             continue  # another live run (or this one) is building it
-        size = _tree_bytes(path) if os.path.isdir(path) else os.path.getsize(path)
+        size = paths.tree_bytes(path) if os.path.isdir(path) else os.path.getsize(path)
         if os.path.isdir(path):
             shutil.rmtree(path, ignore_errors=True)
         else:
@@ -206,8 +196,6 @@ _REMOTE_SPACE_NOTED: set[str] = set()
 def free_space(path) -> int | None:
     """Free bytes where `path` lives; None when unknown. For remote storage (an object store has no
     free-space figure) None, and the space checks that use it are skipped, said once per path."""
-    from meditron_jax import paths
-
     if paths.is_remote(path):
         if path not in _REMOTE_SPACE_NOTED:
             _REMOTE_SPACE_NOTED.add(path)
@@ -341,7 +329,6 @@ class WatchedManager:
         """If the pending step has committed: record its size, clear it, True."""
         if self.pending is None or self._manager.is_saving_in_progress() or not self._committed(self.pending):
             return False
-        from meditron_jax import paths
         self.last_size = paths.tree_bytes(paths.join(self.root, str(self.pending)))
         self.pending = None
         return True
