@@ -47,7 +47,7 @@ def operative_config(gin_files, gin_params, search_path=(), devices: int | None 
     tc, cfg, sizes = run.train, run.model, run.mesh_sizes
     gin_call(data_config)
     gin_call(checkpoint.manager_options)
-    validate_shapes(tc, cfg, sizes, run.pipeline)
+    validate_shapes(tc, cfg, sizes, run.pipeline, run.sync)
 
     resolved = ["", "# Resolved (what the presets and -1s above become):",
                 "#   model: " + ", ".join(f"{k}={v!r}" for k, v in cfg.to_dict().items()),

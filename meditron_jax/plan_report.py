@@ -16,6 +16,22 @@ import re
 GIB = 2 ** 30
 
 
+def _data_replica_elements(tree, sizes: dict) -> int:
+    """Elements of `tree` on one device as if it were not split over `data` / `fsdp`: what one
+    data-parallel rank's gradients (and working copy) hold before ZeRO-1 shards the master."""
+    import jax
+    import numpy as np
+    total = 0
+    for a in jax.tree.leaves(tree):
+        spec = getattr(a.sharding, "spec", ())
+        split = 1
+        for entry in spec:
+            for ax in (entry if isinstance(entry, tuple) else (entry,)):
+                split *= sizes.get(ax, 1) if ax in ("data", "fsdp") else 1
+        total += int(np.prod(a.sharding.shard_shape(a.shape))) * split
+    return total
+
+
 def _per_device_bytes(tree) -> int:
     import jax
     import numpy as np
@@ -122,7 +138,9 @@ def collective_report(built, hlo_text: str, top: int = 12) -> dict:
     dtype_bytes = np.dtype(cfg.dtype).itemsize if hasattr(cfg, "dtype") else 2
     S, dp, tp = sizes["stage"], sizes["data"] * sizes["fsdp"], sizes["tensor"]
     A = built.num_micro
-    params_b = _per_device_bytes(built.state_in["params"])
+    n_local = _data_replica_elements(built.state_in["params"], sizes)  # one data rank's parameters
+    sync = built.sync
+    red_b = np.dtype(sync.dtype if sync is not None else "float32").itemsize  # sharding.grad_reduce_dtype
 
     def split(r):
         """(parameter bytes, activation bytes) of one execution. With this project's rules
@@ -149,11 +167,19 @@ def collective_report(built, hlo_text: str, top: int = 12) -> dict:
 
     # Theory, per device per step (wire bytes, ring algorithms):
     theory = {}
-    if dp > 1:  # gradient sum over data x fsdp of the fp32 gradients (= params per device)
+    if dp > 1:  # the floor: one gradient reduction per step, plus the ZeRO-1 gather of the working copy
+        frac = (dp - 1) / dp
+        if built.zero1:
+            wire = frac * n_local * (red_b + dtype_bytes)
+            formula = (f"(n-1)/n x P x ({red_b} B reduce-scatter of the gradients + {dtype_bytes} B all-gather of "
+                       "the working copy)")
+        else:
+            wire = 2 * frac * n_local * red_b
+            formula = f"2 x (n-1)/n x P x {red_b} B (one all-reduce of the gradients)"
         theory["gradient_sum_over_data"] = {
-            "wire_gib": 2 * (dp - 1) / dp * params_b / GIB,
-            "formula": "2 x params bytes per device x (n-1)/n, n = data x fsdp, once per step (all-reduce, or "
-                       "reduce-scatter + all-gather; gradients accumulate locally over the accumulation steps)"}
+            "wire_gib": wire / GIB,
+            "formula": formula + f"; P = {n_local:,} parameters per data rank, n = data x fsdp = {dp}, once per "
+                       "step (gradients accumulate locally over the accumulation steps)"}
     b = tc.global_batch_size // A // dp  # rows per device per accumulation step
     act = b * tc.seq_len * cfg.hidden_size * dtype_bytes  # one [b, T, D] activation
     if S > 1:

@@ -40,7 +40,7 @@ def _flags(params):
 @needs_gpu_plugin
 def test_a100_target_limit_verdict_and_gpu_branches():
     from meditron_jax.plan import compile_step, report
-    built = compile_step([TINY], MESH, target="a100-80gb", dump=True)
+    built = compile_step([TINY], MESH + ["sharding.zero1=True"], target="a100-80gb", dump=True)
     try:
         r = report(built, explain=True)
     finally:
@@ -62,6 +62,10 @@ def test_a100_target_limit_verdict_and_gpu_branches():
     # the gradient sums run once, after the tick loop (pipeline.MANUAL): nothing unexplained
     # about them (before, they ran at every pipeline tick and were listed here)
     assert not any("runs" in u["why"] and "parameter/gradient" in u["why"] for u in c["not_explained"])
+    # and the data-parallel traffic is the floor: one fp32 reduce-scatter of one data rank's
+    # gradients plus one bf16 all-gather of its working copy (ZeRO-1), nothing more
+    assert c["measured_wire_gib"]["parameters_over_data_fsdp"] == pytest.approx(
+        c["theory"]["gradient_sum_over_data"]["wire_gib"], rel=1e-3)
     assert r["flops"]["xla_cost_analysis_per_step"] is None and r["flops"]["hlo_dots_per_step"] > 0
     assert r["largest_buffers"] and any("meditron_jax" in (b["source"] or "") for b in r["largest_buffers"])
 

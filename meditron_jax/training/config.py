@@ -71,6 +71,7 @@ class RunConfig:
     rules: tuple
     zero1: bool
     pipeline: object  # pipeline.PipelineSettings
+    sync: object = None  # sharding.GradSync: the gradient reduction's dtype and fsdp mode
     init_ref: LlamaConfig | None = None  # train.init_from's architecture (None: no init_from)
     init_changes: tuple = ()  # what init_from changes (vocab growth), logged at startup
 
@@ -94,18 +95,20 @@ def read_run_config(num_devices: int | None = None, resolve_init_from: bool = Tr
     sizes = gin_call(lambda: sharding.mesh_shape(num_devices=num_devices))
     rules, zero1 = gin_call(sharding.logical_rules)
     ps = gin_call(pipeline_settings)
-    return RunConfig(tc, cfg, oc, sizes, rules, zero1, ps, init_ref, tuple(init_changes))
+    sync = gin_call(sharding.grad_sync)
+    return RunConfig(tc, cfg, oc, sizes, rules, zero1, ps, sync, init_ref, tuple(init_changes))
 
 
 def validate(run: RunConfig, workdir: str):
     """Every user-caused inconsistency, before any compile or write. One line each."""
-    validate_shapes(run.train, run.model, run.mesh_sizes, run.pipeline)
+    validate_shapes(run.train, run.model, run.mesh_sizes, run.pipeline, run.sync)
     gin_call(lambda: sharding.check_placement(run.mesh_sizes))
     check_workdir(workdir)
 
 
-def validate_shapes(tc: TrainConfig, cfg: LlamaConfig, sizes: dict, ps):
-    """Batch, mesh and model sizes agree (also used by `plan` and `config`)."""
+def validate_shapes(tc: TrainConfig, cfg: LlamaConfig, sizes: dict, ps, sync=None):
+    """Batch, mesh and model sizes agree (also used by `plan` and `config`). `sync`: the run's
+    `sharding.GradSync` (None: gin's, for callers without a RunConfig)."""
     if tc.steps < 1:
         raise UserError(f"train.steps must be >= 1, got {tc.steps}")
     accumulation_steps(tc, cfg, sizes, ps)
@@ -121,7 +124,7 @@ def validate_shapes(tc: TrainConfig, cfg: LlamaConfig, sizes: dict, ps):
                         f"{cfg.max_position_embeddings}")
     if tc.loss_chunk and tc.seq_len % tc.loss_chunk:
         raise UserError(f"train.seq_len {tc.seq_len} is not divisible by train.loss_chunk {tc.loss_chunk}")
-    sharding.grad_sync().check_mesh(sizes)
+    (sync or gin_call(sharding.grad_sync)).check_mesh(sizes)
 
 
 def accumulation_steps(tc: TrainConfig, cfg: LlamaConfig, sizes: dict, ps) -> int:

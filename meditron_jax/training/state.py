@@ -93,8 +93,8 @@ def build_step(run, mesh) -> StepBuild:
     state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract_state(cfg, tx), state_sh)
     step_fn = make_train_step(cfg, tx, lr_schedule, num_micro, layers_fn, tc.loss_chunk, tc.spike_threshold,
-                              zero1=run.zero1)
-    eval_fn = jax.jit(make_eval_step(cfg, layers_fn, tc.loss_chunk, num_micro, zero1=run.zero1),
+                              zero1=run.zero1, sync=run.sync)
+    eval_fn = jax.jit(make_eval_step(cfg, layers_fn, tc.loss_chunk, num_micro, zero1=run.zero1, sync=run.sync),
                       in_shardings=(state_sh["params"], batch_shardings(mesh)),
                       out_shardings=sharding.replicated(mesh))
     return StepBuild(tx, lr_schedule, num_micro, layers_fn, state_sh, state_in,
