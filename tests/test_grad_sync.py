@@ -25,7 +25,7 @@ from meditron_jax.training.config import TrainConfig, validate_shapes
 from meditron_jax.training.state import (abstract_batch, jit_train_step, layers_fn_for, nnx_params,
                                          restore_train_state, state_shardings)
 from meditron_jax.train_step import accumulate_gradients, init_state, make_train_step
-from tests.test_train_step import make_batches
+from tests.test_train_step import make_batches, run_sharded
 
 CFG = LlamaConfig(vocab_size=517, hidden_size=48, intermediate_size=112, num_layers=2, num_heads=6,
                   num_kv_heads=2, max_position_embeddings=64)
@@ -46,15 +46,9 @@ def _run(params, batches, mesh_sizes=None, zero1=False, sync=None, cfg=CFG, num_
         return losses, jax.device_get(state)
     mesh = sharding.make_mesh(dict(BASE, **mesh_sizes))
     with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
-        step_fn = make_train_step(cfg, tx, schedule(OC, 10), num_micro, layers_fn_for(cfg, mesh, PipelineSettings()),
-                                  zero1=zero1, sync=sync)
-        sh = state_shardings(cfg, tx, mesh, sharding.DEFAULT_RULES, zero1=zero1)
-        state = jax.jit(lambda p: init_state(p, tx), out_shardings=sh)(params)
-        step = jit_train_step(step_fn, sh, mesh)
-        losses = []
-        for b in batches:
-            state, m = step(state, sharding.global_batch(b, mesh))
-            losses.append(float(m["loss"]))
+        losses, state, _ = run_sharded(
+            lambda: make_train_step(cfg, tx, schedule(OC, 10), num_micro, layers_fn_for(cfg, mesh, PipelineSettings()),
+                                    zero1=zero1, sync=sync), cfg, tx, params, batches, mesh, zero1=zero1)
     return losses, jax.device_get(state)
 
 

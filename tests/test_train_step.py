@@ -80,13 +80,21 @@ def run_ours(params, batches, mesh_sizes=None, num_micro=1, steps=STEPS):
         return losses, state, None
     mesh = sharding.make_mesh(dict(dict(data=1, stage=1, fsdp=1, tensor=1), **mesh_sizes))
     with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
-        sh = state_shardings(CFG, tx, mesh, sharding.DEFAULT_RULES)
-        state = jax.jit(lambda p: init_state(p, tx), out_shardings=sh)(params)
-        jitted = jit_train_step(step_fn, sh, mesh)
-        losses = []
-        for b in batches:
-            state, m = jitted(state, sharding.global_batch(b, mesh))
-            losses.append(float(m["loss"]))
+        return run_sharded(lambda: step_fn, CFG, tx, params, batches, mesh)
+
+
+def run_sharded(make_step, cfg, tx, params, batches, mesh, zero1=False):
+    """(losses, final state, state shardings) of the jitted step on `mesh` (inside its
+    `use_mesh`): the state initialised from `params` in its shardings, each batch made global.
+    `make_step()` builds the step function under the mesh."""
+    step_fn = make_step()
+    sh = state_shardings(cfg, tx, mesh, sharding.DEFAULT_RULES, zero1=zero1)
+    state = jax.jit(lambda p: init_state(p, tx), out_shardings=sh)(params)
+    jitted = jit_train_step(step_fn, sh, mesh)
+    losses = []
+    for b in batches:
+        state, m = jitted(state, sharding.global_batch(b, mesh))
+        losses.append(float(m["loss"]))
     return losses, state, sh
 
 
