@@ -24,9 +24,9 @@ def compile_step(cfg, seq: int, batch: int, loss_chunk: int | None) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from meditron_jax.model import param_shapes
-    from meditron_jax.optim import OptimizerConfig, make_optimizer, schedule
-    from meditron_jax.train_step import BATCH_KEYS, init_state, make_train_step
+    from meditron_jax.models.llama import param_shapes
+    from meditron_jax.training.optimizer import OptimizerConfig, make_optimizer, schedule
+    from meditron_jax.training.step import BATCH_KEYS, init_state, make_train_step
 
     oc = OptimizerConfig()
     tx = make_optimizer(oc, 1000)
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
 
     import jax
 
-    from meditron_jax.config import preset
+    from meditron_jax.models.config import preset
 
     base = preset("llama2_7b").replace(dtype="bfloat16", remat=args.remat, max_position_embeddings=args.seq)
     depths = [int(x) for x in args.layers.split(",")]

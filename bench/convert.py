@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from meditron_jax.config import preset  # noqa: E402
+from meditron_jax.models.config import preset  # noqa: E402
 from meditron_jax.convert import hf  # noqa: E402
 from meditron_jax.convert.io import SafetensorsWriter  # noqa: E402
 

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from meditron_jax.data.demo import generate_documents, prepare_demo, write_jsonl
-from meditron_jax.data.pipeline import DataConfig, build_pipeline
+from meditron_jax.data.config import DataConfig
+from meditron_jax.data.loader import build_pipeline
 from meditron_jax.data.jsonl import iter_texts
 from meditron_jax.data.preprocess import FORMAT, MANIFEST, _ShardWriter, preprocess, token_dtype
 from meditron_jax.data.tokenizer import Tokenizer

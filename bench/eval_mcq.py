@@ -50,11 +50,11 @@ def main():
     import torch
     import transformers
 
-    from meditron_jax.config import LlamaConfig
+    from meditron_jax.models.config import LlamaConfig
     from meditron_jax.convert.io import torch_to_numpy
     from meditron_jax.convert.hf import from_hf
     from meditron_jax.eval.scoring import Row, Scorer
-    from meditron_jax.model import model_from_params
+    from meditron_jax.models.llama import model_from_params
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,7 +76,7 @@ def main():
 
     # ours: a first pass compiles one program per length bucket; the second pass is timed
     scorer = Scorer(ours_model, batch_size=args.batch_size, length_bucket=args.length_bucket)
-    from meditron_jax import attention
+    from meditron_jax.models import attention
     timings = {}
     for name, groups in (("ours", [0] * len(rows)), ("ours_plain", None), ("ours_plain_dense", None)):
         if name == "ours_plain_dense":  # the pre-blocked behaviour: dense scores for every length

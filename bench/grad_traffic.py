@@ -30,16 +30,18 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from meditron_jax import hlo_stats, sharding  # noqa: E402
-from meditron_jax.config import LlamaConfig  # noqa: E402
-from meditron_jax.model import param_shapes  # noqa: E402
-from meditron_jax.optim import OptimizerConfig, make_optimizer, schedule  # noqa: E402
+from meditron_jax.plan import hlo_stats  # noqa: E402
+from meditron_jax.distributed import sharding
+from meditron_jax.distributed import meshes
+from meditron_jax.models.config import LlamaConfig  # noqa: E402
+from meditron_jax.models.llama import param_shapes  # noqa: E402
+from meditron_jax.training.optimizer import OptimizerConfig, make_optimizer, schedule  # noqa: E402
 from meditron_jax.training.state import abstract_batch, jit_train_step, state_shardings  # noqa: E402
-from meditron_jax.train_step import init_state, make_train_step  # noqa: E402
+from meditron_jax.training.step import init_state, make_train_step  # noqa: E402
 
 cfg = LlamaConfig(vocab_size=517, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                   num_kv_heads=2, max_position_embeddings=64, dtype="bfloat16", remat=args.remat)
-mesh = sharding.make_mesh(dict(data=args.data, stage=1, fsdp=args.fsdp, tensor=args.tensor))
+mesh = meshes.make_mesh(dict(data=args.data, stage=1, fsdp=args.fsdp, tensor=args.tensor))
 oc = OptimizerConfig()
 tx = make_optimizer(oc, 10)
 with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):

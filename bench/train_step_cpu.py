@@ -6,7 +6,7 @@ In one process and one run, for configs S and M (issue 9):
   * tokens/s of `transformers.LlamaForCausalLM` + `torch.optim.AdamW` doing the same work
     (forward, token-weighted cross-entropy, backward, global-norm clip, AdamW), eager and under
     `torch.compile` (a failure is caught and reported, not fatal),
-  * MFU of each against that measured peak, with FLOPs from `meditron_jax.metrics.flops_per_token`:
+  * MFU of each against that measured peak, with FLOPs from `meditron_jax.training.metrics.flops_per_token`:
     `mfu_vs_gemm_peak` against the best GEMM rate seen in the whole run, `mfu_vs_gemm_same_rounds`
     against the median GEMM rate measured inside the same timing rounds (same machine load).
 Each step time is the median of `--steps` timed steps after `--warmup` untimed ones; the variants
@@ -15,7 +15,7 @@ a change in the load of a shared machine hits all of them alike.
 
 Fairness: both frameworks get every core of the machine (XLA's CPU thread pool uses all cores;
 torch is set to `os.cpu_count()` intra-op threads), run one after the other, never together.
-Both also run under the same host-malloc policy (`meditron_jax.hostmem.keep_freed_memory`, which
+Both also run under the same host-malloc policy (`meditron_jax.training.hostmem.keep_freed_memory`, which
 the CLI applies to every run; `--default-malloc` for glibc's defaults): it is process-wide.
 The machine's 1-minute load average is recorded before and after each measurement so numbers
 taken on a busy, shared machine can be judged.
@@ -156,7 +156,7 @@ def make_batch(spec: dict, seed: int = 0) -> dict:
 
 
 def llama_config(spec: dict, **kw):
-    from meditron_jax.config import LlamaConfig
+    from meditron_jax.models.config import LlamaConfig
     arch = {k: v for k, v in spec.items() if k not in ("seq", "batch")}
     return LlamaConfig(num_kv_heads=spec["num_heads"], max_position_embeddings=spec["seq"], **arch, **kw)
 
@@ -172,9 +172,9 @@ def build_jax(spec: dict, dtype: str, loss_chunk: int | None, remat: str):
     import jax
     import jax.numpy as jnp
 
-    from meditron_jax.model import init_model, params_dict
-    from meditron_jax.optim import OptimizerConfig, make_optimizer, schedule
-    from meditron_jax.train_step import init_state, make_train_step
+    from meditron_jax.models.llama import init_model, params_dict
+    from meditron_jax.training.optimizer import OptimizerConfig, make_optimizer, schedule
+    from meditron_jax.training.step import init_state, make_train_step
 
     cfg = llama_config(spec, dtype=dtype, remat=remat)
     oc = OptimizerConfig(lr=OPT["lr"], warmup_steps=10, weight_decay=OPT["weight_decay"], b1=OPT["b1"],
@@ -273,9 +273,9 @@ def main(argv=None) -> int:
     ap.add_argument("--xla-flags", default=CPU_XLA_FLAGS,
                     help="XLA_FLAGS for this process (set before JAX starts); '' for XLA's defaults")
     ap.add_argument("--default-malloc", action="store_true",
-                    help="leave glibc malloc's defaults (the CLI and trainer apply meditron_jax.hostmem)")
+                    help="leave glibc malloc's defaults (the CLI and trainer apply meditron_jax.training.hostmem)")
     args = ap.parse_args(argv)
-    from meditron_jax.hostmem import keep_freed_memory
+    from meditron_jax.training.hostmem import keep_freed_memory
     if not args.default_malloc:  # process-wide: torch gets the same malloc policy as JAX
         keep_freed_memory()
     if args.xla_flags:
@@ -284,7 +284,7 @@ def main(argv=None) -> int:
     import jax
     import torch
 
-    from meditron_jax.metrics import flops_per_token
+    from meditron_jax.training.metrics import flops_per_token
 
     threads = os.cpu_count()
     torch.set_num_threads(threads)

@@ -13,15 +13,18 @@ Lines go through `tqdm.write`, so they stay readable above a live bar on a termi
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
+import tempfile
 import time
 
 log = logging.getLogger("meditron_jax")
 
 # Loggers of libraries that print progress chatter at INFO (Orbax through absl, JAX's
 # compilation cache, tensorstore through absl): warnings and errors still come through.
-_QUIET = ("absl", "orbax", "jax", "jax._src", "tensorstore", "etils", "grain", "asyncio", "gcsfs", "fsspec")
+_QUIET = ("absl", "orbax", "jax", "tensorstore", "etils", "grain", "asyncio", "gcsfs", "fsspec")
 
 
 class _Formatter(logging.Formatter):
@@ -150,3 +153,57 @@ class Timer:
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.t0
         return False
+
+
+# ---- native stderr of the accelerator plugins ---------------------------------------------------
+
+NATIVE_NOISE = ("cudart_stub.cc", "All log messages before absl::InitializeLog()",
+                "could not determine TPU", "Logging before InitGoogle()", "TPU_WORKER_HOSTNAMES",
+                "Source Location Trace", "libtpu_init_utils.cc", "Failed to find host bounds")
+
+
+@contextlib.contextmanager
+def quiet_native_stderr(box: list | None = None, also: tuple[str, ...] = ()):
+    """Run a block with file descriptor 2 captured; re-emit every line except the plugins'
+    known start-up notices (`NATIVE_NOISE`: no CUDA driver on this host, libtpu not on a TPU VM)
+    and lines containing any of `also` (case-insensitive). The whole capture is appended to
+    `box`. With `--debug` / MEDITRON_JAX_DEBUG=1 nothing is filtered."""
+    from meditron_jax.errors import debug_enabled
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode(errors="replace")
+            if box is not None:
+                box.append(text)
+            keep_all = debug_enabled()
+            for line in text.splitlines(keepends=True):
+                if keep_all or (not any(s in line for s in NATIVE_NOISE)
+                                and not any(a in line.lower() for a in also)):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+
+
+def import_jax_quietly():
+    """`import jax` with the compile-only CUDA plugin's import-time notices filtered (the `plan`
+    extra on a host without a GPU prints "Could not find cuda drivers" while jax loads its CUDA
+    version helpers). Call before anything else imports jax."""
+    with quiet_native_stderr():
+        import jax  # noqa: F401
+
+
+def start_backends_quietly():
+    """Start JAX's backends (plugin discovery, then the devices) with the plugins' start-up
+    notices filtered. Call where a command first needs devices: after joining the cluster
+    (`jax.distributed.initialize` must come first)."""
+    import jax
+    with quiet_native_stderr():
+        jax.devices()

@@ -4,7 +4,7 @@ import json
 import os
 import random
 
-from meditron_jax.config import LlamaConfig
+from meditron_jax.models.config import LlamaConfig
 from meditron_jax.data.tokenizer import train_tokenizer
 
 WORDS = ("patient fever cough aspirin insulin heart lung kidney liver blood pressure dose drug therapy "

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 import transformers
 
-from meditron_jax.config import LlamaConfig
+from meditron_jax.models.config import LlamaConfig
 
 
 def hf_config(cfg: LlamaConfig):

@@ -1,7 +1,7 @@
 """Fault injection for the reliability tests: `python tests/nan_steps.py 4,7,8 train ARGS...`
 runs `meditron-jax train ARGS...` with the batches of steps 4, 7 and 8 poisoned on the data
 side: their loss mask is NaN, so the production step (unchanged) sees a NaN loss and NaN
-gradients. The wrapper reaches the loop through `train.run(args, wrap_step=...)`."""
+gradients. The wrapper reaches the loop through `meditron_jax.cli.train.run(args, wrap_step=...)`."""
 
 import os
 import sys
@@ -24,7 +24,8 @@ def nan_at(steps):
 
 def main():
     steps = {int(s) for s in sys.argv[1].split(",")}
-    from meditron_jax import cli, train
+    from meditron_jax import cli
+    from meditron_jax.cli import train
     run = train.run
     train.run = lambda args: run(args, wrap_step=nan_at(steps))
     sys.exit(cli.main(sys.argv[2:]))

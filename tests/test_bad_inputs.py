@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from meditron_jax import checkpoint as ckpt
+from meditron_jax.storage import checkpoint as ckpt
 from meditron_jax.cli import main
-from meditron_jax.config import LlamaConfig
-from meditron_jax.model import param_shapes
+from meditron_jax.models.config import LlamaConfig
+from meditron_jax.models.llama import param_shapes
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["train.steps=2", "train.seq_len=64", "train.global_batch_size=8", "train.micro_batch_size=1",

@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from meditron_jax import attention
-from meditron_jax.config import LlamaConfig
-from meditron_jax.model import init_model
+from meditron_jax.models import attention
+from meditron_jax.models.config import LlamaConfig
+from meditron_jax.models.llama import init_model
 
 
 def _segments(B, T, rng):

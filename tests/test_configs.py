@@ -12,10 +12,10 @@ GIN_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.gin"), recur
 
 
 def register_all():
-    import meditron_jax.config  # noqa: F401
-    import meditron_jax.sharding  # noqa: F401
-    for mod in ("meditron_jax.train", "meditron_jax.optim", "meditron_jax.data.pipeline",
-                "meditron_jax.pipeline", "meditron_jax.checkpoint", "meditron_jax.metrics"):
+    import meditron_jax.models.config  # noqa: F401
+    import meditron_jax.distributed.sharding  # noqa: F401
+    for mod in ("meditron_jax.training.train", "meditron_jax.training.optimizer", "meditron_jax.data.loader",
+                "meditron_jax.training.pipeline", "meditron_jax.storage.checkpoint", "meditron_jax.training.metrics"):
         importlib.import_module(mod)  # every one has landed: a missing one is an error
 
 

@@ -13,14 +13,15 @@ import pytest
 import torch
 import transformers
 
-from meditron_jax import checkpoint as ckpt
+from meditron_jax.storage import checkpoint as ckpt
 from meditron_jax import from_pretrained
 from meditron_jax.cli import main
-from meditron_jax.config import LlamaConfig
+from meditron_jax.models.config import LlamaConfig
 from meditron_jax.convert import hf as hfconv
 from meditron_jax.convert.io import HFWeights
-from meditron_jax.model import PARAM_AXES, param_shapes
-from meditron_jax.sharding import DEFAULT_RULES, make_mesh, sharding_for
+from meditron_jax.models.llama import PARAM_AXES, param_shapes
+from meditron_jax.distributed.sharding import DEFAULT_RULES, sharding_for
+from meditron_jax.distributed.meshes import make_mesh
 from tests.hf_helpers import hf_state_dict_numpy, make_hf_model
 
 # odd vocab (padded to 640 inside), GQA: exercises the vocab trimming and kv-head split
@@ -387,7 +388,7 @@ def test_cli_subprocess(tmp_path, hf_dir):
 
 # ---- checkpoints written by the trainer ------------------------------------------------------
 def _train(workdir, init_from, mesh: dict) -> int:
-    from meditron_jax import train as train_mod
+    from meditron_jax.training import train as train_mod
     params = ["model.preset = 'tiny'", "model.num_layers = 2", "data.demo = True",
               "train.steps = 2", "train.seq_len = 32", "train.micro_batch_size = 2",
               "train.global_batch_size = 8", "train.checkpoint_every = 2", "train.log_every = 1",

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from meditron_jax.data.demo import generate_documents
-from meditron_jax.data.pipeline import DataConfig, DataConfigError, build_pipeline
+from meditron_jax.data.config import DataConfig, DataConfigError
+from meditron_jax.data.loader import build_pipeline
 from meditron_jax.data.preprocess import load_manifest, preprocess
 from meditron_jax.data.tokenizer import Tokenizer, train_tokenizer
 from meditron_jax.errors import UserError

@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from meditron_jax.data.pipeline import DataConfig, build_pipeline
+from meditron_jax.data.config import DataConfig
+from meditron_jax.data.loader import build_pipeline
 from meditron_jax.data.sft import SFTDataError, encode_example, load_sft_file
 from meditron_jax.data.tokenizer import Tokenizer
 from tests.test_data_tokenizer import trained_tokenizer_path

@@ -179,7 +179,7 @@ def test_maybe_can_win_and_long_prompts_drop_demos(env, tmp_path):
     ids = tok.encode(t.prompt(maybe_item, []), bos=True)
     h = np.asarray(model.hidden(np.array([ids], np.int32)))[0, -1]
     maybe_id = mcq.label_first_tokens(tok, ["maybe"])["maybe"]
-    from meditron_jax.model import model_from_params, params_dict
+    from meditron_jax.models.llama import model_from_params, params_dict
     params = {k: np.array(v) for k, v in params_dict(model).items()}
     params["lm_head"][:, maybe_id] = 50.0 * h / (h @ h)
     m2 = model_from_params(model.cfg, params)

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from meditron_jax import from_pretrained, sharding
+from meditron_jax import from_pretrained
+from meditron_jax.distributed import sharding
+from meditron_jax.distributed import meshes
 from meditron_jax.cli import main as cli_main
 from meditron_jax.data.preprocess import preprocess
 from meditron_jax.data.tokenizer import Tokenizer
@@ -47,7 +49,7 @@ def env(tmp_path_factory):
 
 
 def _mesh():
-    return sharding.make_mesh(distributed.parse_mesh(MESH))
+    return meshes.make_mesh(distributed.parse_mesh(MESH))
 
 
 def test_checkpoint_restores_into_shards(env):
@@ -128,8 +130,8 @@ def test_bad_mesh_and_too_large_are_one_line(env, tmp_path, capsys):
 
 
 def test_eval_plan_reports_per_device_memory(env, capsys):
-    from meditron_jax.checkpoint import model_config
-    from meditron_jax.eval.plan_eval import plan_eval
+    from meditron_jax.storage.checkpoint import model_config
+    from meditron_jax.plan.eval_plan import plan_eval
 
     cfg = model_config(env["ckpt"]).replace(dtype="float32")
     rep = plan_eval(cfg, MESH, batch=4, seq_len=64)

@@ -14,17 +14,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from meditron_jax import checkpoint as ckpt
-from meditron_jax import hlo_stats, sharding
-from meditron_jax.config import LlamaConfig
+from meditron_jax.storage import checkpoint as ckpt
+from meditron_jax.plan import hlo_stats
+from meditron_jax.distributed import sharding
+from meditron_jax.distributed import host_batch
+from meditron_jax.distributed import meshes
+from meditron_jax.models.config import LlamaConfig
 from meditron_jax.errors import UserError
-from meditron_jax.model import PARAM_AXES, param_shapes
-from meditron_jax.optim import OptimizerConfig, make_optimizer, schedule
-from meditron_jax.pipeline import PipelineSettings
+from meditron_jax.models.llama import PARAM_AXES, param_shapes
+from meditron_jax.training.optimizer import OptimizerConfig, make_optimizer, schedule
+from meditron_jax.training.pipeline import PipelineSettings
 from meditron_jax.training.config import TrainConfig, validate_shapes
 from meditron_jax.training.state import (abstract_batch, jit_train_step, layers_fn_for, nnx_params,
                                          restore_train_state, state_shardings)
-from meditron_jax.train_step import accumulate_gradients, init_state, make_train_step
+from meditron_jax.training.step import accumulate_gradients, init_state, make_train_step
 from tests.test_train_step import make_batches, run_sharded
 
 CFG = LlamaConfig(vocab_size=517, hidden_size=48, intermediate_size=112, num_layers=2, num_heads=6,
@@ -44,7 +47,7 @@ def _run(params, batches, mesh_sizes=None, zero1=False, sync=None, cfg=CFG, num_
             state, m = step(state, b)
             losses.append(float(m["loss"]))
         return losses, jax.device_get(state)
-    mesh = sharding.make_mesh(dict(BASE, **mesh_sizes))
+    mesh = meshes.make_mesh(dict(BASE, **mesh_sizes))
     with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
         losses, state, _ = run_sharded(
             lambda: make_train_step(cfg, tx, schedule(OC, 10), num_micro, layers_fn_for(cfg, mesh, PipelineSettings()),
@@ -83,8 +86,8 @@ def test_fused_accumulation_same_as_one_device(one_device, mesh_sizes):
     """remat='full' takes the fused stack (the backward layer scan adds into the fp32
     accumulator, the kept layer inputs split over tensor): same values as the plain one-device
     step (remat 'none', plain autodiff) with ZeRO-1, also with fsdp reduce-scattered per layer."""
-    from meditron_jax import fused_accum
-    from meditron_jax.model import run_layers
+    from meditron_jax.training import fused_accum
+    from meditron_jax.models.llama import run_layers
     params, batches, ref_losses, ref = one_device
     cfg = CFG.replace(remat="full")
     assert fused_accum.fusable(cfg, run_layers) and not fused_accum.fusable(CFG, run_layers)
@@ -104,11 +107,11 @@ def test_fused_accumulation_memory():
     (this compiler's schedule already avoids most of the second gradient tree at this size;
     the GPU target's does not: 2.85 GiB for meditron_7b, docs/benchmarks.md)."""
     import functools
-    from meditron_jax.model import LAYER_KEYS, run_layers
+    from meditron_jax.models.llama import LAYER_KEYS, run_layers
     cfg = CFG.replace(dtype="bfloat16", remat="full", hidden_size=256, intermediate_size=512, num_heads=4,
                       num_kv_heads=2, num_layers=2, max_position_embeddings=128)
     micro, rows, T, tensor = 2, 8, 128, 2
-    mesh = sharding.make_mesh(dict(BASE, data=4, tensor=tensor))
+    mesh = meshes.make_mesh(dict(BASE, data=4, tensor=tensor))
     tx = make_optimizer(OC, 10)
     tc = TrainConfig(steps=1, micro_batch_size=rows, global_batch_size=rows * 4 * micro, seq_len=T)
     temps = {}
@@ -133,7 +136,7 @@ def _replica_sum(dtype, zero1):
     """Each of 4 data replicas contributes 1 + 3 * 2**-10 to every gradient entry: exact in fp32,
     rounded to 1.0 in bf16 (8 mantissa bits), so a bf16 reduction is 0.29% low."""
     v = 1.0 + 3 * 2.0 ** -10
-    mesh = sharding.make_mesh(dict(BASE, data=4), devices=jax.devices()[:4])
+    mesh = meshes.make_mesh(dict(BASE, data=4), devices=jax.devices()[:4])
     D = 64
     work = {"norm": jnp.zeros((D,), jnp.float32)}
     micro = {"loss_mask": jnp.full((1, 4, 2), v, jnp.float32)}
@@ -157,7 +160,7 @@ def test_reduction_precision(zero1):
 
 def _compiled_step(zero1, tmp_path):
     cfg = CFG.replace(dtype="bfloat16", hidden_size=64, num_heads=4)
-    mesh = sharding.make_mesh(dict(BASE, data=4, tensor=2))
+    mesh = meshes.make_mesh(dict(BASE, data=4, tensor=2))
     tx = make_optimizer(OC, 10)
     with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
         sh = state_shardings(cfg, tx, mesh, sharding.DEFAULT_RULES, zero1=zero1)
@@ -223,7 +226,7 @@ def test_checkpoint_from_old_layout_and_stage4_restores_zero1_stage1(tmp_path, o
     tx = make_optimizer(OC, 10)
     params = jax.device_get(nnx_params(cfg, 1))
     state = jax.device_get(init_state(jax.tree.map(jnp.asarray, params), tx))
-    old = sharding.make_mesh(dict(BASE, data=2, stage=4))
+    old = meshes.make_mesh(dict(BASE, data=2, stage=4))
     with sharding.use_mesh(old, sharding.DEFAULT_RULES):
         sh = state_shardings(cfg, tx, old, sharding.DEFAULT_RULES, zero1=False)
         placed = jax.device_put({"params": state["params"], "opt_state": state["opt_state"]},
@@ -232,7 +235,7 @@ def test_checkpoint_from_old_layout_and_stage4_restores_zero1_stage1(tmp_path, o
         manager = ckpt.make_manager(str(tmp_path))
         ckpt.save(manager, 5, placed["params"], placed["opt_state"], {"it": 1}, {"step": 5})
         manager.wait_until_finished()
-    new = sharding.make_mesh(dict(BASE, data=8))
+    new = meshes.make_mesh(dict(BASE, data=8))
     with sharding.use_mesh(new, sharding.DEFAULT_RULES):
         sh = state_shardings(cfg, tx, new, sharding.DEFAULT_RULES, zero1=True)
         abstract = jax.eval_shape(lambda p: init_state(p, tx),
@@ -246,7 +249,7 @@ def test_checkpoint_from_old_layout_and_stage4_restores_zero1_stage1(tmp_path, o
         b = make_batches(n=1, G=G, cfg=cfg)[0]
         step = jit_train_step(make_train_step(cfg, tx, schedule(OC, 10), 2, zero1=True, sync=sharding.GradSync()),
                               sh, new)
-        out, m = step(restored, sharding.global_batch(b, new))
+        out, m = step(restored, host_batch.global_batch(b, new))
     ref, m1 = jax.jit(make_train_step(cfg, tx, schedule(OC, 10), 2, zero1=False))(
         jax.tree.map(jnp.asarray, {**state, "step": jnp.int32(5)}), b)
     np.testing.assert_allclose(float(m["loss"]), float(m1["loss"]), rtol=1e-5)
@@ -267,18 +270,18 @@ def test_bad_settings_one_line():
 
 
 def test_eval_step_micro_batched_equals_whole_batch(one_device):
-    from meditron_jax.train_step import make_eval_step
+    from meditron_jax.training.step import make_eval_step
     params, batches, _, _ = one_device
     b = batches[0]
     whole = jax.jit(make_eval_step(CFG, num_micro=1, zero1=False, sync=sharding.GradSync()))(params, b)
-    mesh = sharding.make_mesh(dict(BASE, data=4, tensor=2))
+    mesh = meshes.make_mesh(dict(BASE, data=4, tensor=2))
     with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
         tx = make_optimizer(OC, 10)
         sh = state_shardings(CFG, tx, mesh, sharding.DEFAULT_RULES, zero1=True)
         fn = jax.jit(make_eval_step(CFG, num_micro=NUM_MICRO, zero1=True, sync=sharding.GradSync()),
-                     in_shardings=(sh["params"], {k: sharding.batch_sharding(mesh) for k in b}))
-        jaxpr = str(jax.make_jaxpr(fn)(jax.device_put(params, sh["params"]), sharding.global_batch(b, mesh)))
-        out = fn(jax.device_put(params, sh["params"]), sharding.global_batch(b, mesh))
+                     in_shardings=(sh["params"], {k: host_batch.batch_sharding(mesh) for k in b}))
+        jaxpr = str(jax.make_jaxpr(fn)(jax.device_put(params, sh["params"]), host_batch.global_batch(b, mesh)))
+        out = fn(jax.device_put(params, sh["params"]), host_batch.global_batch(b, mesh))
     assert "scan" in jaxpr and "length=4" in jaxpr.replace(" ", "")
     np.testing.assert_allclose(float(out["loss_sum"]), float(whole["loss_sum"]), rtol=1e-5)
     assert float(out["tokens"]) == float(whole["tokens"])

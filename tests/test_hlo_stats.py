@@ -2,7 +2,7 @@
 
 import pytest
 
-from meditron_jax import hlo_stats
+from meditron_jax.plan import hlo_stats
 
 # A hand-written post-optimization module: an all-reduce inside a while (5 trips) inside a
 # while (3 trips), an async all-gather (`*-start`/`*-done`), a reduce-scatter wrapped in
@@ -141,7 +141,7 @@ def test_pipeline_step_collectives_match_shapes():
     parallel gradient sums move fp32 parameter bytes over `data`: the stage's layer weights per
     device (tensor 2) are 92416 floats per layer. On CPU the two sums over `stage` run in fp32
     (pipeline._boundary_dtype); test_plan_target checks bf16 for a GPU target."""
-    from meditron_jax.plan import compile_step
+    from meditron_jax.plan.compile import compile_step
     params = ["train.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=1",
               "mesh.data=2", "mesh.stage=2", "mesh.tensor=2", "pipeline.microbatches=4", "model.dtype='bfloat16'"]
     built = compile_step(["configs/tiny.gin"], params, devices=8)

@@ -11,10 +11,10 @@ import pytest
 import torch
 import transformers
 
-from meditron_jax import checkpoint as ckpt
+from meditron_jax.storage import checkpoint as ckpt
 from meditron_jax import from_pretrained
 from meditron_jax.cli import main
-from meditron_jax.config import LlamaConfig
+from meditron_jax.models.config import LlamaConfig
 from meditron_jax.data.tokenizer import Tokenizer
 from tests.hf_helpers import make_hf_model
 
@@ -25,7 +25,7 @@ def _meditron_added_tokens() -> list[str]:
     """The list configs/gap_replay.gin gives (read from the file: the test checks the config)."""
     import gin
     gin.clear_config()
-    import meditron_jax.data.pipeline  # noqa: F401
+    import meditron_jax.data.loader  # noqa: F401
     gin.parse_config_files_and_bindings([os.path.join(ROOT, "configs", "gap_replay.gin")], [],
                                         finalize_config=False, skip_unknown=True)
     tokens = list(gin.query_parameter("data.added_tokens"))

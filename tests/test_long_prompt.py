@@ -10,9 +10,9 @@ attention is peaked, the regime where a small angle error moves a log-prob."""
 import numpy as np
 import torch
 
-from meditron_jax.config import LlamaConfig
+from meditron_jax.models.config import LlamaConfig
 from meditron_jax.convert import hf as hfconv
-from meditron_jax.model import model_from_params
+from meditron_jax.models.llama import model_from_params
 from tests.hf_helpers import hf_state_dict_numpy, make_hf_model
 
 T = 2048

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from meditron_jax import from_pretrained
-from meditron_jax.config import PRESETS, LlamaConfig, preset
+from meditron_jax.models.config import PRESETS, LlamaConfig, preset
 from meditron_jax.convert import hf as hfconv
-from meditron_jax.model import init_model, model_from_params, params_dict
+from meditron_jax.models.llama import init_model, model_from_params, params_dict
 from tests.hf_helpers import hf_state_dict_numpy, make_hf_model
 
 BASE = dict(vocab_size=517, hidden_size=48, intermediate_size=112, num_layers=2, num_heads=6,

@@ -28,8 +28,11 @@ import jax
 import numpy as np
 import pytest
 
-from meditron_jax import checkpoint as ckpt
-from meditron_jax import host_batch, sharding
+from meditron_jax.storage import checkpoint as ckpt
+from meditron_jax.distributed import host_batch
+from meditron_jax.distributed import sharding
+from meditron_jax.distributed import host_batch
+from meditron_jax.distributed import meshes
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".jax_cache"
@@ -297,18 +300,18 @@ def test_rows_follow_the_batch_sharding(sizes, n, expect):
     """Each fake process's rows are exactly the rows its devices hold, the union is the batch, and
     a global array assembled from each process's rows equals the global batch."""
     devices = jax.devices()
-    across = sharding.process_placement(sizes, n, len(devices) // n)
-    inside = [sizes[a] // across[a] for a in sharding.MESH_AXES]
+    across = meshes.process_placement(sizes, n, len(devices) // n)
+    inside = [sizes[a] // across[a] for a in meshes.MESH_AXES]
     groups = _fake_processes(n)
     blocks = [np.asarray(g, dtype=object).reshape(inside) for g in groups]
-    grid = np.empty([across[a] for a in sharding.MESH_AXES], dtype=object)
+    grid = np.empty([across[a] for a in meshes.MESH_AXES], dtype=object)
     for p, b in enumerate(blocks):
         grid.flat[p] = b
     dev_array = np.block(grid.tolist())
-    mesh = jax.sharding.Mesh(dev_array, sharding.MESH_AXES)
-    s = sharding.batch_sharding(mesh)
+    mesh = jax.sharding.Mesh(dev_array, meshes.MESH_AXES)
+    s = host_batch.batch_sharding(mesh)
     gb = 8
-    rows = [sharding.rows_of(s, gb, g) for g in groups]
+    rows = [host_batch.rows_of(s, gb, g) for g in groups]
     assert [len(r) for r in rows] == expect
     assert sorted(set(np.concatenate(rows))) == list(range(gb))
     full = np.arange(gb * 3).reshape(gb, 3)
@@ -322,28 +325,28 @@ def test_rows_follow_the_batch_sharding(sizes, n, expect):
 
 
 def test_global_batch_single_process_and_wrong_rows():
-    mesh = sharding.make_mesh({"data": 2, "stage": 2, "fsdp": 1, "tensor": 2})
-    assert list(sharding.host_rows(mesh, 8)) == list(range(8))
+    mesh = meshes.make_mesh({"data": 2, "stage": 2, "fsdp": 1, "tensor": 2})
+    assert list(host_batch.host_rows(mesh, 8)) == list(range(8))
     batch = {"inputs": np.arange(16, dtype=np.int32).reshape(8, 2)}
-    out = sharding.global_batch(batch, mesh)
+    out = host_batch.global_batch(batch, mesh)
     np.testing.assert_array_equal(np.asarray(out["inputs"]), batch["inputs"])
-    assert out["inputs"].sharding.spec == sharding.batch_sharding(mesh).spec
+    assert out["inputs"].sharding.spec == host_batch.batch_sharding(mesh).spec
     with pytest.raises(ValueError, match="passed 4 rows"):
-        sharding.global_batch({"inputs": batch["inputs"][:4]}, mesh, 8)
+        host_batch.global_batch({"inputs": batch["inputs"][:4]}, mesh, 8)
 
 
 def test_process_placement():
-    place = sharding.process_placement
+    place = meshes.process_placement
     assert place({"data": 2, "stage": 2, "fsdp": 1, "tensor": 2}, 2, 4) == {"data": 1, "stage": 2, "fsdp": 1, "tensor": 1}
     assert place({"data": 1, "stage": 1, "fsdp": 1, "tensor": 8}, 2, 4) == {"data": 1, "stage": 1, "fsdp": 1, "tensor": 2}
     # Meditron-70B: TP8 inside a host, PP8 x DP2 across 16 hosts
     assert place({"data": 2, "stage": 8, "fsdp": 1, "tensor": 8}, 16, 8) == {"data": 2, "stage": 8, "fsdp": 1, "tensor": 1}
     assert place({"data": 8, "stage": 1, "fsdp": 1, "tensor": 1}, 2, 4, order=("data",))["data"] == 2
-    with pytest.raises(sharding.MeshError, match=r"mesh data=1 stage=4 fsdp=1 tensor=2 cannot be placed on 2 processes x 4 devices"):
+    with pytest.raises(meshes.MeshError, match=r"mesh data=1 stage=4 fsdp=1 tensor=2 cannot be placed on 2 processes x 4 devices"):
         place({"data": 1, "stage": 4, "fsdp": 1, "tensor": 2}, 2, 4, order=("data",))
-    with pytest.raises(sharding.MeshError, match=r"has 8 devices, but 3 processes x 4 devices are 12"):
+    with pytest.raises(meshes.MeshError, match=r"has 8 devices, but 3 processes x 4 devices are 12"):
         place({"data": 2, "stage": 2, "fsdp": 1, "tensor": 2}, 3, 4)
-    with pytest.raises(sharding.MeshError, match="different numbers of devices"):
+    with pytest.raises(meshes.MeshError, match="different numbers of devices"):
         place({"data": 8, "stage": 1, "fsdp": 1, "tensor": 1}, 2, 4, [4, 3])
 
 
@@ -352,7 +355,8 @@ def test_pipeline_keeps_the_rows_it_is_given(demo):
     rows name them), in the same data order as one process holding everything."""
     import gin
 
-    from meditron_jax.data.pipeline import build_pipeline, data_config
+    from meditron_jax.data.config import data_config
+    from meditron_jax.data.loader import build_pipeline
 
     gin.clear_config()  # bindings left by an earlier in-process test would reach data_config
     cfg = data_config(demo=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from meditron_jax import checkpoint as ckpt
+from meditron_jax.storage import checkpoint as ckpt
 from meditron_jax.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,7 +149,7 @@ def test_bad_value_is_one_line(binding, tmp_path, capfd):
 def test_config_prints_defaults_without_compiling(tmp_path, capfd, monkeypatch):
     import jax
 
-    import meditron_jax.data.pipeline as data_pipeline
+    import meditron_jax.data.loader as data_pipeline
     import meditron_jax.training.state as state_mod
 
     def refuse(*a, **k):
@@ -218,7 +218,7 @@ def test_second_run_refuses_and_first_is_untouched(tmp_path, demo_data, capfd):
 
 
 def test_stale_and_live_locks(tmp_path):
-    from meditron_jax.workdir import RunLock, WorkdirLocked
+    from meditron_jax.storage.workdir import RunLock, WorkdirLocked
 
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -238,7 +238,7 @@ def test_stale_and_live_locks(tmp_path):
 
 
 def test_heartbeat_keeps_the_lock_fresh(tmp_path):
-    from meditron_jax.workdir import RunLock
+    from meditron_jax.storage.workdir import RunLock
 
     lock = RunLock(str(tmp_path), heartbeat_s=0.05).acquire()
     first = json.loads((tmp_path / "run.lock").read_text())["heartbeat"]
@@ -381,7 +381,7 @@ def test_every_flag_has_help_and_both_spellings(capfd):
 
 def test_workdir_urls():
     from meditron_jax.errors import UserError
-    from meditron_jax.workdir import resolve_workdir
+    from meditron_jax.storage.workdir import resolve_workdir
 
     assert resolve_workdir("/tmp/x") == "/tmp/x" and resolve_workdir("file:///tmp/x") == "/tmp/x"
     assert resolve_workdir("gs://bucket/run/") == "gs://bucket/run"  # supported (tests/test_remote_storage.py)
@@ -398,7 +398,7 @@ def test_remote_workdir_refused_before_anything(tmp_path, capfd, monkeypatch):
 
 
 def test_tensorboard_groups_config_tokens_and_wall_time(tmp_path):
-    from meditron_jax.metrics import MetricsWriter
+    from meditron_jax.training.metrics import MetricsWriter
     from tests.test_reliability import _tb_events
 
     w = MetricsWriter(str(tmp_path), total_steps=2, enabled=True, progress=False, console=False,

@@ -19,11 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from meditron_jax import attention, sharding
-from meditron_jax.config import LlamaConfig
-from meditron_jax.model import init_model, params_dict
-from meditron_jax.optim import OptimizerConfig, make_optimizer, schedule
-from meditron_jax.train_step import cross_entropy_sum, init_state, make_train_step
+from meditron_jax.models import attention
+from meditron_jax.distributed import sharding
+from meditron_jax.distributed import meshes
+from meditron_jax.models.config import LlamaConfig
+from meditron_jax.models.llama import init_model, params_dict
+from meditron_jax.training.optimizer import OptimizerConfig, make_optimizer, schedule
+from meditron_jax.training.step import cross_entropy_sum, init_state, make_train_step
 
 CFG = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                   num_kv_heads=2, max_position_embeddings=32)  # padded vocab 384: 84 padded columns
@@ -84,7 +86,7 @@ def test_fused_loss_on_sharded_mesh():
     """Batch over (data, fsdp), vocab over tensor: the custom-gradient scan partitions correctly."""
     W, h, t, m = _loss_inputs(B=4)
     ref = _ce_grad(CFG, None, W, h, t, m)
-    mesh = sharding.make_mesh(dict(data=2, stage=1, fsdp=2, tensor=2))
+    mesh = meshes.make_mesh(dict(data=2, stage=1, fsdp=2, tensor=2))
     with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
         spec = jax.sharding.PartitionSpec
         put = lambda a, s: jax.device_put(a, jax.sharding.NamedSharding(mesh, s))
@@ -199,7 +201,7 @@ _REUSE_SNIPPET = """
 import sys
 import numpy as np
 if sys.argv[1] == "policy":
-    from meditron_jax.hostmem import keep_freed_memory
+    from meditron_jax.training.hostmem import keep_freed_memory
     assert keep_freed_memory()
 def rss():
     with open("/proc/self/statm") as f:

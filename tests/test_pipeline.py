@@ -13,10 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from meditron_jax import pipeline, sharding
-from meditron_jax.config import LlamaConfig
-from meditron_jax.model import LAYER_KEYS, PARAM_AXES, init_model, params_dict, run_layers
-from meditron_jax.sharding import MeshError
+from meditron_jax.training import pipeline
+from meditron_jax.distributed import sharding
+from meditron_jax.distributed import host_batch
+from meditron_jax.distributed import meshes
+from meditron_jax.models.config import LlamaConfig
+from meditron_jax.models.llama import LAYER_KEYS, PARAM_AXES, init_model, params_dict, run_layers
+from meditron_jax.distributed.meshes import MeshError
 
 CFG = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=8,
                   num_heads=4, num_kv_heads=2, max_position_embeddings=64)
@@ -70,11 +73,11 @@ def _run(name, sizes, cfg=CFG, repeats=1, microbatches=None, pipeline_layout=Fal
     (the compiled step's weight input shardings, {name: [(device, index, gradient shard)]}))."""
     if name in _RUNS:
         return _RUNS[name]
-    mesh = sharding.make_mesh(sizes)
+    mesh = meshes.make_mesh(sizes)
     S = sizes["stage"]
     layers = pipeline.to_pipeline_layout(LAYERS, S, repeats) if pipeline_layout else LAYERS
     layer_sh = _rule_shardings(mesh, layers)
-    x_sh = sharding.batch_sharding(mesh, 3)
+    x_sh = host_batch.batch_sharding(mesh, 3)
     with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
         def f(layers, x):
             y = pipeline.pipeline_layers(cfg, layers, x, POS, SEG, mesh=mesh, repeats=repeats,
@@ -236,7 +239,7 @@ def test_bad_pipeline_configs(kwargs, match):
 
 
 def test_pipeline_layers_rejects_bad_batch_before_compiling():
-    mesh = sharding.make_mesh(MESHES["stage4_data2"])
+    mesh = meshes.make_mesh(MESHES["stage4_data2"])
     with sharding.use_mesh(mesh, sharding.DEFAULT_RULES), pytest.raises(MeshError, match="data-parallel size 2"):
         pipeline.pipeline_layers(CFG, LAYERS, X, POS, SEG, mesh=mesh, microbatches=16)
 
@@ -321,7 +324,7 @@ _PLANS: dict = {}
 
 
 def _plan_temporaries(M: int, stage_remat: bool) -> int:
-    from meditron_jax import plan
+    from meditron_jax.plan import compile as plan
     key = (M, stage_remat)
     if key not in _PLANS:
         gin.clear_config()
@@ -342,7 +345,7 @@ def test_more_microbatches_add_only_tick_inputs():
     S, T, D, L = 4, 64, 256, 8
     cfg = LlamaConfig(vocab_size=2048, hidden_size=D, intermediate_size=704, num_layers=L,
                       num_heads=4, num_kv_heads=2)
-    from meditron_jax.model import param_shapes
+    from meditron_jax.models.llama import param_shapes
     stage_weights = sum(4 * np.prod(s) for k, s in param_shapes(cfg).items() if k in LAYER_KEYS) // S
     small, big = _plan_temporaries(4, True), _plan_temporaries(8, True)
     extra_ticks = (8 + S - 1) - (4 + S - 1)
@@ -382,8 +385,8 @@ def test_bad_pipeline_settings(binding, match):
 def test_recipe_pipelines_have_small_bubbles(name, mesh, accumulation):
     # The shipped pipelined recipes: bubble <= 10%, and the batch splits exactly (compile-free).
     import os
-    import meditron_jax.data.pipeline  # noqa: F401  (gin `data.*`)
-    from meditron_jax.config import model_config
+    import meditron_jax.data.loader  # noqa: F401  (gin `data.*`)
+    from meditron_jax.models.config import model_config
     from meditron_jax.training.config import accumulation_steps, train_config
     root = os.path.join(os.path.dirname(__file__), "..")
     gin.clear_config()
@@ -392,7 +395,7 @@ def test_recipe_pipelines_have_small_bubbles(name, mesh, accumulation):
         gin.parse_config_files_and_bindings([os.path.join(root, "configs", name)],
                                             ["train.init_from = None", "data.tokenizer = None"])
         s = pipeline.pipeline_settings()
-        assert sharding.mesh_shape(num_devices=int(np.prod(list(mesh.values())))) == mesh
+        assert meshes.mesh_shape(num_devices=int(np.prod(list(mesh.values())))) == mesh
         assert accumulation_steps(train_config(), model_config(), mesh, s) == accumulation
         assert pipeline.bubble_fraction(mesh["stage"], s.microbatches, s.repeats) <= 0.10
         assert s.stage_remat

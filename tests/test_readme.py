@@ -90,7 +90,7 @@ def substitute(cmd: str, tmp, gin: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def toy_llama(tmp_path_factory, demo_data):
-    from meditron_jax.config import LlamaConfig
+    from meditron_jax.models.config import LlamaConfig
     from tests.hf_helpers import make_hf_model
 
     tmp = tmp_path_factory.mktemp("readme")

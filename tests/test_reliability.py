@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from meditron_jax import checkpoint as ckpt
+from meditron_jax.storage import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".jax_cache"
@@ -284,7 +284,7 @@ def test_nan_injection_skips_and_stops(tmp_path, demo, baseline):
 def test_all_finite_guard():
     import jax.numpy as jnp
 
-    from meditron_jax.checkpoint import all_finite
+    from meditron_jax.storage.checkpoint import all_finite
 
     good = {"a": jnp.ones((2, 3)), "b": {"count": jnp.asarray(3, jnp.int32), "mu": jnp.zeros(4)}}
     assert bool(all_finite(good))
@@ -362,7 +362,7 @@ def test_two_process_sigterm_to_one_stops_both(tmp_path, demo):
 
 def test_truncate_metrics_keeps_each_step_once(tmp_path):
     """Records past the restored step and a torn last line move to metrics.dropped.jsonl."""
-    from meditron_jax.metrics import truncate_metrics
+    from meditron_jax.training.metrics import truncate_metrics
 
     lines = [json.dumps({"step": s, "loss": float(s)}) + "\n" for s in (1, 2, 3, 4)]
     lines.insert(3, json.dumps({"step": 3, "eval_loss": 0.5}) + "\n")
@@ -397,7 +397,7 @@ def test_tensorboard_resume_hides_relogged_steps(tmp_path):
     with a SessionLog START at step 3, so TensorBoard (which hides, at such an event, what
     earlier files logged at steps >= its step: tensorboardX's `purge_step`) shows each step once,
     with the resumed run's values."""
-    from meditron_jax.metrics import MetricsWriter
+    from meditron_jax.training.metrics import MetricsWriter
 
     for start, steps, scale in ((0, (1, 2, 3, 4), 1.0), (2, (3, 4), 10.0)):
         if start:

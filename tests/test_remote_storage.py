@@ -1,4 +1,4 @@
-"""Remote storage (issue 18): a `gs://` workdir through the one path layer (`meditron_jax.paths`,
+"""Remote storage (issue 18): a `gs://` workdir through the one path layer (`meditron_jax.storage.paths`,
 etils epath as Orbax uses it), and the refusals of what cannot be written.
 
 The `gs://` tests run against a local GCS emulator (fake-gcs-server, from the PyPI package
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from meditron_jax import paths
+from meditron_jax.storage import paths
 from meditron_jax.cli import main
 from meditron_jax.errors import UserError
 
@@ -208,7 +208,7 @@ def test_gs_workdir_train_resume_list_export(gcs, demo_data, tmp_path, capfd, mo
 
 
 def test_gs_lock_refuses_a_second_run_and_recovers_a_stale_one(gcs, monkeypatch):
-    from meditron_jax import workdir as wd
+    from meditron_jax.storage import workdir as wd
 
     monkeypatch.setattr(wd, "REMOTE_SETTLE_S", 0.2)
     url = "gs://bkt/lock"

@@ -11,11 +11,12 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from meditron_jax import sharding
-from meditron_jax.config import LlamaConfig
-from meditron_jax.model import PARAM_AXES, param_shapes
-from meditron_jax.optim import OptimizerConfig, decay_mask, make_optimizer
-from meditron_jax.train_step import init_state
+from meditron_jax.distributed import sharding
+from meditron_jax.distributed import meshes
+from meditron_jax.models.config import LlamaConfig
+from meditron_jax.models.llama import PARAM_AXES, param_shapes
+from meditron_jax.training.optimizer import OptimizerConfig, decay_mask, make_optimizer
+from meditron_jax.training.step import init_state
 
 CFG = LlamaConfig(vocab_size=517, hidden_size=48, intermediate_size=112, num_layers=2, num_heads=6,
                   num_kv_heads=2, max_position_embeddings=64)
@@ -45,7 +46,7 @@ def _specs(tree):
 
 @pytest.mark.parametrize("zero1", [False, True])
 def test_state_layout_from_structure_matches_the_recipe_state(zero1):
-    mesh = sharding.make_mesh(SIZES)
+    mesh = meshes.make_mesh(SIZES)
     rules = dict(sharding.DEFAULT_RULES)
     tx = make_optimizer(OptimizerConfig(), 100)
     state = _abstract_state(tx)
@@ -78,7 +79,7 @@ def _row_stats():
 
 
 def test_state_layout_ignores_names_and_follows_the_chain():
-    mesh = sharding.make_mesh(SIZES)
+    mesh = meshes.make_mesh(SIZES)
     tx = optax.chain(_kept_by_name(), _row_stats(),
                      optax.inject_hyperparams(optax.adam)(learning_rate=1e-3))
     state = _abstract_state(tx)
@@ -92,7 +93,7 @@ def test_state_layout_ignores_names_and_follows_the_chain():
 
 
 def test_unknown_parameter_is_an_error_not_a_replicate():
-    mesh = sharding.make_mesh(SIZES)
+    mesh = meshes.make_mesh(SIZES)
     with pytest.raises(ValueError, match="q_proj_renamed"):
         sharding.param_shardings({"q_proj_renamed": jax.ShapeDtypeStruct((2, 48, 6, 8), jnp.float32)},
                                  PARAM_AXES, mesh, sharding.DEFAULT_RULES)
@@ -101,7 +102,7 @@ def test_unknown_parameter_is_an_error_not_a_replicate():
 def test_dropped_axes_and_skipped_zero1_logged_once_per_parameter(caplog, monkeypatch):
     odd = LlamaConfig(vocab_size=517, hidden_size=50, intermediate_size=110, num_layers=3, num_heads=5,
                       num_kv_heads=5, max_position_embeddings=64)
-    mesh = sharding.make_mesh(dict(data=4, stage=1, fsdp=1, tensor=2))
+    mesh = meshes.make_mesh(dict(data=4, stage=1, fsdp=1, tensor=2))
     tx = make_optimizer(OptimizerConfig(), 100)
     # caplog's handler on the package logger itself, propagation off (as the CLI's console
     # setup leaves it): each record is captured exactly once whatever ran before
@@ -129,7 +130,7 @@ def test_dropped_axes_and_skipped_zero1_logged_once_per_parameter(caplog, monkey
 
 
 def test_context_is_explicit():
-    mesh = sharding.make_mesh(SIZES)
+    mesh = meshes.make_mesh(SIZES)
     with pytest.raises(TypeError):
         sharding.use_mesh(mesh).__enter__()  # no silent default rules
     with pytest.raises(ValueError, match="required"):

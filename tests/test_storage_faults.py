@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from meditron_jax import checkpoint as ckpt
+from meditron_jax.storage import checkpoint as ckpt
 from meditron_jax import errors
 from meditron_jax.cli import main
-from meditron_jax.config import LlamaConfig
-from meditron_jax.model import param_shapes
+from meditron_jax.models.config import LlamaConfig
+from meditron_jax.models.llama import param_shapes
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".jax_cache"
@@ -291,7 +291,8 @@ def _damaged_source(demo: Path, tmp_path: Path, how: str) -> tuple[Path, Path]:
 
 
 def _pipeline(demo: Path, src: Path):
-    from meditron_jax.data.pipeline import DataConfig, build_pipeline
+    from meditron_jax.data.config import DataConfig
+    from meditron_jax.data.loader import build_pipeline
 
     cfg = DataConfig(sources={"guidelines": str(src)}, tokenizer=str(demo / "tokenizer.model"), shuffle=False,
                      read_group=64, prefetch_batches=0, validation_fraction=0.0)
@@ -367,7 +368,7 @@ def test_killed_export_partial_removed_by_next_export(tmp_path, small_model, cap
         assert partial.is_dir() and partial.name.startswith(".exported.partial-")
         capfd.readouterr()
         assert main(["export", str(small_model / "ck"), "--to", "hf", "--out", str(tmp_path / "other")]) == 0
-        from meditron_jax import storage
+        from meditron_jax.storage import faults as storage
         assert storage.remove_stale_partials(str(out), "export") == []  # alive: kept
         assert partial.is_dir()
         writer.send_signal(signal.SIGKILL)
@@ -404,7 +405,7 @@ def test_preprocess_removes_legacy_and_dead_partials(tmp_path, demo, capfd):
 
 
 def test_space_warning_before_a_save_that_will_not_fit(tmp_path, monkeypatch, capfd):
-    from meditron_jax import storage
+    from meditron_jax.storage import faults as storage
 
     class FakeManager:
         def save(self, step, *a, **k):
@@ -440,7 +441,7 @@ def test_tensorboard_write_fault_raises_instead_of_hanging(tmp_path):
     close() returns."""
     import threading
 
-    from meditron_jax.metrics import MetricsWriter
+    from meditron_jax.training.metrics import MetricsWriter
 
     w = tmp_path / "w"
     w.mkdir()

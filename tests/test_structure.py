@@ -5,7 +5,11 @@
 - no module imports another module's `_private` name (`from m import _x`, or `m._x` on an
   imported module);
 - no file in `meditron_jax/` over 450 lines;
-- the data layer (`meditron_jax.data`) does not import `meditron_jax.eval`.
+- the data layer (`meditron_jax.data`) does not import `meditron_jax.eval`;
+- no cycles between the package's folders either (`models/`, `training/`, ...: each folder is one
+  node, each module at the root its own), so the folders stack in layers;
+- at most 8 modules at the package root (errors, console and the entry points);
+- no `jax._src` (JAX's private modules) anywhere in the package.
 
 Run `python tests/test_structure.py` to print every violation, not only the first.
 """
@@ -95,10 +99,21 @@ def graph(mods: dict[str, str] = MODULES) -> dict[str, set[str]]:
     return {m: {t for t, *_ in imports(m, mods) if t != m} for m in mods}
 
 
-def cycles(mods: dict[str, str] = MODULES) -> list[list[str]]:
-    """The strongly connected components of the import graph with more than one module, each
-    as a sorted list (Tarjan's algorithm, iterative)."""
-    g = graph(mods)
+def folder_graph(mods: dict[str, str] = MODULES) -> dict[str, set[str]]:
+    """The import graph with each top-level folder of the package as one node (`pkg.training`)
+    and each module at the root as its own."""
+    def node(m):
+        return ".".join(m.split(".")[:2])
+    out: dict[str, set[str]] = {}
+    for m, targets in graph(mods).items():
+        out.setdefault(node(m), set()).update(node(t) for t in targets if node(t) != node(m))
+    return out
+
+
+def cycles(mods: dict[str, str] = MODULES, g: dict[str, set[str]] | None = None) -> list[list[str]]:
+    """The strongly connected components of the import graph (`g`, default the modules of
+    `mods`) with more than one node, each as a sorted list (Tarjan's algorithm, iterative)."""
+    g = graph(mods) if g is None else g
     index, low, on_stack, stack, out = {}, {}, set(), [], []
     for start in sorted(g):
         if start in index:
@@ -184,6 +199,19 @@ def data_imports_eval() -> list[str]:
     return layer_imports(f"{PACKAGE}.data", f"{PACKAGE}.eval")
 
 
+def root_modules(mods: dict[str, str] = MODULES) -> list[str]:
+    return sorted(m for m, path in mods.items() if m.count(".") == 1 and not path.endswith("__init__.py"))
+
+
+def private_jax(mods: dict[str, str] = MODULES) -> list[str]:
+    """`file:line` of every mention of `jax._src` in the package's code (imports or strings)."""
+    out = []
+    for m, path in mods.items():
+        with open(path) as f:
+            out += [f"{_where(mods, m, i)}" for i, line in enumerate(f, 1) if "jax._src" in line]
+    return out
+
+
 # One test per rule, so a failure names the rule it breaks.
 def test_no_import_cycles():
     assert cycles() == []
@@ -201,11 +229,25 @@ def test_data_does_not_import_eval():
     assert data_imports_eval() == []
 
 
+def test_no_cycles_between_folders():
+    assert cycles(g=folder_graph()) == []
+
+
+def test_package_root_holds_at_most_8_modules():
+    assert len(root_modules()) <= 8, root_modules()
+
+
+def test_no_private_jax_modules():
+    assert private_jax() == []
+
+
 def test_the_arrows_that_hold_point_down():
     """design.md: data never imports model (nor the loop); the model imports no loop, files or
     evaluation; errors sits at the bottom. These hold today: keep them."""
-    down = [("data", h) for h in ("model", "train", "train_step", "checkpoint", "plan")]
-    down += [("model", h) for h in ("train", "train_step", "pipeline", "checkpoint", "storage", "data", "eval")]
+    down = [("data", h) for h in ("models", "training", "storage.checkpoint", "plan", "distributed")]
+    down += [("models", h) for h in ("training", "storage", "data", "eval", "plan", "config", "cli",
+                                     "distributed.meshes", "distributed.multihost")]
+    down += [(lo, "cli") for lo in ("training", "plan", "eval", "convert", "data", "storage", "distributed")]
     found = [r for lo, hi in down for r in layer_imports(f"{PACKAGE}.{lo}", f"{PACKAGE}.{hi}")]
     assert found == []
     assert graph()[f"{PACKAGE}.errors"] == set()
@@ -220,7 +262,7 @@ def test_the_checks_on_a_made_up_package(tmp_path):
         "b.py": "def f():\n    from . import a  # local: a imports us\n    return a._x\n",
         "c.py": "import pkg.a as alias\nfrom pkg.a import _x\nfrom pkg.errors import UserError\n"
                 "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import d\n" + "y = 0\n" * 5,
-        "d.py": "from pkg import c\n",
+        "d.py": "from pkg import c\nfrom jax._src import xla_bridge\n",
         "data/__init__.py": "",
         "data/cli.py": "def main():\n    from ..eval.tasks import read\n    return read\n",
         "eval/__init__.py": "",
@@ -233,12 +275,16 @@ def test_the_checks_on_a_made_up_package(tmp_path):
     assert cycles(mods) == [["pkg.a", "pkg.b"], ["pkg.data.cli", "pkg.eval.tasks"]]  # not c <-> d
     assert private_imports(mods) == ["b.py:3: pkg.b uses pkg.a._x", "c.py:2: pkg.c imports pkg.a._x"]
     assert long_files(mods, limit=10) == ["c.py: 11 lines"]
+    assert cycles(mods, g=folder_graph(mods)) == [["pkg.a", "pkg.b"], ["pkg.data", "pkg.eval"]]
+    assert private_jax(mods) == ["d.py:2"] and root_modules(mods) == ["pkg.a", "pkg.b", "pkg.c", "pkg.d", "pkg.errors"]
     assert layer_imports("pkg.data", "pkg.eval", mods) == ["data/cli.py:2: pkg.data.cli imports pkg.eval.tasks"]
     assert layer_imports("pkg.eval", "pkg.data", mods) == ["eval/tasks.py:1: pkg.eval.tasks imports pkg.data.cli"]
     (tmp_path / "pkg" / "b.py").write_text("def f():\n    return 1\n")
     (tmp_path / "pkg" / "c.py").write_text("import pkg.a as alias\nfrom pkg.errors import UserError\n")
     (tmp_path / "pkg" / "data" / "cli.py").write_text("def main():\n    return None\n")
+    (tmp_path / "pkg" / "d.py").write_text("from pkg import c\n")
     assert cycles(mods) == [] and private_imports(mods) == [] and long_files(mods, limit=10) == []
+    assert cycles(mods, g=folder_graph(mods)) == [] and private_jax(mods) == []
     assert layer_imports("pkg.data", "pkg.eval", mods) == []
 
 
@@ -247,13 +293,17 @@ def test_the_checks_see_the_package():
     g = graph()
     assert len(MODULES) > 40 and f"{PACKAGE}.data.tokenizer" in MODULES and f"{PACKAGE}.eval" in MODULES
     assert sum(f"{PACKAGE}.errors" in v for v in g.values()) > 10  # the one user-error type
-    assert f"{PACKAGE}.model" in g[f"{PACKAGE}.train_step"]  # `from meditron_jax.model import ...`
-    assert f"{PACKAGE}.hlo_text" in g[f"{PACKAGE}.hlo_stats"]
+    assert f"{PACKAGE}.models.llama" in g[f"{PACKAGE}.training.step"]  # `from meditron_jax.models.llama import ...`
+    assert f"{PACKAGE}.plan.hlo_text" in g[f"{PACKAGE}.plan.hlo_stats"]
+    fg = folder_graph()
+    assert f"{PACKAGE}.models" in fg[f"{PACKAGE}.training"] and f"{PACKAGE}.errors" in fg[f"{PACKAGE}.storage"]
 
 
 if __name__ == "__main__":
     report = {"import cycles": [" <-> ".join(c) for c in cycles()], "private names": private_imports(),
-              f"files over {MAX_LINES} lines": long_files(), "data imports eval": data_imports_eval()}
+              f"files over {MAX_LINES} lines": long_files(), "data imports eval": data_imports_eval(),
+              "folder cycles": [" <-> ".join(c) for c in cycles(g=folder_graph())],
+              "root modules": root_modules(), "jax._src": private_jax()}
     for title, rows in report.items():
         print(f"{title}: {len(rows)}")
         for r in rows:

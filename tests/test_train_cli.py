@@ -71,7 +71,7 @@ def test_resume_on_another_mesh_continues_identically(tmp_path, demo_dir, uninte
 
 
 def test_plan_memory_shrinks_with_tensor_parallelism(capsys):
-    from meditron_jax.plan import plan
+    from meditron_jax.plan.compile import plan
     common = ["train.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=1"]
     dp = plan([TINY], common + ["mesh.data=8"], devices=8)
     tp = plan([TINY], common + ["mesh.data=4", "mesh.tensor=2"], devices=8)

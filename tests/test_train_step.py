@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from meditron_jax import sharding
-from meditron_jax.config import LlamaConfig
+from meditron_jax.distributed import sharding
+from meditron_jax.distributed import host_batch
+from meditron_jax.distributed import meshes
+from meditron_jax.models.config import LlamaConfig
 from meditron_jax.convert import hf as hfconv
-from meditron_jax.model import PARAM_AXES
-from meditron_jax.optim import OptimizerConfig, make_optimizer, schedule
+from meditron_jax.models.llama import PARAM_AXES
+from meditron_jax.training.optimizer import OptimizerConfig, make_optimizer, schedule
 from meditron_jax.training.state import jit_train_step, state_shardings
-from meditron_jax.train_step import init_state, make_train_step
+from meditron_jax.training.step import init_state, make_train_step
 from tests.hf_helpers import hf_state_dict_numpy, make_hf_model
 
 CFG = LlamaConfig(vocab_size=517, hidden_size=48, intermediate_size=112, num_layers=2, num_heads=6,
@@ -78,7 +80,7 @@ def run_ours(params, batches, mesh_sizes=None, num_micro=1, steps=STEPS):
             state, m = jitted(state, b)
             losses.append(float(m["loss"]))
         return losses, state, None
-    mesh = sharding.make_mesh(dict(dict(data=1, stage=1, fsdp=1, tensor=1), **mesh_sizes))
+    mesh = meshes.make_mesh(dict(dict(data=1, stage=1, fsdp=1, tensor=1), **mesh_sizes))
     with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
         return run_sharded(lambda: step_fn, CFG, tx, params, batches, mesh)
 
@@ -93,7 +95,7 @@ def run_sharded(make_step, cfg, tx, params, batches, mesh, zero1=False):
     jitted = jit_train_step(step_fn, sh, mesh)
     losses = []
     for b in batches:
-        state, m = jitted(state, sharding.global_batch(b, mesh))
+        state, m = jitted(state, host_batch.global_batch(b, mesh))
         losses.append(float(m["loss"]))
     return losses, state, sh
 
@@ -180,7 +182,7 @@ def test_nonfinite_step_is_skipped(reference):
 
 
 def test_chunked_loss_equals_full(reference):
-    from meditron_jax.train_step import loss_sum
+    from meditron_jax.training.step import loss_sum
     p = jax.tree.map(jnp.asarray, reference["params"])
     b = reference["batches"][0]
     f = jax.value_and_grad(lambda p, c: loss_sum(CFG, p, b, loss_chunk=c)[0])

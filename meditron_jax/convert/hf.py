@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from meditron_jax.config import ConfigError, LlamaConfig
+from meditron_jax.models.config import ConfigError, LlamaConfig
 from meditron_jax.convert.io import ConversionError, HFWeights
 
 # our name -> (HF name template, transform kind). `{i}` is the layer index.

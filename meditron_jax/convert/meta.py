@@ -35,7 +35,7 @@ from typing import Callable
 
 import numpy as np
 
-from meditron_jax.config import ConfigError, LlamaConfig
+from meditron_jax.models.config import ConfigError, LlamaConfig
 from meditron_jax.convert import hf
 from meditron_jax.convert.io import ConversionError, release_pages, torch_load, torch_to_numpy, write_all
 

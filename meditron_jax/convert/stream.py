@@ -1,7 +1,7 @@
 """The streaming core of import and export: checkpoint arrays written and read block by block.
 
 Owns:
-- writing a step-0 checkpoint (`params` + `meta`, the layout of `meditron_jax.checkpoint`)
+- writing a step-0 checkpoint (`params` + `meta`, the layout of `meditron_jax.storage.checkpoint`)
   without materialising the model: each parameter is an `StreamedArray` leaf whose blocks
   (one layer, or a slice of one layer / of the vocab) are produced on demand and written
   straight into its tensorstore array by an Orbax type handler registered for that leaf type.
@@ -32,11 +32,11 @@ import tensorstore as ts
 from etils import epath
 from tqdm import tqdm
 
-from meditron_jax import checkpoint as ckpt
-from meditron_jax import storage
-from meditron_jax.config import LlamaConfig
+from meditron_jax.storage import checkpoint as ckpt
+from meditron_jax.storage import faults as storage
+from meditron_jax.models.config import LlamaConfig
 from meditron_jax.errors import UserError
-from meditron_jax.model import PARAM_AXES, param_shapes
+from meditron_jax.models.llama import PARAM_AXES, param_shapes
 
 # A block (and an imported checkpoint's chunk) is at most this many bytes (fp32): bounds the
 # memory of both directions, whatever the model size (a 70B MLP layer is 940 MB in fp32, its

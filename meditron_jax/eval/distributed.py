@@ -28,9 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from meditron_jax import paths as _paths
-from meditron_jax import sharding
-from meditron_jax.config import LlamaConfig
+from meditron_jax.storage import paths as _paths
+from meditron_jax.distributed import sharding
+from meditron_jax.distributed import host_batch
+from meditron_jax.distributed import meshes
+from meditron_jax.models.config import LlamaConfig
 from meditron_jax.errors import UserError
 
 CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
@@ -48,7 +50,7 @@ def parse_mesh(text: str) -> dict[str, int]:
         name, _, value = part.partition("=")
         name = name.strip()
         if name not in sizes or not value.strip():
-            raise InferenceMeshError(f"--mesh {text!r}: expected axis=N pairs over {', '.join(sharding.MESH_AXES)}")
+            raise InferenceMeshError(f"--mesh {text!r}: expected axis=N pairs over {', '.join(meshes.MESH_AXES)}")
         try:
             sizes[name] = int(value)
         except ValueError:
@@ -56,8 +58,8 @@ def parse_mesh(text: str) -> dict[str, int]:
     if sizes["data"] is None:
         sizes["data"] = -1 if -1 not in sizes.values() else 1
     try:
-        return sharding.mesh_shape(**sizes)
-    except sharding.MeshError as e:  # gin appends "In call to configurable ..." on a second line
+        return meshes.mesh_shape(**sizes)
+    except meshes.MeshError as e:  # gin appends "In call to configurable ..." on a second line
         raise InferenceMeshError(f"--mesh {text!r}: {str(e).splitlines()[0]}") from None
 
 
@@ -67,10 +69,10 @@ def mesh_from_flags(mesh_text: str | None, gin_files=(), gin_params=()) -> dict[
         return parse_mesh(mesh_text)
     if not gin_files and not gin_params:
         return None
-    from meditron_jax.config import gin_call
-    from meditron_jax.ginfiles import parse_gin
+    from meditron_jax.models.config import gin_call
+    from meditron_jax.training.config import parse_gin
     parse_gin(list(gin_files), list(gin_params))
-    return gin_call(lambda: sharding.mesh_shape())
+    return gin_call(lambda: meshes.mesh_shape())
 
 
 def check_mesh(cfg: LlamaConfig, sizes: dict[str, int]):
@@ -89,12 +91,12 @@ def check_mesh(cfg: LlamaConfig, sizes: dict[str, int]):
 
 
 def data_size(mesh) -> int:
-    return 1 if mesh is None else sharding.data_parallel_size(mesh)
+    return 1 if mesh is None else host_batch.data_parallel_size(mesh)
 
 
 def param_abstract(cfg: LlamaConfig, mesh, dtype) -> dict:
     """{name: ShapeDtypeStruct with its mesh sharding} for the model's parameters."""
-    from meditron_jax.model import PARAM_AXES, param_shapes
+    from meditron_jax.models.llama import PARAM_AXES, param_shapes
     rules = dict(sharding.DEFAULT_RULES)
     return {k: jax.ShapeDtypeStruct(s, dtype, sharding=sharding.sharding_for(PARAM_AXES[k], s, mesh, rules))
             for k, s in param_shapes(cfg).items()}
@@ -135,7 +137,7 @@ def memory_plan(cfg: LlamaConfig, sizes: dict[str, int], dtype: str, batch: int,
     """Per-device bytes of an inference run: parameters exactly (from their shardings, held in
     `dtype`), the KV cache exactly, activations estimated (the widest per-layer tensors of one
     batch: MLP gate/up, q/k/v, attention scores of one block, and the final logits)."""
-    from meditron_jax.model import PARAM_AXES, param_shapes
+    from meditron_jax.models.llama import PARAM_AXES, param_shapes
     it = np.dtype(jnp.dtype(dtype)).itemsize
     t, dp = sizes["tensor"], sizes["data"] * sizes["fsdp"]
     rules = dict(sharding.DEFAULT_RULES)
@@ -157,7 +159,7 @@ def memory_plan(cfg: LlamaConfig, sizes: dict[str, int], dtype: str, batch: int,
     kv = 2 * cfg.num_layers * b * cache_len * k_local * cfg.head_dim * it
     D, F, N, H = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.head_dim
     per_layer = b * seq_len * (3 * D + 2 * F // t + 3 * N * H // t) * it
-    from meditron_jax import attention
+    from meditron_jax.models import attention
     bq = min(attention.BLOCK_Q, seq_len)
     scores = b * (N // t) * bq * max(seq_len, cache_len) * 4
     logits = b * seq_len * cfg.padded_vocab_size // t * 4 * 2
@@ -211,7 +213,7 @@ class Placement:
         x = np.asarray(x)
         if self.mesh is None:
             return x
-        spec = sharding.batch_sharding(self.mesh, x.ndim).spec if x.ndim else ()
+        spec = host_batch.batch_sharding(self.mesh, x.ndim).spec if x.ndim else ()
         s = NamedSharding(self.mesh, sharding.fit_spec(jax.sharding.PartitionSpec(*spec), x.shape, self.mesh))
         return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
 
@@ -242,23 +244,23 @@ def load_model_on_mesh(path: str, mesh, dtype: str | None = None, step: int | No
     fit the heads or a model too large for the devices fails in one line before any weight is read.
     """
     from meditron_jax.convert.io import ConversionError
-    from meditron_jax.model import abstract_model
+    from meditron_jax.models.llama import abstract_model
 
-    if not _paths.exists(path):  # local or gs:// (meditron_jax.paths)
+    if not _paths.exists(path):  # local or gs:// (meditron_jax.storage.paths)
         raise InferenceMeshError(f"{path}: no such checkpoint or model directory")
     hf = os.path.exists(os.path.join(path, "config.json"))
     if hf:
         import json
 
-        from meditron_jax.config import LlamaConfig as C
+        from meditron_jax.models.config import LlamaConfig as C
         with open(os.path.join(path, "config.json")) as f:
             cfg = C.from_hf(json.load(f))
     else:
-        from meditron_jax.checkpoint import model_config
+        from meditron_jax.storage.checkpoint import model_config
         cfg = model_config(path, step)
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)
-    sizes = {a: int(mesh.shape[a]) for a in sharding.MESH_AXES}
+    sizes = {a: int(mesh.shape[a]) for a in meshes.MESH_AXES}
     check_mesh(cfg, sizes)
     cache_len = cfg.max_position_embeddings if cache_len < 0 else cache_len  # -1: the model's context
     plan = memory_plan(cfg, sizes, cfg.dtype, batch, seq_len or cfg.max_position_embeddings, cache_len,
@@ -277,7 +279,7 @@ def load_model_on_mesh(path: str, mesh, dtype: str | None = None, step: int | No
             params[k] = jax.make_array_from_callback(a.shape, a.sharding, lambda idx, v=value: v[idx])
             del value
     else:
-        from meditron_jax.checkpoint import restore_params
+        from meditron_jax.storage.checkpoint import restore_params
         params = restore_params(path, target, step)
     model = abstract_model(cfg)
     for k, v in params.items():
@@ -287,6 +289,6 @@ def load_model_on_mesh(path: str, mesh, dtype: str | None = None, step: int | No
 
 def mesh_summary(model, mesh) -> dict:
     """What each device holds (for the results JSON / logs)."""
-    sizes = {a: int(mesh.shape[a]) for a in sharding.MESH_AXES}
+    sizes = {a: int(mesh.shape[a]) for a in meshes.MESH_AXES}
     per_device = sum(a.addressable_shards[0].data.nbytes for a in jax.tree.leaves(model.params()))
     return {"mesh": sizes, "devices": math.prod(sizes.values()), "param_bytes_per_device": int(per_device)}

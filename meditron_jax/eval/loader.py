@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from meditron_jax import paths as _paths
+from meditron_jax.storage import paths as _paths
 from meditron_jax.errors import UserError
 
 
@@ -72,7 +72,7 @@ def recorded_tokenizer(checkpoint: str, step: int | None = None) -> dict:
         path = os.path.join(checkpoint, "tokenizer.model")
         return {"path": path} if os.path.isfile(path) else {}
     try:
-        from meditron_jax.checkpoint import read_meta
+        from meditron_jax.storage.checkpoint import read_meta
     except ImportError:
         return {}
     tok = read_meta(checkpoint, step).get("tokenizer") or {}
@@ -101,7 +101,7 @@ def load_tokenizer(path: str, added_tokens=None):
 def resolve_tokenizer(checkpoint: str, tokenizer: str | None, step: int | None = None):
     rec = recorded_tokenizer(checkpoint, step)
     if tokenizer is None:  # the recorded file, or the copy stored in the checkpoint (tokenizer_store)
-        from meditron_jax.tokenizer_store import recorded_file
+        from meditron_jax.storage.tokenizer_store import recorded_file
         path = recorded_file(rec) or rec.get("path")
     else:
         path = tokenizer
@@ -131,7 +131,7 @@ def load(args):
     """(model, tokenizer) from parsed `add_model_arguments` flags; vocab checked."""
     from meditron_jax import from_pretrained
 
-    if not _paths.exists(args.checkpoint):  # local or gs:// (meditron_jax.paths)
+    if not _paths.exists(args.checkpoint):  # local or gs:// (meditron_jax.storage.paths)
         raise LoadError(f"{args.checkpoint}: no such checkpoint or model directory")
     tok = resolve_tokenizer(args.checkpoint, args.tokenizer, args.step)
     model = from_pretrained(args.checkpoint, dtype=args.dtype, step=args.step)
@@ -146,10 +146,10 @@ def load_for_inference(args, batch: int = 8, seq_len: int | None = None, cache_l
     from meditron_jax import from_pretrained
     from meditron_jax.eval import distributed
 
-    if not _paths.exists(args.checkpoint):  # local or gs:// (meditron_jax.paths)
+    if not _paths.exists(args.checkpoint):  # local or gs:// (meditron_jax.storage.paths)
         raise LoadError(f"{args.checkpoint}: no such checkpoint or model directory")
     if getattr(args, "coordinator_address", None) or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        from meditron_jax.multihost import init_distributed  # before any device query, as training does
+        from meditron_jax.distributed.multihost import init_distributed  # before any device query, as training does
         init_distributed(args.coordinator_address, getattr(args, "num_processes", None),
                          getattr(args, "process_id", None))
     tok = resolve_tokenizer(args.checkpoint, args.tokenizer, args.step) if tokenizer else None
@@ -159,8 +159,9 @@ def load_for_inference(args, batch: int = 8, seq_len: int | None = None, cache_l
         model = from_pretrained(args.checkpoint, dtype=args.dtype, step=args.step)
         placement = distributed.Placement(None)
     else:
-        from meditron_jax import sharding
-        mesh = sharding.make_mesh(sizes)
+        from meditron_jax.distributed import sharding
+        from meditron_jax.distributed import meshes
+        mesh = meshes.make_mesh(sizes)
         model = distributed.load_model_on_mesh(args.checkpoint, mesh, dtype=args.dtype, step=args.step,
                                                device_memory_gib=getattr(args, "device_memory", None),
                                                batch=batch, seq_len=seq_len, cache_len=cache_len, what=what)

@@ -7,7 +7,7 @@ on it (configs/sft_*.gin, loss on the answer only) is evaluated with `meditron-j
 --shots 0` on the prompts it was trained on. The output is written under a temporary name and
 renamed into place when complete.
 Does not own: exam readers (`eval.tasks`), templates (`eval/prompts.json`, `eval.mcq`), SFT
-tokenization and loss masks (`data.sft`), the command line (`meditron_jax.data_cli`).
+tokenization and loss masks (`data.sft`), the command line (`meditron_jax.cli.data`).
 """
 
 from __future__ import annotations

@@ -11,13 +11,18 @@ files (`ginfiles.parse_gin`), the values' types and ranges (`configcheck`), the 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Annotated
 
 import gin
 
-from meditron_jax import paths, sharding, storage
-from meditron_jax.config import LlamaConfig, gin_call
-from meditron_jax.configcheck import Range
+from meditron_jax.storage import paths
+from meditron_jax.distributed import sharding
+from meditron_jax.distributed import meshes
+from meditron_jax.storage import faults as storage
+from meditron_jax.models.config import LlamaConfig, gin_call
+from meditron_jax.config import gin_files as gin_files_lib
+from meditron_jax.config.checks import Range
 from meditron_jax.errors import UserError
 
 
@@ -81,10 +86,10 @@ def read_run_config(num_devices: int | None = None, resolve_init_from: bool = Tr
     `num_devices`: what `mesh.* = -1` fills (default: the devices JAX sees).
     `resolve_init_from=False`: the model is gin's `model.*` even with `train.init_from` (reads
     no checkpoint; `meditron-jax config`)."""
-    from meditron_jax.config import model_config
-    from meditron_jax.init_from import run_model_config
-    from meditron_jax.optim import optimizer_config
-    from meditron_jax.pipeline import pipeline_settings
+    from meditron_jax.models.config import model_config
+    from meditron_jax.training.init_from import run_model_config
+    from meditron_jax.training.optimizer import optimizer_config
+    from meditron_jax.training.pipeline import pipeline_settings
 
     tc = gin_call(train_config)
     if resolve_init_from:
@@ -92,7 +97,7 @@ def read_run_config(num_devices: int | None = None, resolve_init_from: bool = Tr
     else:
         cfg, init_ref, init_changes = gin_call(model_config), None, ()
     oc = gin_call(optimizer_config)
-    sizes = gin_call(lambda: sharding.mesh_shape(num_devices=num_devices))
+    sizes = gin_call(lambda: meshes.mesh_shape(num_devices=num_devices))
     rules, zero1 = gin_call(sharding.logical_rules)
     ps = gin_call(pipeline_settings)
     sync = gin_call(sharding.grad_sync)
@@ -102,7 +107,7 @@ def read_run_config(num_devices: int | None = None, resolve_init_from: bool = Tr
 def validate(run: RunConfig, workdir: str):
     """Every user-caused inconsistency, before any compile or write. One line each."""
     validate_shapes(run.train, run.model, run.mesh_sizes, run.pipeline, run.sync)
-    gin_call(lambda: sharding.check_placement(run.mesh_sizes))
+    gin_call(lambda: meshes.check_placement(run.mesh_sizes))
     check_workdir(workdir)
 
 
@@ -139,7 +144,7 @@ def accumulation_steps(tc: TrainConfig, cfg: LlamaConfig, sizes: dict, ps) -> in
     dp = sizes["data"] * sizes["fsdp"]
     per_step = tc.micro_batch_size * dp
     if sizes["stage"] > 1:
-        from meditron_jax import pipeline
+        from meditron_jax.training import pipeline
         M = pipeline.check_pipeline(cfg, sizes["stage"], None, dp, ps.microbatches, ps.repeats)
         per_step *= M
     if tc.global_batch_size % per_step:
@@ -160,3 +165,46 @@ def check_workdir(workdir: str, needed_bytes: int = 0):
 
 def _size(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def register_configurables():
+    """Imports every module that defines a gin configurable of a run (`train`, `model`,
+    `optimizer`, `mesh`, `placement`, `sharding`, `pipeline`, `data`, `checkpoint`)."""
+    import meditron_jax.data.config  # noqa: F401  (gin `data.*`)
+    import meditron_jax.distributed.meshes  # noqa: F401  (gin `mesh.*`, `placement.*`)
+    import meditron_jax.training.pipeline  # noqa: F401  (gin `pipeline.*`)
+    import meditron_jax.distributed.sharding  # noqa: F401  (gin `sharding.*`)
+    import meditron_jax.models.config  # noqa: F401  (gin `model.*`)
+    import meditron_jax.storage.checkpoint  # noqa: F401  (gin `checkpoint.*`)
+    import meditron_jax.training.optimizer  # noqa: F401  (gin `optimizer.*`)
+
+
+def parse_gin(gin_files, gin_params, search_path=()):
+    """A run's gin files and bindings parsed and checked (`config.gin_files.parse`), with every
+    configurable of the package registered first, so any run's gin file parses anywhere."""
+    register_configurables()
+    gin_files_lib.parse(gin_files, gin_params, search_path)
+
+
+def operative_config(gin_files, gin_params, search_path=(), devices: int | None = None) -> str:
+    """What `train` would run with (`meditron-jax config`, WORKDIR/config.gin): gin's operative
+    config with every default, checked as `train` checks it, plus the resolved preset and mesh."""
+    import gin
+
+    from meditron_jax.data.config import data_config
+    from meditron_jax.storage import checkpoint
+
+    parse_gin(list(gin_files), list(gin_params), search_path=search_path)
+    run = read_run_config(num_devices=devices, resolve_init_from=False)
+    tc, cfg, sizes = run.train, run.model, run.mesh_sizes
+    gin_call(data_config)
+    gin_call(checkpoint.manager_options)
+    validate_shapes(tc, cfg, sizes, run.pipeline, run.sync)
+
+    resolved = ["", "# Resolved (what the presets and -1s above become):",
+                "#   model: " + ", ".join(f"{k}={v!r}" for k, v in cfg.to_dict().items()),
+                f"#   model parameters: {cfg.num_params():,}",
+                "#   mesh: " + " ".join(f"{k}={v}" for k, v in sizes.items()) + f" ({math.prod(sizes.values())} devices)",
+                f"#   gradient accumulation steps per global batch: {accumulation_steps(tc, cfg, sizes, run.pipeline)}",
+                f"#   tokens per step: {tc.global_batch_size * tc.seq_len:,}", ""]
+    return gin.operative_config_str() + "\n".join(resolved)

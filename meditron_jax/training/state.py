@@ -18,12 +18,14 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from meditron_jax import checkpoint as ckpt
-from meditron_jax import console, sharding
-from meditron_jax.config import LlamaConfig
+from meditron_jax.storage import checkpoint as ckpt
+from meditron_jax import console
+from meditron_jax.distributed import sharding
+from meditron_jax.distributed import host_batch
+from meditron_jax.models.config import LlamaConfig
 from meditron_jax.errors import UserError
-from meditron_jax.model import PARAM_AXES, Llama, param_shapes, run_layers
-from meditron_jax.train_step import BATCH_KEYS, init_state, make_eval_step, make_train_step
+from meditron_jax.models.llama import PARAM_AXES, Llama, param_shapes, run_layers
+from meditron_jax.training.step import BATCH_KEYS, init_state, make_eval_step, make_train_step
 
 
 def abstract_state(cfg: LlamaConfig, tx):
@@ -38,13 +40,13 @@ def state_shardings(cfg: LlamaConfig, tx, mesh, rules: dict, zero1=False):
 
 
 def batch_shardings(mesh):
-    return {k: sharding.batch_sharding(mesh) for k in BATCH_KEYS}
+    return {k: host_batch.batch_sharding(mesh) for k in BATCH_KEYS}
 
 
 def abstract_batch(global_batch_size: int, seq_len: int, mesh):
     """The global batch's shapes, dtypes and shardings (for lowering without data)."""
     return {k: jax.ShapeDtypeStruct((global_batch_size, seq_len), jnp.float32 if k == "loss_mask" else jnp.int32,
-                                    sharding=sharding.batch_sharding(mesh, 2)) for k in BATCH_KEYS}
+                                    sharding=host_batch.batch_sharding(mesh, 2)) for k in BATCH_KEYS}
 
 
 def jit_train_step(step_fn, state_sh, mesh):
@@ -58,7 +60,7 @@ def layers_fn_for(cfg: LlamaConfig, mesh, ps) -> Callable:
     `pipeline.PipelineSettings`) when mesh.stage > 1."""
     if mesh.shape["stage"] == 1:
         return run_layers
-    from meditron_jax import pipeline
+    from meditron_jax.training import pipeline
     return functools.partial(pipeline.pipeline_layers, mesh=mesh, microbatches=ps.microbatches,
                              repeats=ps.repeats, stage_remat=ps.stage_remat,
                              pipeline_layout=ps.repeats > 1)  # the trainer holds that layout (TrainerLayout)
@@ -81,7 +83,7 @@ class StepBuild:
 def build_step(run, mesh) -> StepBuild:
     """The train and eval steps of `run` (a `training.config.RunConfig`) on `mesh`, jitted, plus
     the abstract state and batch they take. Call inside `sharding.use_mesh(mesh, run.rules)`."""
-    from meditron_jax.optim import make_optimizer, schedule
+    from meditron_jax.training.optimizer import make_optimizer, schedule
     from meditron_jax.training.config import accumulation_steps
 
     tc, cfg = run.train, run.model
@@ -112,8 +114,8 @@ def nnx_params(cfg: LlamaConfig, seed):
 def build_state(run, step: StepBuild, workdir: str, manager, restart_from_scratch=False, resume_step=None):
     """Returns (state, start_step, data_state). `resume_step`: exactly that checkpoint (newer
     ones are set aside first, `workdir.set_aside_newer`)."""
-    from meditron_jax import init_from as init_from_lib
-    from meditron_jax import workdir as workdir_mod
+    from meditron_jax.training import init_from as init_from_lib
+    from meditron_jax.storage import workdir as workdir_mod
 
     tc, cfg = run.train, run.model
     if resume_step is not None:

@@ -1,0 +1,127 @@
+"""`meditron-jax plan`: will this configuration fit? Compile the real train step ahead of time.
+
+Owns: lowering + compiling the configured train step (model, mesh, optimizer, accumulation,
+pipeline: the same `training.state.build_step` that `train` runs) for a target's devices with
+abstract inputs only (no weights are allocated), and the subcommand. The report (per-device
+memory from XLA's memory analysis against the target's usable memory with a verdict, FLOPs per
+step, the collectives beside what the parallelism needs in theory, rematerialization warnings,
+`--explain`: the largest buffers with their source lines) is `plan_report.py`'s. Does not own:
+the step (train_step.py), its shardings (training/state.py, sharding.py), the target table
+(targets/), HLO parsing (hlo_stats.py).
+
+Targets: `cpu` (default: N simulated host devices, `--xla_force_host_platform_device_count`;
+XLA:CPU fuses and rematerializes differently and has no memory limit, so its temporaries are
+an estimate), GPUs (`a100-80gb`, `a100-40gb`, `h100-80gb`, `h200`) and TPU slices (`v5p-128`,
+`v5e-256`, ...), compiled by the real GPU / TPU compilers from this CPU host (`plan` extra).
+Exit status: 0 fits, 1 does not fit, 2 user error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+
+from meditron_jax.plan.report import print_report, report
+
+
+@dataclasses.dataclass
+class Built:
+    """What `compile_step` produced. `compiled` is None when the target's compiler refused the
+    step for lack of memory (`hbm_error` then holds its message)."""
+    compiled: object
+    target: object  # targets.Target
+    mesh: object
+    mesh_sizes: dict
+    state_in: dict
+    cfg: object
+    tc: object
+    zero1: bool
+    num_micro: int
+    lower_seconds: float
+    compile_seconds: float
+    dump_dir: str | None
+    native_log: str
+    hbm_error: str | None
+    pipeline: object = None  # pipeline.PipelineSettings of the run
+    sync: object = None  # sharding.GradSync of the run (the gradient reduction's dtype, fsdp mode)
+
+
+def compile_step(gin_files, gin_params, devices: int | None = None, target: str = "cpu",
+                 dump: bool = False) -> Built:
+    """Lower and compile the configured train step for `target` (abstract inputs only).
+
+    dump: keep XLA's dump (after-optimizations HLO and buffer assignment) in a temporary
+    directory (`Built.dump_dir`; the caller removes it)."""
+    from meditron_jax import console
+    from meditron_jax.plan import targets
+
+    if target.lower() == "cpu":
+        targets.set_host_device_count(devices)
+    else:
+        targets.compile_on_host()  # the host compiles; it runs nothing
+    console.start_backends_quietly()
+
+    from meditron_jax.distributed import sharding
+    from meditron_jax.distributed import meshes
+    from meditron_jax.training.config import parse_gin
+    from meditron_jax.errors import UserError
+    from meditron_jax.training.config import read_run_config, validate_shapes
+    from meditron_jax.training.state import build_step
+
+    parse_gin(list(gin_files), list(gin_params))
+    tgt = targets.resolve(target, devices)
+    run = read_run_config(num_devices=len(tgt.devices))
+    cfg, tc, sizes = run.model, run.train, run.mesh_sizes
+    validate_shapes(tc, cfg, sizes, run.pipeline, run.sync)
+    mesh = meshes.make_mesh(sizes, tgt.devices)
+    dump_dir = tempfile.mkdtemp(prefix="meditron-plan-") if dump else None
+    options = {"xla_dump_to": dump_dir, "xla_dump_hlo_as_text": True} if dump else None
+    box: list[str] = []
+    hbm_error = None
+    compiled = None
+
+    with sharding.use_mesh(mesh, run.rules):
+        step = build_step(run, mesh)
+        t0 = time.perf_counter()
+        try:
+            lowered = step.jitted.lower(step.state_in, step.batch_in)
+        except Exception as e:
+            msg = " ".join(str(e).split())
+            if "cuDNN not found" in msg:
+                raise UserError(f"model.attention='cudnn' for --target {tgt.name} needs cuDNN's library at compile "
+                                f"time (no GPU needed): pip install nvidia-cudnn-cu12") from None
+            if "attention='cudnn' needs a CUDA GPU" in msg:
+                raise UserError(f"--target {tgt.name}: {msg[:300]}") from None
+            raise
+        t1 = time.perf_counter()
+        try:
+            with console.quiet_native_stderr(box, also=("rematerializ",)):
+                compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
+        except Exception as e:  # e.g. XLA refusing a sharding; a user-facing planning failure
+            msg = " ".join(str(e).split())
+            if "RESOURCE_EXHAUSTED" in msg or "exceeds available" in msg or "Out of memory" in msg:
+                hbm_error = msg
+            elif "custom_partitioner" in msg and getattr(cfg, "attention", "") == "cudnn" and sizes["stage"] > 1:
+                raise UserError("model.attention='cudnn' does not compile inside the pipeline (mesh.stage > 1) with "
+                                "this jax: its custom partitioning rejects the partially manual mesh; use "
+                                "model.attention='xla' or mesh.stage=1") from None
+            else:
+                raise UserError(f"compilation failed: {msg[:400]}") from None
+        t2 = time.perf_counter()
+    return Built(compiled, tgt, mesh, dict(sizes), step.state_in, cfg, tc, run.zero1, step.num_micro, t1 - t0,
+                 t2 - t1, dump_dir, "".join(box), hbm_error, run.pipeline, run.sync)
+
+
+def plan(gin_files, gin_params, devices: int | None = None, target: str = "cpu", explain: bool = False,
+         top: int = 12) -> dict:
+    import shutil
+
+    tgt_is_accel = target.lower() != "cpu"
+    built = compile_step(gin_files, gin_params, devices, target, dump=explain or tgt_is_accel)
+    try:
+        return report(built, explain, top)
+    finally:
+        if built.dump_dir:
+            shutil.rmtree(built.dump_dir, ignore_errors=True)
