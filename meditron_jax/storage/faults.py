@@ -20,6 +20,9 @@ partial outputs of other commands (`staging.py`), the messages' exit statuses (`
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import logging
 import sys
 import threading
 
@@ -71,8 +74,10 @@ class _ReportingFuture:
     def result(self, timeout: float | None = None):
         try:
             return self._future.result(timeout=timeout)
+        except (concurrent.futures.CancelledError, asyncio.CancelledError):
+            raise  # a cancelled save did not fail
         except BaseException as e:
-            self._watch.failed(e)
+            self._watch.record_error(e)
             raise
 
     def cancel(self):
@@ -107,7 +112,7 @@ class SaveWatch:
             self._futures.append(future)
         return _ReportingFuture(future, self)
 
-    def failed(self, error: BaseException) -> None:
+    def record_error(self, error: BaseException) -> None:
         with self._lock:
             if self.error is None:
                 self.error = error
@@ -133,9 +138,9 @@ class SaveWatch:
 
 
 class _AfterFailedSave:
-    """Drops the records Orbax's background threads still log about a save that failed and was
-    reported in one line (a sibling writer finding the temporary directory removed, a barrier
-    that times out); `--debug` shows them."""
+    """Once a save has failed and been reported in one line, drops the exception records Orbax's
+    background threads still log about it (a sibling write finding the temporary directory
+    removed, a barrier that times out); `--debug` shows them."""
 
     active = False
 
@@ -163,8 +168,6 @@ class WatchedManager:
     `watch`: the `SaveWatch` whose handlers the manager saves with (`watched_manager`)."""
 
     def __init__(self, manager, workdir: Workdir | str, state_bytes: int, watch: SaveWatch | None = None):
-        import logging
-
         self._manager = manager
         self.workdir = Workdir.resolve(workdir)
         self.root = self.workdir.checkpoints
@@ -178,6 +181,7 @@ class WatchedManager:
         logger = logging.getLogger("absl")  # Orbax logs through absl
         if _AFTER_FAILED_SAVE not in logger.filters:
             logger.addFilter(_AFTER_FAILED_SAVE)
+        _AFTER_FAILED_SAVE.active = False  # a new run: an earlier failed save is not this one's
 
     def __getattr__(self, name):
         return getattr(self._manager, name)
