@@ -147,3 +147,33 @@ def test_streamed_import_restores_as_standard_and_reads_by_slices(tmp_path):
     reader = stream.CheckpointReader(str(tmp_path / "ck"))
     np.testing.assert_array_equal(reader.read("q_proj", (1,)), full["q_proj"][1])
     reader.close()
+
+
+def test_orbax_thread_errors_after_a_reported_failed_save_are_dropped(tmp_path, caplog):
+    """A writer of a failed save that ends after the failure was reported (its directory removed)
+    logs from an Orbax thread with a traceback: dropped once the failure is reported (not before,
+    and not with --debug), whichever logger class absl's logger was created with."""
+    from meditron_jax import console
+
+    console.setup()  # as the CLI: the `absl` logger exists before absl is imported
+    faults.WatchedManager(object(), str(tmp_path), 1)  # a run starts: nothing reported yet
+
+    async def late_write():
+        raise ValueError("NOT_FOUND: Error writing 'w/0.0': the temporary directory is gone")
+
+    def orbax_thread_fails() -> bool:
+        caplog.clear()
+        with pytest.raises(ValueError):
+            orbax_extension.commit_future(late_write(), name="late").result()
+        return any("late" in r.getMessage() and r.exc_info for r in caplog.records)
+
+    with caplog.at_level("ERROR"):
+        assert orbax_thread_fails()  # not reported yet: a real error keeps its traceback
+        faults._AFTER_FAILED_SAVE.active = True  # what WatchedManager._fail sets
+        try:
+            assert not orbax_thread_fails()
+            os.environ[errors.DEBUG_ENV] = "1"
+            assert orbax_thread_fails()  # --debug shows everything
+        finally:
+            os.environ.pop(errors.DEBUG_ENV, None)
+            faults._AFTER_FAILED_SAVE.active = False

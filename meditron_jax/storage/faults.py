@@ -147,8 +147,14 @@ class _AfterFailedSave:
     def filter(self, record) -> bool:
         from meditron_jax.errors import debug_enabled
 
-        from_orbax = "/orbax/" in str(getattr(record, "pathname", ""))
-        return not (self.active and from_orbax and record.exc_info and not debug_enabled())
+        if not (self.active and record.exc_info) or debug_enabled():
+            return True
+        tb = record.exc_info[2]  # raised in Orbax's code (the record's own pathname depends on
+        while tb is not None:    # whether absl's logger class was installed before it was made)
+            if "/orbax/" in tb.tb_frame.f_code.co_filename:
+                return False
+            tb = tb.tb_next
+        return True
 
 
 _AFTER_FAILED_SAVE = _AfterFailedSave()
