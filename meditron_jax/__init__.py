@@ -38,6 +38,7 @@ def from_pretrained(path: str, dtype: str | None = None, step: int | None = None
 
 def _is_checkpoint_dir(path: str) -> bool:
     from meditron_jax.storage import paths
-    return paths.isdir(paths.join(path, "checkpoints")) or paths.exists(
+    from meditron_jax.storage.workdir import Workdir
+    return paths.isdir(Workdir(path).checkpoints) or paths.exists(
         paths.join(path, "_CHECKPOINT_METADATA")) or any(
         d.isdigit() for d in (paths.listdir(path) if paths.isdir(path) else []))

@@ -409,7 +409,7 @@ def _train_and_export(tmp, init, tag, mesh):
     the checkpoint's params and that transformers loads them; returns the HF state dict."""
     workdir = tmp / tag
     assert _train(workdir, init, mesh) == 0
-    assert ckpt.complete_steps(ckpt.checkpoint_dir(str(workdir))) == [2]
+    assert ckpt.complete_steps(str(workdir / "checkpoints")) == [2]
     out = tmp / f"out_{tag}"
     assert main(["export", str(workdir), "--to", "hf", "--out", str(out), "--dtype", "float32"]) == 0
     tcfg, params = ckpt.load_params(str(workdir))

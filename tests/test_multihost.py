@@ -161,7 +161,7 @@ def stage_run(runs, demo) -> Path:
     w = new_workdir(runs, demo, "stage")
     outs = train(w, 2, 4, ["train.steps=5", *STAGE_MESH])
     assert "pipeline: 2 stages" in outs[0]
-    assert ckpt.complete_steps(ckpt.checkpoint_dir(str(w))) == [3, 5]
+    assert ckpt.complete_steps(str(w / "checkpoints")) == [3, 5]
     return w
 
 
@@ -242,7 +242,7 @@ def test_tensor_spanning_two_processes_killed_during_a_save(runs, demo, referenc
     w = new_workdir(runs, demo, "tensor")
     params = ["train.steps=5", "train.checkpoint_every=2", "train.eval_every=0", "mesh.data=1", "mesh.tensor=8"]
     run = start(w, 2, 4, params)
-    root = Path(ckpt.checkpoint_dir(str(w)))
+    root = w / "checkpoints"
     deadline = time.monotonic() + TIMEOUT
     try:
         while not (root.exists() and any(e.name.startswith("4.") and "tmp" in e.name for e in root.iterdir())):

@@ -193,7 +193,7 @@ def test_second_run_refuses_and_first_is_untouched(tmp_path, demo_data, capfd):
                                  cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=err)
     try:
         deadline = time.monotonic() + 300
-        while not ckpt.complete_steps(ckpt.checkpoint_dir(str(w))):
+        while not ckpt.complete_steps(str(w / "checkpoints")):
             assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.2)
         first.send_signal(signal.SIGSTOP)  # freeze it: its files must not change while the second tries
@@ -381,12 +381,12 @@ def test_every_flag_has_help_and_both_spellings(capfd):
 
 def test_workdir_urls():
     from meditron_jax.errors import UserError
-    from meditron_jax.storage.workdir import resolve_workdir
+    from meditron_jax.storage.workdir import Workdir
 
-    assert resolve_workdir("/tmp/x") == "/tmp/x" and resolve_workdir("file:///tmp/x") == "/tmp/x"
-    assert resolve_workdir("gs://bucket/run/") == "gs://bucket/run"  # supported (tests/test_remote_storage.py)
+    assert Workdir.resolve("/tmp/x").root == "/tmp/x" and Workdir.resolve("file:///tmp/x").root == "/tmp/x"
+    assert Workdir.resolve("gs://bucket/run/").root == "gs://bucket/run"  # supported (tests/test_remote_storage.py)
     with pytest.raises(UserError, match="s3:// storage is not supported"):
-        resolve_workdir("s3://bucket/run")
+        Workdir.resolve("s3://bucket/run")
 
 
 def test_remote_workdir_refused_before_anything(tmp_path, capfd, monkeypatch):

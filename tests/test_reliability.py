@@ -108,7 +108,7 @@ def new_workdir(root: Path, demo: Path) -> Path:
 def check_checkpoint_dir(workdir: Path) -> int:
     """Every step directory that counts as complete restores; returns how many leftovers lie there
     (temporary directories of interrupted saves, remains of interrupted deletions)."""
-    root = Path(ckpt.checkpoint_dir(str(workdir)))
+    root = workdir / "checkpoints"
     partial = 0
     for entry in (root.iterdir() if root.exists() else []):
         if "orbax-checkpoint-tmp" in entry.name or (entry.name.isdigit() and not ckpt.is_complete(str(entry))):
@@ -166,7 +166,7 @@ def test_sigkill_at_random_points_resumes_bitwise(tmp_path, demo, baseline):
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(60) == -signal.SIGKILL, log.read_text()[-2000:]
         mid_save += check_checkpoint_dir(w) > 0
-        committed = max(ckpt.complete_steps(ckpt.checkpoint_dir(str(w))), default=0)
+        committed = max(ckpt.complete_steps(str(w / "checkpoints")), default=0)
         kills.append((target, round(float(delay), 3), max_step(w), max_step(w) - committed))
         assert max_step(w) - committed <= 2 * EVERY  # work lost: < 2 x checkpoint_every
     rc, out = finish(launch(w, tmp_path / "final.txt"), tmp_path / "final.txt")
@@ -187,7 +187,7 @@ def test_sigterm_sigint_and_second_signal(tmp_path, demo, baseline):
     k1 = max_step(w)
     assert rc == 75, out[-3000:]
     assert f"checkpoint at step {k1} committed" in out
-    assert max(ckpt.complete_steps(ckpt.checkpoint_dir(str(w)))) == k1
+    assert max(ckpt.complete_steps(str(w / "checkpoints"))) == k1
     # SIGINT on the resumed run: it continued at k1 + 1
     proc = launch(w, tmp_path / "b.txt")
     wait_for_step(proc, w, tmp_path / "b.txt", k1 + 2)
@@ -195,7 +195,7 @@ def test_sigterm_sigint_and_second_signal(tmp_path, demo, baseline):
     rc, out = finish(proc, tmp_path / "b.txt")
     k2 = max_step(w)
     assert rc == 75, out[-3000:]
-    assert max(ckpt.complete_steps(ckpt.checkpoint_dir(str(w)))) == k2
+    assert max(ckpt.complete_steps(str(w / "checkpoints"))) == k2
     assert trajectory(w) == baseline[1][:k2]
     # a second signal aborts at once (130), losing at most the steps since the last checkpoint;
     # it must arrive after the first one's handler ran (else Python sees one), and before that
@@ -222,7 +222,7 @@ def test_sigterm_sigint_and_second_signal(tmp_path, demo, baseline):
 def test_corrupt_and_unreadable_checkpoints(tmp_path, baseline):
     w = tmp_path / "w"
     shutil.copytree(baseline[0], w)
-    root = Path(ckpt.checkpoint_dir(str(w)))
+    root = w / "checkpoints"
     steps = ckpt.complete_steps(str(root))
     newest, previous = steps[-1], steps[-2]
 
@@ -275,7 +275,7 @@ def test_nan_injection_skips_and_stops(tmp_path, demo, baseline):
     assert [traj[s] for s in (1, 2, 3)] == [base[s] for s in (1, 2, 3)]
     assert traj[5][3] == base[4][3]  # the skipped update did not advance the lr schedule
     assert traj[5][1] != base[5][1] and np.isfinite(traj[6][1])
-    assert ckpt.complete_steps(ckpt.checkpoint_dir(str(w))) == [3, 6]
+    assert ckpt.complete_steps(str(w / "checkpoints")) == [3, 6]
     assert check_checkpoint_dir(w) == 0
     meta = json.loads((w / "checkpoints" / "6" / "meta" / "metadata").read_text())
     assert meta["bad_streak"] == 0 and meta["step"] == 6
@@ -355,7 +355,7 @@ def test_two_process_sigterm_to_one_stops_both(tmp_path, demo):
         kill_all(procs)
     outs = [log.read_text() for log in logs]
     assert rcs == [75, 75], "\n---\n".join(o[-2000:] for o in outs)
-    k = max(ckpt.complete_steps(ckpt.checkpoint_dir(str(w))))
+    k = max(ckpt.complete_steps(str(w / "checkpoints")))
     assert 2 <= k < 1000 and max_step(w) == k
     assert f"checkpoint at step {k} committed" in outs[0]
 

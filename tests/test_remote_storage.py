@@ -218,13 +218,13 @@ def test_gs_lock_refuses_a_second_run_and_recovers_a_stale_one(gcs, monkeypatch)
             wd.RunLock(url).acquire()
     finally:
         first.release()
-    assert not paths.exists(paths.join(url, wd.LOCK_NAME))
+    assert not paths.exists(paths.join(url, wd.Workdir.LOCK))
     # a run on another host that died: its heartbeat is old, the lock is taken over
-    paths.write_text(paths.join(url, wd.LOCK_NAME), json.dumps(
+    paths.write_text(paths.join(url, wd.Workdir.LOCK), json.dumps(
         {"host": "elsewhere", "pid": 1, "started": "x", "heartbeat": 0, "heartbeat_utc": "1970", "token": "t"}))
     second = wd.RunLock(url, stale_after_s=60).acquire()
     try:
-        assert json.loads(paths.read_text(paths.join(url, wd.LOCK_NAME)))["token"] == second.token
+        assert json.loads(paths.read_text(paths.join(url, wd.Workdir.LOCK)))["token"] == second.token
     finally:
         second.release()
 

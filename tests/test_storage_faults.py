@@ -368,8 +368,8 @@ def test_killed_export_partial_removed_by_next_export(tmp_path, small_model, cap
         assert partial.is_dir() and partial.name.startswith(".exported.partial-")
         capfd.readouterr()
         assert main(["export", str(small_model / "ck"), "--to", "hf", "--out", str(tmp_path / "other")]) == 0
-        from meditron_jax.storage import faults as storage
-        assert storage.remove_stale_partials(str(out), "export") == []  # alive: kept
+        from meditron_jax.storage import staging
+        assert staging.remove_stale_partials(str(out), "export") == []  # alive: kept
         assert partial.is_dir()
         writer.send_signal(signal.SIGKILL)
         writer.wait(30)
@@ -555,7 +555,7 @@ def test_is_complete_is_orbax_finalisation_plus_deletion_remains(tmp_path):
     for step in (1, 2, 3, 4, 5):
         ckpt.save(mngr, step, {"w": np.full((4,), step, np.float32)}, meta={"format": ckpt.FORMAT})
     mngr.close()
-    root = Path(ckpt.checkpoint_dir(str(tmp_path)))
+    root = tmp_path / "checkpoints"
     assert ckpt.complete_steps(str(root)) == [1, 2, 3, 4, 5]
     (root / "2" / "_CHECKPOINT_METADATA").unlink()
     (root / "3" / "commit_success.txt").unlink()

@@ -34,7 +34,7 @@ from meditron_jax.convert.io import SafetensorsWriter
 from meditron_jax.convert.stream import (CheckpointReader, assign, block_indices, commit_dir,
                                          progress, staging_dir)
 from meditron_jax.convert.tokenizer_files import write_tokenizer_files
-from meditron_jax.storage import faults as storage
+from meditron_jax.storage import staging as storage
 from meditron_jax.errors import UserError, storage_faults
 from meditron_jax.models.llama import param_shapes
 

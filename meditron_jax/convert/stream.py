@@ -33,7 +33,8 @@ from etils import epath
 from tqdm import tqdm
 
 from meditron_jax.storage import checkpoint as ckpt
-from meditron_jax.storage import faults as storage
+from meditron_jax.storage import staging as storage
+from meditron_jax.storage import orbax_extension
 from meditron_jax.models.config import LlamaConfig
 from meditron_jax.errors import UserError
 from meditron_jax.models.llama import PARAM_AXES, param_shapes
@@ -220,17 +221,13 @@ class _StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
 
         try:
             for value, info, arg in zip(values, infos, args):
-                await info.await_path_creation()
-                use_ocdbt = bool(info.is_ocdbt_checkpoint)
-                spec = ocp.type_handlers.get_json_tspec_write(
-                    info, use_ocdbt=use_ocdbt, global_shape=tuple(value.shape),
-                    local_shape=tuple(value.chunk_shape), dtype=np.dtype(value.dtype),
-                    process_index=0 if use_ocdbt else None, arg=arg)
+                await orbax_extension.leaf_dir_ready(info)
+                spec = orbax_extension.leaf_write_spec(info, value.shape, value.chunk_shape, value.dtype, arg)
                 if "compressor" in spec.get("metadata", {}):  # zarr v2 (Orbax's default format)
                     spec["metadata"]["compressor"] = dict(IMPORT_COMPRESSOR)
                 # No fsync per data file (the kernel's write-back would be forced hundreds of
                 # times): `commit_dir` syncs the whole output once before it becomes visible.
-                ctx = ts.Context({"file_io_sync": False}, parent=info.ts_context)
+                ctx = ts.Context({"file_io_sync": False}, parent=orbax_extension.leaf_context(info))
                 t = await ts.open(ts.Spec(spec), create=True, open=True, context=ctx)
                 for idx, block in value.blocks():  # a fresh array each time, never modified: no copy
                     write = t[idx].write(block, can_reference_source_data_indefinitely=True)
@@ -255,26 +252,20 @@ class _StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
 
     async def serialize(self, values, infos, args=None):
         args = args or [ocp.SaveArgs()] * len(values)
-        return [ocp.future.CommitFutureAwaitingContractedSignals(
-            self._write_all(values, infos, args), name="streamed_array")]
+        return [orbax_extension.commit_future(self._write_all(values, infos, args), name="streamed_array")]
 
 
+@orbax_extension.named_as(ocp.StandardCheckpointHandler)
 class _StreamingStandardHandler(ocp.PyTreeCheckpointHandler):
     """A `PyTreeCheckpointHandler` (through its public `type_handler_registry`) that accepts
-    `StreamedArray` leaves and names itself `StandardCheckpointHandler` in the step metadata
-    (public `typestr`), so the trainer's composite restore picks the standard handler. On disk
-    the two are one format: `StandardCheckpointHandler.save` validates its leaves, then saves
-    through a `PyTreeCheckpointHandler` with the same arguments (orbax-checkpoint 0.12.8);
-    tests/test_convert.py restores an import with `StandardRestore` to hold that."""
+    `StreamedArray` leaves and is recorded as `StandardCheckpointHandler` in the step metadata
+    (`orbax_extension.named_as`: one format on disk), so the trainer's composite restore picks
+    the standard handler; tests/test_convert.py restores an import with `StandardRestore`."""
 
     def __init__(self, bar: tqdm | None = None):
         self.leaf_handler = _StreamedArrayHandler(bar)
         registry = ocp.type_handlers.create_type_handler_registry((StreamedArray, self.leaf_handler))
         super().__init__(type_handler_registry=registry, use_ocdbt=True)
-
-    @classmethod
-    def typestr(cls) -> str:
-        return ocp.StandardCheckpointHandler.typestr()
 
 
 def write_checkpoint(out: str, params: dict[str, StreamedArray], meta: dict, overwrite: bool = False,
@@ -322,7 +313,7 @@ class CheckpointReader:
         md = getattr(md, "item_metadata", md)
         self.use_zarr3 = bool(getattr(md, "use_zarr3", False))
         tree = getattr(md, "tree", md)
-        self.use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(epath.Path(self.item))
+        self.use_ocdbt = orbax_extension.is_ocdbt(self.item)
         self._arrays = {}
         biggest_chunk = 0
         for name, shape in param_shapes(self.cfg).items():
@@ -344,10 +335,8 @@ class CheckpointReader:
 
     def _store(self, name: str) -> ts.TensorStore:
         if name not in self._open:
-            info = ocp.type_handlers.ParamInfo(name=self._arrays[name], parent_dir=epath.Path(self.item),
-                                               is_ocdbt_checkpoint=self.use_ocdbt, use_zarr3=self.use_zarr3,
-                                               ts_context=self._context)
-            spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self.use_ocdbt)
+            spec = orbax_extension.leaf_read_spec(self.item, self._arrays[name], self.use_ocdbt, self.use_zarr3,
+                                                  self._context)
             spec["recheck_cached_data"] = "open"
             try:
                 self._open[name] = ts.open(ts.Spec(spec), open=True, read=True, context=self._context).result()

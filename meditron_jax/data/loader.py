@@ -57,6 +57,7 @@ from meditron_jax.data import transforms
 from meditron_jax.data.config import DataConfig, DataConfigError, data_config
 from meditron_jax.data.preprocess import check_shards, load_manifest
 from meditron_jax.data.tokenizer import Tokenizer
+from meditron_jax.storage.workdir import Workdir
 
 STATE_FORMAT = "meditron-jax/data-iterator/v1"
 
@@ -338,7 +339,7 @@ def _host_rows(global_batch_size: int, process_index: int, process_count: int, r
 
 
 def build_pipeline(seq_len: int, global_batch_size: int, seed: int, process_index: int = 0,
-                   process_count: int = 1, workdir: str | None = None, config: DataConfig | None = None,
+                   process_count: int = 1, workdir: Workdir | str | None = None, config: DataConfig | None = None,
                    rows: Sequence[int] | None = None) -> DataPipeline:
     """Reads gin `data.*` (or `config`), validates everything against the manifests, and returns the
     pipeline. All checks happen here, before any training step.
@@ -363,7 +364,9 @@ def build_pipeline(seq_len: int, global_batch_size: int, seed: int, process_inde
             raise DataConfigError("data.demo = True builds its own sources; do not also set data.sources/sft_files")
         from meditron_jax.data.demo import prepare_demo
 
-        root = os.path.join(workdir, "demo_data") if workdir and "://" not in str(workdir) else os.path.join(tempfile.gettempdir(), "meditron-jax-demo")
+        workdir = Workdir.resolve(workdir) if workdir is not None else None
+        local = workdir is not None and not workdir.remote  # else the demo is built in a local temp dir
+        root = workdir.demo_data if local else os.path.join(tempfile.gettempdir(), "meditron-jax-demo")
         import jax  # in a real multi-process run, process 0 builds the demo and the others wait
 
         if jax.process_count() > 1:

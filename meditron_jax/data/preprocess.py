@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from meditron_jax.storage import faults as storage
+from meditron_jax.storage import staging as storage
 from meditron_jax.data import jsonl
 from meditron_jax.data.tokenizer import Tokenizer
 from meditron_jax.errors import UserError, storage_faults

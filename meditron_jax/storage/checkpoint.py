@@ -1,18 +1,17 @@
 """Orbax checkpoints: the on-disk layout of a training run and how to save and restore it.
 
-Owns: `WORKDIR/checkpoints/<step>/` with the composite items
+Owns: `WORKDIR/checkpoints/<step>/` (`Workdir.step_dir`) with the composite items
   params     PyTree {HF-style name: fp32 array} (canonical layout: stacked [L, ...] layers,
              padded vocab) — the only item export / `train.init_from` / `from_pretrained` read
   opt_state  the optax state (absent in an imported step-0 checkpoint)
   data       the data iterator state (JSON, process-count independent)
   meta       JSON: model config, operative gin config, tokenizer path + fingerprint, format
-and restoring onto any mesh (Orbax reshards to the target shardings given).
-Also owns resuming safely (`newest_readable`): incomplete steps (remains of an interrupted
-deletion) and unreadable ones are moved to `WORKDIR/checkpoints_unreadable/` with a warning,
-never deleted, and the newest step that restores is used (docs/reliability.md); in a
-multi-host run all processes take that decision together (the newest step every process reads).
+and restoring onto any mesh (Orbax reshards to the target shardings given); which steps are
+complete (`complete_steps`, `is_complete`); telling a damaged checkpoint (`CheckpointUnreadable`)
+from one of another model (`CheckpointMismatch`) by its metadata alone (`check_shapes`).
 Paths are local or `gs://` (`paths.py`, etils epath as Orbax uses it); every read here works on both.
-Also owns the training loop's save hook (`CheckpointHook`). Does not own: what the train state
+Also owns the training loop's save hook (`CheckpointHook`). Does not own: which step a run
+resumes from (resume.py), watching saves for failures (faults.py), what the train state
 contains (training/state.py), conversion (convert/).
 
 Saves are asynchronous; Orbax writes into a temporary directory and renames it when the
@@ -23,9 +22,8 @@ directories of interrupted saves when it opens (`cleanup_tmp_directories`).
 from __future__ import annotations
 
 import json
-import logging
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import gin
 import jax
@@ -33,11 +31,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from meditron_jax.storage import paths
+from meditron_jax.storage.workdir import Workdir
 from meditron_jax.models.config import LlamaConfig
 from meditron_jax.errors import UserError
 
 FORMAT = "meditron-jax/1"
-ITEMS = ("params", "opt_state", "data", "meta")
+# item -> (its save args, its restore args, the Orbax handler that writes it)
+ITEMS = {
+    "params": (ocp.args.StandardSave, ocp.args.StandardRestore, ocp.StandardCheckpointHandler),
+    "opt_state": (ocp.args.StandardSave, ocp.args.StandardRestore, ocp.StandardCheckpointHandler),
+    "data": (ocp.args.JsonSave, ocp.args.JsonRestore, ocp.JsonCheckpointHandler),
+    "meta": (ocp.args.JsonSave, ocp.args.JsonRestore, ocp.JsonCheckpointHandler),
+}
 
 
 class CheckpointError(UserError):
@@ -45,11 +50,11 @@ class CheckpointError(UserError):
 
 
 class CheckpointUnreadable(CheckpointError):
-    """Torn or corrupted checkpoint files (a resume falls back to an older step)."""
+    """Torn, corrupted or missing checkpoint files (a resume falls back to an older step)."""
 
 
 class CheckpointMismatch(CheckpointError):
-    """A readable checkpoint whose shapes disagree with the model config (a configuration error)."""
+    """A readable checkpoint whose names or shapes disagree with the model (a configuration error)."""
 
 
 @gin.configurable("checkpoint")
@@ -60,13 +65,19 @@ def manager_options(keep: int = 3, keep_period: int | None = None, async_save: b
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
 
 
-def checkpoint_dir(workdir: str) -> str:
-    return paths.join(paths.absolute(workdir), "checkpoints")  # a local path or a gs:// URL (paths.py)
-
-
-def make_manager(workdir: str, options: ocp.CheckpointManagerOptions | None = None) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options or manager_options(),
-                                 item_names=ITEMS)
+def make_manager(workdir: Workdir | str, options: ocp.CheckpointManagerOptions | None = None,
+                 handler: Callable[[type], Any] | None = None) -> ocp.CheckpointManager:
+    """The Orbax manager of `WORKDIR/checkpoints/`, its items registered through Orbax's public
+    handler registry. `handler(cls)` makes the handler of an item whose Orbax handler class is
+    `cls` (default `cls()`; faults.py passes one that watches the save's futures)."""
+    make = handler or (lambda cls: cls())
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for item, (save_args, restore_args, handler_cls) in ITEMS.items():
+        h = make(handler_cls)
+        registry.add(item, save_args, h)
+        registry.add(item, restore_args, h)
+    return ocp.CheckpointManager(Workdir.resolve(workdir).checkpoints, options=options or manager_options(),
+                                 handler_registry=registry)
 
 
 def meta_record(cfg: LlamaConfig, gin_config: str = "", tokenizer: dict | None = None, **extra) -> dict:
@@ -93,8 +104,8 @@ def resolve(path: str, step: int | None = None) -> tuple[str, int]:
     if not paths.isdir(path):
         raise CheckpointError(f"{path}: no such checkpoint directory")
     base = path.rstrip("/").rsplit("/", 1)[-1]
-    if paths.isdir(paths.join(path, "checkpoints")):
-        root = paths.join(path, "checkpoints")
+    if paths.isdir(Workdir(path).checkpoints):
+        root = Workdir(path).checkpoints
     elif base.isdigit() and paths.isdir(paths.join(path, "params")):
         root, step_here = path.rstrip("/")[:-len(base) - 1], int(base)
         if step is not None and step != step_here:
@@ -163,24 +174,39 @@ def restore_params(path: str, abstract_params: Any, step: int | None = None):
 
 
 def check_shapes(item_dir: str, abstract: Any):
-    """Compares the stored shapes of a PyTree item with `abstract`, reading only metadata."""
+    """Compares a PyTree item's names and shapes, as its metadata records them, with `abstract`
+    (the run's ShapeDtypeStructs), reading no array. Names or shapes that differ: the checkpoint
+    is of another model or optimizer (`CheckpointMismatch`, one line naming what differs).
+    Metadata that Orbax cannot read (torn or missing files, e.g. the item's array data gone):
+    the checkpoint is damaged (`CheckpointUnreadable`)."""
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            stored = ckptr.metadata(item_dir)
-        stored = getattr(stored, "item_metadata", stored)
-        stored = getattr(stored, "tree", stored)
-    except Exception as e:  # unreadable metadata
+            stored = getattr(ckptr.metadata(item_dir), "item_metadata", None)
+    except Exception as e:  # noqa: BLE001 - unreadable metadata, whatever Orbax raises
         raise CheckpointUnreadable(f"{item_dir}: unreadable checkpoint ({type(e).__name__}: {e})") from None
-    want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(abstract)}
-    have = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(stored)
-            if hasattr(v, "shape")}
-    missing = sorted(set(want) - set(have))
-    if missing:
-        raise CheckpointMismatch(f"{item_dir}: checkpoint lacks {missing[:3]}")
+    if stored is None:  # Orbax logs its own failure to read the arrays' metadata and returns none
+        raise CheckpointUnreadable(f"{item_dir}: unreadable checkpoint (its array metadata cannot be read: "
+                                   f"array files missing or torn)")
+    want, have = _shapes(abstract), _shapes(getattr(stored, "tree", stored))
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    if missing or extra:
+        what = [f"lacks {missing[:3]}"] if missing else []
+        what += [f"has {extra[:3]}, which the run's model does not"] if extra else []
+        raise CheckpointMismatch(f"{item_dir}: the checkpoint {' and '.join(what)} (a different model or "
+                                 f"optimizer)")
     for k, shape in want.items():
-        if tuple(shape) != have[k]:
+        if shape != have[k]:
             raise CheckpointMismatch(f"{item_dir}: {k} has shape {have[k]} in the checkpoint, "
-                                  f"the model config expects {tuple(shape)}")
+                                     f"the run's model expects {shape}")
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    """'a/b/c' -> shape of every array leaf. Path parts are dict keys, attribute names and
+    sequence indices alike: Orbax reads a saved namedtuple (an optax state) back as a dict."""
+    def part(k):
+        return next((str(getattr(k, a)) for a in ("key", "name", "idx") if hasattr(k, a)), str(k))
+    return {"/".join(map(part, path)): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree) if hasattr(leaf, "shape")}
 
 
 def load_params(path: str, step: int | None = None) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
@@ -192,135 +218,6 @@ def load_params(path: str, step: int | None = None) -> tuple[LlamaConfig, dict[s
     abstract = {k: jax.ShapeDtypeStruct(s, np.float32, sharding=cpu) for k, s in param_shapes(cfg).items()}
     params = restore_params(path, abstract, step)
     return cfg, {k: np.asarray(v) for k, v in params.items()}
-
-
-# ---- resuming safely ------------------------------------------------------------------------
-def read_step(manager: ocp.CheckpointManager, step: int, args: ocp.args.Composite):
-    """Reads checkpoint `step` of `manager`'s directory on this process alone.
-
-    Each process reads the shards its devices hold; there is no cross-process barrier inside
-    (Orbax's own restore ends with one, where a process whose read failed would leave the others
-    waiting). `newest_readable` makes the processes agree afterwards."""
-    me = jax.process_index()
-    options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler(), multiprocessing_options=options) as ckptr:
-        return ckptr.restore(paths.join(str(manager.directory), str(step)), args=args)
-
-
-def newest_readable(manager: ocp.CheckpointManager, workdir: str, restore, params_target,
-                    restart_from_scratch: bool = False):
-    """(restore(step), step) for the newest checkpoint that restores on every process, or None for
-    a fresh start. Every process of a multi-host run takes the same decision.
-
-    Candidates are the committed, complete steps that every process sees (Orbax renames a save's
-    temporary directory when it commits, and the manager removes leftovers when it opens); the
-    others are moved aside. Newest first, each process restores the candidate (`restore` reads
-    without cross-process barriers: `read_step`), then all exchange the outcome: if any process
-    failed to read it, all skip it, and process 0 warns once for the run, naming the processes
-    and reasons. Skipped steps are moved to WORKDIR/checkpoints_unreadable/ (so later saves at
-    those steps don't collide) once everyone has stopped reading them. If all fail, every
-    process refuses with the same line unless `restart_from_scratch`. A readable checkpoint whose
-    shapes disagree with `params_target` is a configuration error, never skipped.
-    """
-    from meditron_jax.distributed import multihost
-
-    root = checkpoint_dir(workdir)
-    listed = sorted(manager.all_steps())
-    seen = multihost.allgather_json([listed, [s for s in listed if is_complete(paths.join(root, str(s)))]])
-    everywhere = set.intersection(*(set(complete) for _, complete in seen))
-    remnants = sorted(set().union(*(set(lst) for lst, _ in seen)) - everywhere)
-    if remnants:
-        _warn(f"checkpoint steps {remnants} in {root} are incomplete (left by an interrupted save "
-              f"or deletion); moved to {quarantine_dir(workdir)}")
-        _quarantine(manager, workdir, remnants)
-    steps = sorted(everywhere, reverse=True)
-    if steps:
-        _silence_failed_reads()
-    skipped, reasons = [], []
-    for step in steps:
-        restored, outcome = None, ["ok", ""]
-        try:
-            check_shapes(paths.join(root, str(step), "params"), params_target)
-            restored = restore(step)
-        except CheckpointMismatch as e:
-            outcome = ["mismatch", str(e)]
-        except Exception as e:  # torn or corrupted files: try the previous checkpoint
-            reason = " ".join(str(e).split(" See full TensorStore details")[0].split())[:200]
-            outcome = ["unreadable", f"{type(e).__name__}: {reason}"]
-        votes = multihost.allgather_json(outcome)
-        mismatch = next((msg for st, msg in votes if st == "mismatch"), None)
-        if mismatch is not None:
-            raise CheckpointMismatch(f"cannot resume from {workdir}: {mismatch}")
-        failed = [(p, msg) for p, (st, msg) in enumerate(votes) if st != "ok"]
-        if failed:
-            where = "; ".join((f"process {p}: " if len(votes) > 1 else "") + msg for p, msg in failed)
-            reasons.append(f"checkpoint step {step} in {root} is unreadable, skipping it ({where})")
-            skipped.append(step)
-            del restored
-            continue
-        if skipped:
-            _warn("; ".join(reasons) + f"; resuming from step {step}, not from the newest step {skipped[0]} "
-                  f"(unreadable steps {sorted(skipped)} moved to {quarantine_dir(workdir)})")
-            _quarantine(manager, workdir, skipped)
-        return restored, step
-    if steps and not restart_from_scratch:
-        raise CheckpointError(f"{root}: none of the checkpoints {sorted(steps)} can be restored; refusing to "
-                              f"start from scratch (pass --restart-from-scratch to start over; they are then "
-                              f"moved to {quarantine_dir(workdir)})")
-    if steps:
-        _warn("; ".join(reasons) + f"; --restart-from-scratch: no readable checkpoint; starting at step 0, "
-              f"unreadable steps {sorted(steps)} moved to {quarantine_dir(workdir)}")
-        _quarantine(manager, workdir, steps)
-    return None
-
-
-def quarantine_dir(workdir: str) -> str:
-    return paths.join(paths.absolute(workdir), "checkpoints_unreadable")
-
-
-def _warn(msg: str):
-    if jax.process_index() == 0:
-        print(f"meditron-jax train: warning: {msg}", file=sys.stderr, flush=True)
-
-
-def _quarantine(manager: ocp.CheckpointManager, workdir: str, steps):
-    """Moves step directories aside (never deletes what this run did not write). Called by every
-    process at the same point: process 0 moves them once all have arrived (none still reads
-    them), and nobody goes on before the move is done."""
-    from meditron_jax.distributed import multihost
-
-    multihost.barrier()
-    if jax.process_index() == 0:
-        dest_root = quarantine_dir(workdir)
-        paths.makedirs(dest_root)
-        for step in steps:
-            dest = paths.join(dest_root, str(step))
-            n = 1
-            while paths.exists(dest):
-                dest, n = paths.join(dest_root, f"{step}.{n}"), n + 1
-            paths.rename(paths.join(checkpoint_dir(workdir), str(step)), dest)
-    multihost.barrier()
-    manager.reload()
-
-
-def _silence_failed_reads():
-    """A failed Orbax read leaves its sibling reads running and un-awaited: when they finish
-    after their event loop closed, or are garbage-collected (often at exit), Python prints
-    'Event loop is closed' / 'Exception ignored in <coroutine _read_array_index_...>' and asyncio
-    logs '_GatheringFuture exception was never retrieved', with tracebacks. The warning naming
-    the step already said it all: drop just those reports."""
-    previous = sys.unraisablehook
-    if getattr(previous, "_meditron_quiet", False):
-        return
-
-    def hook(unraisable):  # reads finishing after their event loop closed report here too
-        late = isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)
-        if not late and "_read_array_index" not in repr(getattr(unraisable, "object", "")):
-            previous(unraisable)
-    hook._meditron_quiet = True
-    sys.unraisablehook = hook
-    logging.getLogger("asyncio").addFilter(
-        lambda record: "error while reading array index" not in record.getMessage())
 
 
 def all_finite(tree):

@@ -1,195 +1,36 @@
-"""Storage faults on the write side: outputs built under a temporary name that no dead run leaves
-behind, and checkpoint saves that are watched, space-checked and fail cleanly.
+"""Storage faults of a training run's checkpoint saves: watched, space-checked, failing cleanly.
 
-Owns:
-* `staging_dir(out, command)` / `commit_dir` / `discard_dir`: an output (an export, an imported
-  checkpoint, a preprocessed directory) is built in a sibling `.NAME.partial-XXXX` and renamed to
-  NAME when complete. While the run lives it holds a lock (`fcntl.lockf`, which NFS supports too)
-  on `.NAME.partial-XXXX.lock`; a partial whose lock nobody holds was left by a run that died
-  (SIGKILL, OOM, power loss) and is removed by the next run for the same destination, which says
-  so in one line. A partial another live run is building is left alone.
-* `WatchedManager`: the trainer's Orbax `CheckpointManager` with the save side watched. `poll()`
-  (every logged step; never blocks) notices a failed asynchronous save as soon as the step after
-  it is logged, instead of when the next save waits for it; a failed save (async or not) removes
-  its temporary step directory and raises one `StorageFault` that names the step and the newest
-  complete checkpoint a rerun resumes from. With several processes they agree (one small
-  all-reduce at each logged step and after each save) and stop together. Before each save the
-  free space is compared with the size of the last checkpoint (the state's bytes for the first):
-  a warning, once, when the next save will not fit; `startup_space_check` sizes the whole run's
-  footprint (the first save and `checkpoint.keep` of them, plus the one being written).
+Owns `WatchedManager` (built by `watched_manager`): the trainer's Orbax `CheckpointManager` with
+the save side watched. `poll()` (every logged step; never blocks) notices a failed asynchronous
+save as soon as the step after it is logged, instead of when the next save waits for it: through
+Orbax's own report once the save has ended, and through the save's futures (`SaveWatch`) while
+Orbax still waits at its cross-process barriers. A failed save (async or not) waits for the
+save's other writers, removes its temporary step directory and raises one `StorageFault` that
+names the step and the newest complete checkpoint a rerun resumes from; Orbax's background
+threads then log nothing more about it (without `--debug`). With several processes they agree
+(one small all-reduce at each logged step and after each save) and stop together. Before each
+save the free space is compared with the size of the last checkpoint (the state's bytes for the
+first): a warning, once, when the next save will not fit; `startup_space_check` sizes the whole
+run's footprint (the first save and `checkpoint.keep` of them, plus the one being written).
 Remote storage (`gs://`, `paths.py`): there is no free-space figure for a bucket, so the space
 checks are skipped there, with one log line (`free_space`).
-Does not own: the checkpoint layout and the restore decision (`checkpoint.py`), the messages'
-exit statuses (`errors.py`).
+Does not own: the checkpoint layout and the restore decision (`checkpoint.py`, `resume.py`),
+partial outputs of other commands (`staging.py`), the messages' exit statuses (`errors.py`).
 """
 
 from __future__ import annotations
 
-import fcntl
-import glob
-import os
-import shutil
-import socket
+import asyncio
+import concurrent.futures
+import logging
 import sys
-import tempfile
 import threading
 
 from meditron_jax.storage import paths
-from meditron_jax.errors import (SPACE_ERRNOS, StorageFault, UserError, format_bytes, free_bytes,
-                                 storage_fault)
-
-PARTIAL = ".partial-"
-LOCK_SUFFIX = ".lock"
-_HELD: dict[str, int] = {}  # partial dir -> fd of its held lock (this process)
-_HELD_LOCK = threading.Lock()
+from meditron_jax.storage.workdir import Workdir
+from meditron_jax.errors import StorageFault, format_bytes, free_bytes, storage_fault
 
 
-# ---- outputs built under a temporary name --------------------------------------------------
-def _prefix(out: str) -> str:
-    return f".{os.path.basename(os.path.abspath(out))}{PARTIAL}"
-
-
-def _lock_is_free(lock_path: str) -> bool:
-    """True when no live process holds the lock of `lock_path` (or the file is gone)."""
-    try:
-        fd = os.open(lock_path, os.O_RDWR)
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False  # cannot tell: leave it alone
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False
-    else:
-        fcntl.lockf(fd, fcntl.LOCK_UN)
-        return True
-    finally:
-        os.close(fd)
-
-
-def remove_stale_partials(out: str, command: str, legacy_prefixes: tuple[str, ...] = ()) -> list[str]:
-    """Removes the partial outputs for `out` that dead runs left next to it (no live lock), and
-    says so in one line on stderr; returns what was removed. `legacy_prefixes`: other temporary
-    names this command used before (e.g. preprocess's `.NAME.tmp-`)."""
-    out = os.path.abspath(out)
-    parent = os.path.dirname(out)
-    name = os.path.basename(out)
-    patterns = [_prefix(out) + "*"] + [f".{name}{p}*" for p in legacy_prefixes]
-    candidates = sorted({p for pat in patterns for p in glob.glob(os.path.join(glob.escape(parent), pat))})
-    removed, freed = [], 0
-    with _HELD_LOCK:
-        held = set(_HELD)
-    for path in candidates:
-        if path.endswith(LOCK_SUFFIX):
-            if not os.path.exists(path[:-len(LOCK_SUFFIX)]) and path[:-len(LOCK_SUFFIX)] not in held \
-                    and _lock_is_free(path):
-                _unlink(path)  # a lock without its directory: a run that died between the two
-            continue
-        if path in held or not _lock_is_free(path + LOCK_SUFFIX):
-            continue  # another live run (or this one) is building it
-        size = paths.tree_bytes(path) if os.path.isdir(path) else os.path.getsize(path)
-        if os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            _unlink(path)
-        if not os.path.exists(path):
-            _unlink(path + LOCK_SUFFIX)
-            removed.append(path)
-            freed += size
-    if removed:
-        names = ", ".join(os.path.basename(p) for p in removed)
-        print(f"meditron-jax {command}: removed {len(removed)} partial output(s) of {out} left by an earlier run "
-              f"that did not finish ({names}; {format_bytes(freed)} freed)", file=sys.stderr, flush=True)
-    return removed
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def local_output(out: str) -> str:
-    """`out` unchanged when it is a local path; a URL (gs://, file://) is refused in one line
-    (exit 2) instead of becoming a local `gs:/bucket` directory: call before `os.path.abspath`."""
-    if "://" in str(out):
-        raise UserError(f"output {out}: a URL is not supported for outputs (they are built under a temporary "
-                        f"name and renamed); write to a local or mounted directory")
-    return out
-
-
-def staging_dir(out: str, command: str, legacy_prefixes: tuple[str, ...] = ()) -> str:
-    """A fresh, locked temporary sibling of `out` to build it in (after removing dead runs'
-    partials for the same destination). Release it with `commit_dir` or `discard_dir`.
-    Outputs are local (or mounted) directories: a URL is refused, never made a local `gs:/` dir."""
-    out = os.path.abspath(local_output(out))
-    parent = os.path.dirname(out)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        remove_stale_partials(out, command, legacy_prefixes)
-        fd, lock_path = tempfile.mkstemp(prefix=_prefix(out), suffix=LOCK_SUFFIX, dir=parent)
-    except OSError as e:
-        raise _creation_error(e, command, out) from None
-    tmp = lock_path[:-len(LOCK_SUFFIX)]
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
-        os.mkdir(tmp, 0o700)
-    except OSError as e:
-        os.close(fd)
-        _unlink(lock_path)
-        raise _creation_error(e, command, out) from None
-    with _HELD_LOCK:
-        _HELD[tmp] = fd
-    return tmp
-
-
-def _creation_error(e: OSError, command: str, out: str) -> Exception:
-    """A destination that cannot be written at all (read-only, forbidden, not a directory) is the
-    user's choice to fix, like a read-only workdir: exit 2. A full disk or an I/O error: 74."""
-    import errno
-
-    if e.errno in SPACE_ERRNOS + (errno.EIO,):
-        return storage_fault(e, "creating the output", out)
-    return UserError(f"cannot create output next to {out}: {e.strerror}")
-
-
-def _release(tmp: str) -> None:
-    with _HELD_LOCK:
-        fd = _HELD.pop(os.path.abspath(tmp), None)
-    _unlink(os.path.abspath(tmp) + LOCK_SUFFIX)
-    if fd is not None:
-        os.close(fd)
-
-
-def discard_dir(tmp: str) -> None:
-    """Removes a partial output of this run (on any failure) and releases its lock."""
-    shutil.rmtree(tmp, ignore_errors=True)
-    _release(tmp)
-
-
-def commit_dir(tmp: str, out: str, sync=None) -> None:
-    """Puts the finished `tmp` at `out` (an old `out` is moved aside, then removed), then
-    releases the lock. `sync(tmp)` runs first (to make the data durable before it is visible)."""
-    out = os.path.abspath(out)
-    if sync is not None:
-        sync(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # made private while partial
-    old = None
-    if os.path.exists(out):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
-        os.rename(out, os.path.join(old, "x"))
-    os.rename(tmp, out)
-    _release(tmp)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-# ---- checkpoint saves ----------------------------------------------------------------------------
 _REMOTE_SPACE_NOTED: set[str] = set()
 
 
@@ -223,49 +64,130 @@ def _any_process(flag: bool) -> bool:
     return bool(np.max(multihost_utils.process_allgather(np.asarray([int(flag)], np.int32))))
 
 
-_BACKGROUND_ERRORS: list[BaseException] = []  # failed background saves of this process
+class _ReportingFuture:
+    """One future of a checkpoint save (`orbax.checkpoint.future.Future`: `result`, `cancel`)
+    that tells `watch` the error it raised, whoever waits for it (Orbax's background thread)."""
+
+    def __init__(self, future, watch: "SaveWatch"):
+        self._future, self._watch = future, watch
+
+    def result(self, timeout: float | None = None):
+        try:
+            return self._future.result(timeout=timeout)
+        except (concurrent.futures.CancelledError, asyncio.CancelledError):
+            raise  # a cancelled save did not fail
+        except BaseException as e:
+            self._watch.record_error(e)
+            raise
+
+    def cancel(self):
+        return self._future.cancel()
 
 
-class _BackgroundSaveErrors:
-    """Records the error of a failed background save as Orbax logs it ('Failed to run ... in
-    background save thread', with the exception). With several processes Orbax's own failure
-    report waits for barriers the failed process never reaches (its timeout is 10 minutes);
-    the log record is the one prompt, public trace of it."""
+class SaveWatch:
+    """The futures of this process's checkpoint save and the first error one of them raised.
+
+    Orbax reports a failed asynchronous save through `CheckpointManager.wait_until_finished`,
+    which raises the save's error once the save has ended. In a multi-process run a process whose
+    write failed does not get there for `AsyncOptions.timeout_secs`: Orbax's save thread first
+    waits at cross-process barriers that the others pass only when every write is done. The
+    futures each item's handler returns (`orbax_extension.watching`) fail at once on the process
+    whose write failed, so its run can stop at the next logged step together with the others.
+    (`check_for_errors`, the manager's non-blocking check, never sees the error: Orbax's own
+    finalize thread takes it first, in orbax-checkpoint 0.12.8, and a caller that took it first
+    would let that thread go on to delete older steps as if the save had committed.)"""
+
+    def __init__(self):
+        self.error: BaseException | None = None
+        self._futures: list = []
+        self._lock = threading.Lock()
+
+    def handler(self, handler_cls: type):
+        """The handler of a checkpoint item (`checkpoint.make_manager(handler=...)`)."""
+        from meditron_jax.storage import orbax_extension
+        return orbax_extension.watching(handler_cls, self._watch)
+
+    def _watch(self, future) -> _ReportingFuture:
+        with self._lock:
+            self._futures.append(future)
+        return _ReportingFuture(future, self)
+
+    def record_error(self, error: BaseException) -> None:
+        with self._lock:
+            if self.error is None:
+                self.error = error
+
+    def started(self) -> None:
+        """A new save begins: forget the futures of the previous one (it committed)."""
+        with self._lock:
+            self._futures = []
+
+    def settle(self, timeout_s: float) -> None:
+        """Waits (at most `timeout_s`) until every future of the failed save has ended: a failed
+        write's sibling writers (another item's metadata) must not find its directory removed."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            futures = list(self._futures)
+        for f in futures:
+            try:
+                f.result(timeout=max(0.0, deadline - time.monotonic()))
+            except BaseException:  # noqa: BLE001 - failed or still running: either way, done waiting
+                pass
+
+
+class _AfterFailedSave:
+    """Once a save has failed and been reported in one line, drops the exception records Orbax's
+    background threads still log about it (a sibling write finding the temporary directory
+    removed, a barrier that times out); `--debug` shows them."""
+
+    active = False
 
     def filter(self, record) -> bool:
-        if record.exc_info and record.exc_info[1] is not None and "background save thread" in str(record.msg):
-            _BACKGROUND_ERRORS.append(record.exc_info[1])
+        from meditron_jax.errors import debug_enabled
+
+        if not (self.active and record.exc_info) or debug_enabled():
+            return True
+        tb = record.exc_info[2]  # raised in Orbax's code (the record's own pathname depends on
+        while tb is not None:    # whether absl's logger class was installed before it was made)
+            if "/orbax/" in tb.tb_frame.f_code.co_filename:
+                return False
+            tb = tb.tb_next
         return True
 
 
-def _record_background_errors() -> None:
-    import logging
+_AFTER_FAILED_SAVE = _AfterFailedSave()
 
-    logger = logging.getLogger("absl")
-    if not any(isinstance(f, _BackgroundSaveErrors) for f in logger.filters):
-        logger.filters.insert(0, _BackgroundSaveErrors())  # before filters that drop the record
-    if logger.getEffectiveLevel() > logging.ERROR:
-        logger.setLevel(logging.ERROR)
+
+def watched_manager(workdir: Workdir, state_bytes: int) -> "WatchedManager":
+    """The trainer's checkpoint manager: Orbax's, saving through handlers a `SaveWatch` watches."""
+    from meditron_jax.storage import checkpoint as ckpt
+
+    watch = SaveWatch()
+    return WatchedManager(ckpt.make_manager(workdir, handler=watch.handler), workdir, state_bytes, watch)
 
 
 class WatchedManager:
     """An Orbax `CheckpointManager` whose saves are watched (see the module docstring). Every
-    other attribute is the manager's own, so it stands in for the manager everywhere."""
+    other attribute is the manager's own, so it stands in for the manager everywhere.
+    `watch`: the `SaveWatch` whose handlers the manager saves with (`watched_manager`)."""
 
-    def __init__(self, manager, workdir: str, state_bytes: int):
-        from meditron_jax.storage import checkpoint as ckpt
-
+    def __init__(self, manager, workdir: Workdir | str, state_bytes: int, watch: SaveWatch | None = None):
         self._manager = manager
-        self.workdir = workdir
-        self.root = ckpt.checkpoint_dir(workdir)
+        self.workdir = Workdir.resolve(workdir)
+        self.root = self.workdir.checkpoints
         self.state_bytes = int(state_bytes)
+        self.watch = watch or SaveWatch()
         self.pending: int | None = None  # the step whose save may still be in flight
         self.last_size: int | None = None
         self.failed = False
         self.multi = False
         self._space_warned = False
-        _record_background_errors()
-        del _BACKGROUND_ERRORS[:]
+        logger = logging.getLogger("absl")  # Orbax logs through absl
+        if _AFTER_FAILED_SAVE not in logger.filters:
+            logger.addFilter(_AFTER_FAILED_SAVE)
+        _AFTER_FAILED_SAVE.active = False  # a new run: an earlier failed save is not this one's
 
     def __getattr__(self, name):
         return getattr(self._manager, name)
@@ -274,6 +196,7 @@ class WatchedManager:
     def save(self, step, *args, **kwargs):
         self.poll()  # a failed save in flight stops the run before Orbax blocks on it
         self._check_space(step)
+        self.watch.started()
         error = None
         try:
             result = self._manager.save(step, *args, **kwargs)
@@ -289,19 +212,21 @@ class WatchedManager:
 
     def poll(self) -> None:
         """At a logged step: has the save in flight failed? Never blocks on a running save."""
-        failed = bool(_BACKGROUND_ERRORS) and self.pending is not None
-        if not failed and self.pending is not None and not self._manager.is_saving_in_progress():
-            failed = not self._note_committed()
+        failed = self.pending is not None and (self.watch.error is not None or (
+            not self._manager.is_saving_in_progress() and not self._note_committed()))
         if _any_process(failed):
-            error = None
-            if _BACKGROUND_ERRORS:
-                error = _BACKGROUND_ERRORS[0]
-            elif failed:
-                try:  # the save has finished (failed): this returns at once, raising its error
-                    self._manager.wait_until_finished()
-                except Exception as e:  # noqa: BLE001
-                    error = e
-            raise self._fail(self.pending, error)
+            raise self._fail(self.pending, self._save_error() if failed else None)
+
+    def _save_error(self) -> BaseException | None:
+        """Why this process's save failed: Orbax's own report once the save has ended
+        (`wait_until_finished` then returns at once, raising the save's error), else the error
+        its futures raised (`SaveWatch`: Orbax still waits at its barriers)."""
+        if not self._manager.is_saving_in_progress():
+            try:
+                self._manager.wait_until_finished()
+            except Exception as e:  # noqa: BLE001 - the failed save's own error
+                return e
+        return self.watch.error
 
     def wait_until_finished(self):
         if self.failed:
@@ -352,9 +277,11 @@ class WatchedManager:
         from meditron_jax.storage import checkpoint as ckpt
 
         self.failed = True
+        _AFTER_FAILED_SAVE.active = True  # this line reports it; Orbax's threads need not, again
         # With several processes Orbax's save threads now wait at barriers that the failed
         # process never reaches (for 10 minutes): the CLI exits at once after the one line.
         self.multi = jax.process_count() > 1
+        self.watch.settle(timeout_s=10.0)  # the failed save's other writers have stopped
         removed = True
         if jax.process_index() == 0:
             removed = _remove_temporaries(self.root, step)
@@ -414,13 +341,12 @@ class PeerSaveFailed(StorageFault):
         return f"{self.operation} {self.path}: {self.hint}"
 
 
-def startup_space_check(workdir: str, state_bytes: int, keep: int | None, saves: int, existing_steps: int) -> None:
+def startup_space_check(workdir: Workdir | str, state_bytes: int, keep: int | None, saves: int,
+                        existing_steps: int) -> None:
     """Warns (once, at start) when the checkpoints this run will hold at its peak do not fit:
     `keep` of them plus the one being written (all `saves` when keep is None), less the steps
     already there. Refusing when not even one fits is `train.check_workdir`'s job."""
-    from meditron_jax.storage import checkpoint as ckpt
-
-    root = ckpt.checkpoint_dir(workdir)
+    root = Workdir.resolve(workdir).checkpoints
     peak = saves if not keep else min(saves, keep + 1 - min(existing_steps, keep))
     need = max(1, peak) * int(state_bytes)
     free = free_space(root)

@@ -1,6 +1,23 @@
-"""A workdir that one run owns, and resuming from a chosen step.
+"""A run's directory: its layout (`Workdir`) and the lock that makes one run own it.
 
 Owns:
+- `Workdir`: every path of a run, local or `gs://` (through `paths.py`), in one place. The layout
+  is a contract (existing workdirs keep working):
+      WORKDIR/checkpoints/<step>/        Orbax checkpoints (storage/checkpoint.py)
+      WORKDIR/checkpoints_unreadable/    steps a resume set aside (unreadable or incomplete)
+      WORKDIR/checkpoints_superseded/    steps newer than `--resume_step N`, set aside
+      WORKDIR/metrics.jsonl              one JSON record per logged step
+      WORKDIR/metrics.dropped.jsonl      records a resume moved out of metrics.jsonl
+      WORKDIR/config.gin                 the operative gin config
+      WORKDIR/run.lock                   the run lock (below)
+      WORKDIR/tensorboard/               TensorBoard events
+      WORKDIR/profile/                   profiler traces (`train.profile_steps`)
+      WORKDIR/demo_data/                 the demo corpus (`data.demo = True`, local workdirs)
+  `Workdir.resolve(text)` turns the user's `--workdir` (a local path, `file:///abs`, `gs://...`)
+  into one, refusing what cannot be written in one line before anything runs. Functions that
+  take a workdir from outside the package (`train()`, the listing, the lock, the checkpoint
+  manager, the metrics writer) accept a `Workdir` or that text; everything inside passes the
+  `Workdir` on.
 - `RunLock`: `WORKDIR/run.lock`, a JSON file naming host, pid, start time and a heartbeat
   (rewritten every `heartbeat_s` by a daemon thread). It is created with O_CREAT|O_EXCL, so of
   two runs starting together exactly one gets it. A second run refuses in one line naming the
@@ -12,15 +29,13 @@ Owns:
   when it is unreadable and older than that. Multi-host: process 0 holds it and all processes
   learn the outcome (`acquire_for_run`), so a refused start stops every process.
 - `releases_lock`: a decorator that releases the locks a call acquired, however it ends.
-- `check_resume_step` / `set_aside_newer`: `train --resume_step N` (or gin `train.resume_step = N`)
-  restores exactly step N
-  (refusing one that isn't there, before anything is built); checkpoints newer than N are moved
-  to `WORKDIR/checkpoints_superseded/`, never deleted, and metrics.jsonl is cut back to N by the
-  trainer's usual resume rule.
+Does not own: what is written inside (checkpoint.py, training/metrics.py), which checkpoint a
+run resumes from (resume.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import json
@@ -33,7 +48,6 @@ import uuid
 from meditron_jax.storage import paths
 from meditron_jax.errors import UserError
 
-LOCK_NAME = "run.lock"
 STALE_AFTER_S = 600.0
 HEARTBEAT_S = 30.0
 REMOTE_SETTLE_S = 1.0  # remote lock: how long a fresh lock is left before it is read back
@@ -41,6 +55,87 @@ REMOTE_SETTLE_S = 1.0  # remote lock: how long a fresh lock is left before it is
 
 class WorkdirLocked(UserError):
     """Another live run owns the workdir."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Workdir:
+    """Every path of one run (module docstring). `root`: an absolute local path or a `gs://` URL."""
+
+    root: str
+
+    CHECKPOINTS = "checkpoints"
+    UNREADABLE = "checkpoints_unreadable"
+    SUPERSEDED = "checkpoints_superseded"
+    METRICS = "metrics.jsonl"
+    METRICS_DROPPED = "metrics.dropped.jsonl"
+    CONFIG = "config.gin"
+    LOCK = "run.lock"
+    TENSORBOARD = "tensorboard"
+    PROFILE = "profile"
+    DEMO_DATA = "demo_data"
+
+    @classmethod
+    def resolve(cls, workdir: "Workdir | str | os.PathLike") -> "Workdir":
+        """The user's text (a local path, a `file://` URL, a `gs://` URL where its filesystem
+        package is installed: `paths.resolve`) as a `Workdir`; a `Workdir` is returned as is.
+        Anything else is refused in one line, and nothing is created (no local `gs:/bucket`)."""
+        if isinstance(workdir, Workdir):
+            return workdir
+        return cls(paths.absolute(paths.resolve(os.fspath(workdir), "workdir")))
+
+    def __str__(self) -> str:
+        return self.root
+
+    def _join(self, *parts) -> str:
+        return paths.join(self.root, *parts)
+
+    @property
+    def remote(self) -> bool:
+        return paths.is_remote(self.root)
+
+    @property
+    def checkpoints(self) -> str:
+        return self._join(self.CHECKPOINTS)
+
+    def step_dir(self, step: int) -> str:
+        return self._join(self.CHECKPOINTS, str(step))
+
+    @property
+    def unreadable(self) -> str:
+        """Where a resume moves unreadable and incomplete checkpoint steps (the quarantine)."""
+        return self._join(self.UNREADABLE)
+
+    @property
+    def superseded(self) -> str:
+        return self._join(self.SUPERSEDED)
+
+    @property
+    def metrics(self) -> str:
+        return self._join(self.METRICS)
+
+    @property
+    def metrics_dropped(self) -> str:
+        return self._join(self.METRICS_DROPPED)
+
+    @property
+    def config_gin(self) -> str:
+        return self._join(self.CONFIG)
+
+    @property
+    def lock(self) -> str:
+        return self._join(self.LOCK)
+
+    @property
+    def tensorboard(self) -> str:
+        return self._join(self.TENSORBOARD)
+
+    @property
+    def profile(self) -> str:
+        return self._join(self.PROFILE)
+
+    @property
+    def demo_data(self) -> str:
+        return self._join(self.DEMO_DATA)
 
 
 def _now_iso(t: float | None = None) -> str:
@@ -65,11 +160,11 @@ _call_stack = threading.local()
 
 
 class RunLock:
-    def __init__(self, workdir: str, stale_after_s: float = STALE_AFTER_S, heartbeat_s: float = HEARTBEAT_S,
+    def __init__(self, workdir: Workdir | str, stale_after_s: float = STALE_AFTER_S, heartbeat_s: float = HEARTBEAT_S,
                  command: str = "train"):
-        self.workdir = paths.absolute(workdir)
-        self.path = paths.join(self.workdir, LOCK_NAME)
-        self.remote = paths.is_remote(self.workdir)
+        self.workdir = Workdir.resolve(workdir)
+        self.path = self.workdir.lock
+        self.remote = self.workdir.remote
         self.stale_after_s, self.heartbeat_s = stale_after_s, heartbeat_s
         self.token = uuid.uuid4().hex
         now = time.time()
@@ -80,7 +175,7 @@ class RunLock:
 
     # -- acquiring -------------------------------------------------------------------------
     def acquire(self) -> "RunLock":
-        paths.makedirs(self.workdir)
+        paths.makedirs(self.workdir.root)
         for _ in range(3):
             try:
                 if self.remote:
@@ -201,7 +296,7 @@ def releases_lock(fn):
     return wrapper
 
 
-def acquire_for_run(workdir: str, **kwargs) -> RunLock | None:
+def acquire_for_run(workdir: Workdir, **kwargs) -> RunLock | None:
     """Process 0 takes the lock; every process learns whether it got it (one device broadcast
     when there are several), so a refused start stops all of them with exit 2."""
     import jax
@@ -222,65 +317,3 @@ def acquire_for_run(workdir: str, **kwargs) -> RunLock | None:
     if error is not None:
         raise error
     return lock
-
-
-# ---- where the workdir lives -----------------------------------------------------------------
-
-def resolve_workdir(path: str) -> str:
-    """A local path, a `file://` URL (made a local path) or a `gs://` URL where its filesystem
-    package is installed (`paths.resolve`). Anything else is refused in one line before anything
-    runs (and nothing is created: no local `gs:/bucket` directory)."""
-    return paths.resolve(path, "workdir")
-
-
-# ---- resuming from a chosen step -------------------------------------------------------------
-
-SUPERSEDED = "checkpoints_superseded"
-
-
-def check_resume_step(workdir: str, flag: int | None, gin_value: int | None = None) -> int | None:
-    """The step to resume from: `--resume_step N` or gin `train.resume_step = N` (the same value
-    if both are given). It must be a complete checkpoint of this workdir; checked up front, before
-    data is built or anything compiles. Returns it (None: the newest that restores)."""
-    if flag is not None and gin_value is not None and flag != gin_value:
-        raise UserError(f"--resume_step {flag} disagrees with train.resume_step = {gin_value}; give one of them")
-    step = flag if flag is not None else gin_value
-    if step is None:
-        return None
-    what = "--resume_step" if flag is not None else "train.resume_step ="
-    from meditron_jax.storage import checkpoint as ckpt
-
-    if step < 0:
-        raise UserError(f"{what} {step}: must be >= 0")
-    steps = ckpt.complete_steps(ckpt.checkpoint_dir(workdir))
-    if step not in steps:
-        have = f"it has {steps}" if steps else "it has none"
-        raise UserError(f"{what} {step}: workdir {paths.absolute(workdir)} has no complete checkpoint at step "
-                        f"{step} ({have})")
-    return step
-
-
-def set_aside_newer(manager, workdir: str, step: int) -> list[int]:
-    """Moves checkpoints newer than `step` to WORKDIR/checkpoints_superseded/ (process 0; all
-    processes wait), so the resumed run can save those steps again. Returns the moved steps."""
-    import jax
-
-    from meditron_jax.storage import checkpoint as ckpt
-    from meditron_jax import console
-
-    newer = sorted(s for s in manager.all_steps() if s > step)
-    if newer and jax.process_index() == 0:
-        dest_root = paths.join(paths.absolute(workdir), SUPERSEDED)
-        paths.makedirs(dest_root)
-        for s in newer:
-            dest, n = paths.join(dest_root, str(s)), 1
-            while paths.exists(dest):
-                dest, n = paths.join(dest_root, f"{s}.{n}"), n + 1
-            paths.rename(paths.join(ckpt.checkpoint_dir(workdir), str(s)), dest)
-        console.log.warning(f"--resume_step {step}: newer checkpoints {newer} moved to {dest_root}")
-    if newer and jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("meditron_jax_superseded")
-    if newer:
-        manager.reload()
-    return newer

@@ -20,6 +20,7 @@ from meditron_jax.storage import paths
 from meditron_jax.distributed import sharding
 from meditron_jax.distributed import meshes
 from meditron_jax.storage import faults as storage
+from meditron_jax.storage.workdir import Workdir
 from meditron_jax.models.config import LlamaConfig, gin_call
 from meditron_jax.config import gin_files as gin_files_lib
 from meditron_jax.config.checks import Range
@@ -104,7 +105,7 @@ def read_run_config(num_devices: int | None = None, resolve_init_from: bool = Tr
     return RunConfig(tc, cfg, oc, sizes, rules, zero1, ps, sync, init_ref, tuple(init_changes))
 
 
-def validate(run: RunConfig, workdir: str):
+def validate(run: RunConfig, workdir: Workdir):
     """Every user-caused inconsistency, before any compile or write. One line each."""
     validate_shapes(run.train, run.model, run.mesh_sizes, run.pipeline, run.sync)
     gin_call(lambda: meshes.check_placement(run.mesh_sizes))
@@ -155,10 +156,10 @@ def accumulation_steps(tc: TrainConfig, cfg: LlamaConfig, sizes: dict, ps) -> in
     return tc.global_batch_size // per_step
 
 
-def check_workdir(workdir: str, needed_bytes: int = 0):
+def check_workdir(workdir: Workdir, needed_bytes: int = 0):
     """The workdir is writable and (with `needed_bytes`) has room for one checkpoint."""
-    paths.check_writable(workdir)  # local or remote (paths.py): one line when it cannot be written
-    free = storage.free_space(workdir)  # None for remote storage (no free-space check there)
+    paths.check_writable(workdir.root)  # local or remote (paths.py): one line when it cannot be written
+    free = storage.free_space(workdir.root)  # None for remote storage (no free-space check there)
     if needed_bytes and free is not None and free < needed_bytes:
         raise UserError(f"workdir {workdir} has {_size(free)} free, one checkpoint needs {_size(needed_bytes)}")
 

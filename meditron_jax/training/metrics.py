@@ -19,13 +19,13 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
 import threading
 import time
 
 import jax
 
 from meditron_jax.storage import paths
+from meditron_jax.storage.workdir import Workdir
 from meditron_jax.models.config import LlamaConfig
 from meditron_jax.errors import storage_fault, storage_faults
 
@@ -65,14 +65,15 @@ class MetricsWriter:
     at every record with a loss (and every eval record) when `console`.
     """
 
-    def __init__(self, workdir: str, total_steps: int, start_step: int = 0, enabled: bool | None = None,
+    def __init__(self, workdir: Workdir | str, total_steps: int, start_step: int = 0, enabled: bool | None = None,
                  tensorboard: bool = True, wandb_project: str | None = None, progress: bool = True,
                  config: dict | None = None, tokens_per_step: int = 0, config_text: str | None = None,
                  console: bool = True):
         from meditron_jax import console as _console
 
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        workdir = Workdir.resolve(workdir)
+        self.path = workdir.metrics
         self._tb = self._wandb = self._bar = None
         self.total_steps, self.start_step, self.tokens_per_step = total_steps, start_step, tokens_per_step
         self.t0 = time.time()
@@ -93,7 +94,7 @@ class MetricsWriter:
                 # records truncate_metrics moves out of metrics.jsonl), so no step shows twice
                 # max_queue: tensorboardX's writer thread dies on a failed write; a small queue then
                 # blocks add_scalar forever, a large one lets write() notice the dead thread first
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1,
+                self._tb = SummaryWriter(workdir.tensorboard, purge_step=start_step + 1,
                                          max_queue=1000)
                 _capture_tensorboard_thread_errors()
                 if config_text:  # markdown: indent 4 = a code block, the config stays readable
@@ -104,7 +105,8 @@ class MetricsWriter:
         if wandb_project:
             try:
                 import wandb
-                self._wandb = wandb.init(project=wandb_project, config=config or {}, dir=workdir, resume="allow")
+                self._wandb = wandb.init(project=wandb_project, config=config or {}, dir=workdir.root,
+                                         resume="allow")
             except ImportError:
                 print("wandb not installed; skipping wandb logging", flush=True)
         if progress:
@@ -332,11 +334,12 @@ class TrainLog:
         self.pending = []
 
 
-def truncate_metrics(workdir: str, step: int) -> int:
+def truncate_metrics(workdir: Workdir | str, step: int) -> int:
     """Keeps metrics.jsonl records with step <= `step` (the restored step); later ones (written
     after the last checkpoint of an interrupted run, re-logged by this run) and a torn last line
     are appended to metrics.dropped.jsonl. Returns the number of records moved."""
-    path = paths.join(workdir, "metrics.jsonl")
+    workdir = Workdir.resolve(workdir)
+    path = workdir.metrics
     if not paths.exists(path):
         return 0
     keep, drop = [], []
@@ -347,7 +350,7 @@ def truncate_metrics(workdir: str, step: int) -> int:
             ok = False
         (keep if ok else drop).append(line)
     if drop:
-        dropped = paths.join(workdir, "metrics.dropped.jsonl")
+        dropped = workdir.metrics_dropped
         before = paths.read_text(dropped) if paths.exists(dropped) else ""
         paths.write_text(dropped, before + "".join(x if x.endswith("\n") else x + "\n" for x in drop))
         paths.write_text(path, "".join(keep))

@@ -22,6 +22,8 @@ import os
 
 import jax
 
+from meditron_jax.storage.workdir import Workdir
+
 
 def parse_steps(value) -> tuple[int, int] | None:
     """() / None -> None; (a, b) -> (a, b); a single int n -> (n, n)."""
@@ -48,11 +50,10 @@ def stop_active():
 
 
 class StepProfiler:
-    def __init__(self, steps, workdir: str, all_processes: bool = False):
+    def __init__(self, steps, workdir: Workdir, all_processes: bool = False):
+        """Traces go to `workdir.profile`."""
         self.window = parse_steps(steps)
-        from meditron_jax.storage import paths
-
-        self.dir = paths.join(paths.absolute(workdir), "profile")
+        self.dir = workdir.profile
         self.local = None  # a remote workdir: the local directory the trace goes to first
         self.active = False
         if not all_processes and jax.process_index() != 0:

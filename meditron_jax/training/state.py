@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from meditron_jax.storage import checkpoint as ckpt
+from meditron_jax.storage import resume
+from meditron_jax.storage.workdir import Workdir
 from meditron_jax import console
 from meditron_jax.distributed import sharding
 from meditron_jax.distributed import host_batch
@@ -111,21 +112,20 @@ def nnx_params(cfg: LlamaConfig, seed):
     return Llama(cfg, rngs=nnx.Rngs(params=jax.random.key(seed))).params()
 
 
-def build_state(run, step: StepBuild, workdir: str, manager, restart_from_scratch=False, resume_step=None):
+def build_state(run, step: StepBuild, workdir: Workdir, manager, restart_from_scratch=False, resume_step=None):
     """Returns (state, start_step, data_state). `resume_step`: exactly that checkpoint (newer
-    ones are set aside first, `workdir.set_aside_newer`)."""
+    ones are set aside first, `resume.set_aside_newer`)."""
     from meditron_jax.training import init_from as init_from_lib
-    from meditron_jax.storage import workdir as workdir_mod
 
     tc, cfg = run.train, run.model
     if resume_step is not None:
-        workdir_mod.set_aside_newer(manager, workdir, resume_step)
+        resume.set_aside_newer(manager, workdir, resume_step)
     resumed = restore_newest_readable(manager, step.state_in, workdir, restart_from_scratch)
     if resume_step is not None and (resumed is None or resumed[1] != resume_step):
         raise UserError(f"--resume_step {resume_step}: that checkpoint does not restore (see the warning above)")
     if resumed is not None:
         state, start, data_state = resumed
-        console.resumed(start, os.path.join(ckpt.checkpoint_dir(workdir), str(start)))  # every process
+        console.resumed(start, workdir.step_dir(start))  # every process
         return state, start, data_state
     tx, state_sh = step.tx, step.state_sh
     init = jax.jit(lambda p: init_state(p, tx), out_shardings=state_sh)
@@ -141,7 +141,7 @@ def build_state(run, step: StepBuild, workdir: str, manager, restart_from_scratc
 def restore_train_state(manager, step, target):
     """(state, data iterator state) of checkpoint `step`; raises whatever Orbax raises."""
     import orbax.checkpoint as ocp
-    restored = ckpt.read_step(manager, step, ocp.args.Composite(
+    restored = resume.read_step(manager, step, ocp.args.Composite(
         params=ocp.args.StandardRestore(target["params"]),
         opt_state=ocp.args.StandardRestore(target["opt_state"]),
         data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
@@ -153,11 +153,12 @@ def restore_train_state(manager, step, target):
     return state, restored["data"]
 
 
-def restore_newest_readable(manager, target, workdir, restart_from_scratch=False):
+def restore_newest_readable(manager, target, workdir: Workdir, restart_from_scratch=False):
     """(state, step, data state) of the newest checkpoint that restores, or None for a fresh
-    start; the fallback rules are `checkpoint.newest_readable`'s."""
-    found = ckpt.newest_readable(manager, workdir, lambda step: restore_train_state(manager, step, target),
-                                 target["params"], restart_from_scratch)
+    start; the fallback rules are `resume.newest_readable`'s."""
+    found = resume.newest_readable(manager, workdir, lambda step: restore_train_state(manager, step, target),
+                                   {"params": target["params"], "opt_state": target["opt_state"]},
+                                   restart_from_scratch)
     if found is None:
         return None
     (state, data_state), step = found

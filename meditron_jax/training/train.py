@@ -30,7 +30,6 @@ hides the same re-logged steps (`metrics.MetricsWriter`'s purge step).
 
 from __future__ import annotations
 
-import os
 import sys
 
 import gin
@@ -45,8 +44,10 @@ from meditron_jax.distributed import sharding
 from meditron_jax.distributed import host_batch
 from meditron_jax.distributed import meshes
 from meditron_jax.storage import faults as storage
+from meditron_jax.storage import resume
 from meditron_jax.storage import tokenizer_store
 from meditron_jax.storage import workdir as workdir_mod
+from meditron_jax.storage.workdir import Workdir
 from meditron_jax.training.config import parse_gin
 from meditron_jax.errors import UserError
 from meditron_jax.training.eval_hook import EvalHook
@@ -59,15 +60,16 @@ from meditron_jax.training.state import build_state, build_step
 
 
 @workdir_mod.releases_lock
-def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, num_processes=None,
+def train(workdir: Workdir | str, gin_files=(), gin_params=(), coordinator_address=None, num_processes=None,
           process_id=None, restart_from_scratch=False, heartbeat_timeout_s=60, shutdown_timeout_s=30,
           init_timeout_s=300, resume_step=None, gin_search_path=(), wrap_step=None) -> int:
-    """Run (or resume) training in `workdir`; returns the exit status documented above.
+    """Run (or resume) training in `workdir` (a `Workdir` or the user's `--workdir` text);
+    returns the exit status documented above.
 
     `wrap_step(step_fn, start_step) -> step_fn` (tests: fault injection) wraps the jitted step
     the loop calls; production runs leave it None."""
     keep_freed_memory()  # the CLI did this already; here for callers of this function
-    workdir = workdir_mod.resolve_workdir(workdir)  # file:// URLs; other schemes refused up front
+    workdir = Workdir.resolve(workdir)  # file:// URLs; other schemes refused up front
     multihost.init_distributed(coordinator_address, num_processes, process_id, timeout_s=init_timeout_s,
                                heartbeat_timeout_s=heartbeat_timeout_s, shutdown_timeout_s=shutdown_timeout_s)
     parse_gin(list(gin_files), list(gin_params), search_path=gin_search_path)
@@ -75,7 +77,7 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
     tc, cfg = run.train, run.model
     profiling.parse_steps(tc.profile_steps)
     validate(run, workdir)
-    resume_step = workdir_mod.check_resume_step(workdir, resume_step, tc.resume_step)
+    resume_step = resume.check_resume_step(workdir, resume_step, tc.resume_step)
     workdir_mod.acquire_for_run(workdir)  # one run per workdir (released when train returns)
     profiling.enable_compilation_cache(tc.compilation_cache_dir)
 
@@ -83,9 +85,9 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
     data = build_data(run, mesh, workdir)
     # one checkpoint: fp32 params + 2 Adam moments
     check_workdir(workdir, needed_bytes=12 * cfg.num_params() // max(1, jax.process_count()))
-    manager = ckpt.make_manager(workdir)  # removes temporary directories of interrupted saves
     state_bytes = 12 * cfg.num_params()  # one checkpoint: fp32 params + 2 Adam moments
-    manager = storage.WatchedManager(manager, workdir, state_bytes)  # failed saves: one line, exit 74
+    # removes temporary directories of interrupted saves; failed saves: one line, exit 74
+    manager = storage.watched_manager(workdir, state_bytes)
     is_main = jax.process_index() == 0
     preempt = Preemption()
     preempt.install()
@@ -102,7 +104,7 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
                 it.set_state(data_state)
             if is_main:
                 truncate_metrics(workdir, start)
-                paths.write_text(paths.join(workdir, "config.gin"), gin.operative_config_str())
+                paths.write_text(workdir.config_gin, gin.operative_config_str())
             step_fn = step.jitted
             if jax.process_count() > 1:
                 # compile first, then start together: on CPU, gloo gives up on a peer that reaches
@@ -124,7 +126,7 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
                       file=sys.stderr)
             try:
                 loop = Loop(step_fn, lambda: host_batch.global_batch(next(it), mesh, tc.global_batch_size), tc.steps)
-                add_hooks(loop, run, mesh, writer, preempt, ckpt.CheckpointHook(
+                add_hooks(loop, run, mesh, writer, preempt, workdir, ckpt.CheckpointHook(
                     manager, it, meta, sharding.replicated(mesh), layout), EvalHook(
                     step.eval_jitted, data, tc.eval_batches, mesh, writer))
                 last, exit_code = loop.run(state, start)
@@ -137,15 +139,14 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
         preempt.uninstall()
         profiling.stop_active()
     if is_main:  # the end-of-run line (not after an exception: that one speaks for itself)
-        writer.summary(os.path.join(ckpt.checkpoint_dir(workdir), str(final)) if final is not None else None,
-                       exit_code)
+        writer.summary(workdir.step_dir(final) if final is not None else None, exit_code)
     if exit_code == EXIT_PREEMPTED and is_main:
         print(f"preempted: checkpoint at step {last} committed; rerun the same command to resume",
               file=sys.stderr)
     return exit_code
 
 
-def build_data(run, mesh, workdir: str):
+def build_data(run, mesh, workdir: Workdir):
     """The run's data pipeline (this process's rows), its tokenizer checked against the model."""
     from meditron_jax.data.loader import build_pipeline
 
@@ -164,11 +165,11 @@ def build_data(run, mesh, workdir: str):
     return data
 
 
-def add_hooks(loop: Loop, run, mesh, writer, preempt, saver, evaluator):
+def add_hooks(loop: Loop, run, mesh, writer, preempt, workdir: Workdir, saver, evaluator):
     """The loop's hooks, in the order they run after a step. Metrics are flushed before every
     save, so every step up to a committed checkpoint is in metrics.jsonl."""
     tc = run.train
-    profiler = profiling.StepProfiler(tc.profile_steps, os.path.dirname(writer.path))
+    profiler = profiling.StepProfiler(tc.profile_steps, workdir)
     loop.before_step.append(profiler.before)
     loop.add_hook(lambda info: profiler.after(info.step, info.metrics))
     log = TrainLog(writer, tc.global_batch_size * tc.seq_len, flops_per_token(run.model, tc.seq_len),
