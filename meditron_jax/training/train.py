@@ -1,7 +1,8 @@
 """`meditron-jax train`: the training entry point.
 
 The run is a short sequence: parse and check the config (`ginfiles.parse_gin`,
-`training.config`), join the cluster (`multihost.init_distributed`), build mesh, data and
+`training.config`: a bad value is refused before anything starts), join the cluster
+(`multihost.init_distributed`: flags, or the one the environment names), build mesh, data and
 state (`training.state`: a fresh state, `train.init_from`, or resumed from the workdir), then
 run the loop (`training.loop.Loop`) with its hooks: profiling, preemption
 (`training.preemption`), logging (`metrics.TrainLog`), evaluation
@@ -50,7 +51,7 @@ from meditron_jax.storage import workdir as workdir_mod
 from meditron_jax.training.config import parse_gin
 from meditron_jax.errors import UserError
 from meditron_jax.training.eval_hook import EvalHook
-from meditron_jax.training.hostmem import keep_freed_memory
+from meditron_jax.training import hostmem
 from meditron_jax.training.metrics import MetricsWriter, TrainLog, flops_per_token, truncate_metrics
 from meditron_jax.training.config import check_workdir, read_run_config, validate
 from meditron_jax.training.loop import BadStepGuard, Loop, log0
@@ -66,11 +67,11 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
 
     `wrap_step(step_fn, start_step) -> step_fn` (tests: fault injection) wraps the jitted step
     the loop calls; production runs leave it None."""
-    keep_freed_memory()  # the CLI did this already; here for callers of this function
     workdir = workdir_mod.resolve_workdir(workdir)  # file:// URLs; other schemes refused up front
+    parse_gin(list(gin_files), list(gin_params), search_path=gin_search_path)  # bad values: before joining
     multihost.init_distributed(coordinator_address, num_processes, process_id, timeout_s=init_timeout_s,
                                heartbeat_timeout_s=heartbeat_timeout_s, shutdown_timeout_s=shutdown_timeout_s)
-    parse_gin(list(gin_files), list(gin_params), search_path=gin_search_path)
+    hostmem.apply(cpu=jax.default_backend() == "cpu")  # the CLI did this already; here for callers of train()
     run = read_run_config()
     tc, cfg = run.train, run.model
     profiling.parse_steps(tc.profile_steps)
@@ -80,6 +81,7 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
     profiling.enable_compilation_cache(tc.compilation_cache_dir)
 
     mesh = meshes.make_mesh(run.mesh_sizes)
+    log0("mesh " + " ".join(f"{a}={n}" for a, n in run.mesh_sizes.items()) + f" over {mesh.devices.size} devices")
     data = build_data(run, mesh, workdir)
     # one checkpoint: fp32 params + 2 Adam moments
     check_workdir(workdir, needed_bytes=12 * cfg.num_params() // max(1, jax.process_count()))
@@ -124,7 +126,7 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
                       file=sys.stderr)
             try:
                 loop = Loop(step_fn, lambda: host_batch.global_batch(next(it), mesh, tc.global_batch_size), tc.steps)
-                add_hooks(loop, run, mesh, writer, preempt, ckpt.CheckpointHook(
+                log = add_hooks(loop, run, mesh, writer, preempt, ckpt.CheckpointHook(
                     manager, it, meta, sharding.replicated(mesh), layout), EvalHook(
                     step.eval_jitted, data, tc.eval_batches, mesh, writer))
                 last, exit_code = loop.run(state, start)
@@ -138,7 +140,7 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
         profiling.stop_active()
     if is_main:  # the end-of-run line (not after an exception: that one speaks for itself)
         writer.summary(os.path.join(ckpt.checkpoint_dir(workdir), str(final)) if final is not None else None,
-                       exit_code)
+                       exit_code, log)
     if exit_code == EXIT_PREEMPTED and is_main:
         print(f"preempted: checkpoint at step {last} committed; rerun the same command to resume",
               file=sys.stderr)
@@ -164,9 +166,11 @@ def build_data(run, mesh, workdir: str):
     return data
 
 
-def add_hooks(loop: Loop, run, mesh, writer, preempt, saver, evaluator):
+def add_hooks(loop: Loop, run, mesh, writer, preempt, saver, evaluator) -> TrainLog:
     """The loop's hooks, in the order they run after a step. Metrics are flushed before every
-    save, so every step up to a committed checkpoint is in metrics.jsonl."""
+    save, so every step up to a committed checkpoint is in metrics.jsonl. Evaluation and saving
+    are timed apart from the steps (`TrainLog.excluding`). Returns the logging hook (its timing
+    totals go into the end-of-run summary)."""
     tc = run.train
     profiler = profiling.StepProfiler(tc.profile_steps, os.path.dirname(writer.path))
     loop.before_step.append(profiler.before)
@@ -179,11 +183,12 @@ def add_hooks(loop: Loop, run, mesh, writer, preempt, saver, evaluator):
     loop.add_hook(log.flush, every=logged, at_end=True)
     loop.add_hook(saver.poll, every=logged, at_end=True)  # a failed background save stops the run here
     if tc.eval_every:
-        loop.add_hook(evaluator, every=tc.eval_every)
+        loop.add_hook(log.excluding("eval_s", evaluator), every=tc.eval_every)
     loop.add_hook(BadStepGuard(tc.max_bad_steps), every=logged, at_end=True)
     # remote metrics.jsonl: every record up to a checkpoint is stored before it (metrics.sync)
-    loop.add_hook(lambda info: writer.sync(), every=tc.checkpoint_every, at_end=True)
-    loop.add_hook(saver.save, every=tc.checkpoint_every, at_end=True)
+    loop.add_hook(log.excluding("save_s", lambda info: writer.sync()), every=tc.checkpoint_every, at_end=True)
+    loop.add_hook(log.excluding("save_s", saver.save), every=tc.checkpoint_every, at_end=True)
+    return log
 
 
 def pipeline_layout(run, mesh, state_sh):
