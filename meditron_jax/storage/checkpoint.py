@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from typing import Any
+from typing import Annotated, Any
 
 import gin
 import jax
@@ -34,6 +34,7 @@ import orbax.checkpoint as ocp
 
 from meditron_jax.storage import paths
 from meditron_jax.models.config import LlamaConfig
+from meditron_jax.config.checks import Range
 from meditron_jax.errors import UserError
 
 FORMAT = "meditron-jax/1"
@@ -53,7 +54,8 @@ class CheckpointMismatch(CheckpointError):
 
 
 @gin.configurable("checkpoint")
-def manager_options(keep: int = 3, keep_period: int | None = None, async_save: bool = True):
+def manager_options(keep: Annotated[int, Range(min=1)] = 3, keep_period: Annotated[int | None, Range(min=1)] = None,
+                    async_save: bool = True):
     """gin: `checkpoint.keep` (last K kept), `checkpoint.keep_period` (every M-th step kept forever)."""
     return ocp.CheckpointManagerOptions(
         max_to_keep=keep, keep_period=keep_period, create=True,
