@@ -166,22 +166,24 @@ def test_single_host_train_does_not_initialize_and_says_how_it_started(clean_env
     from meditron_jax import console
     from meditron_jax.training.train import train
 
-    lines = []
+    with pytest.raises(UserError) as e:  # mesh data=16 on the 8 test devices
+        train(str(tmp_path / "w"), [str(REPO / "configs/tiny.gin")], ["mesh.data=16"])
+    assert recorder == []
+    msg = str(e.value)  # one line naming the mesh asked for and the devices found
+    assert "\n" not in msg and "data=16" in msg and "16 devices" in msg and "8 are available" in msg
+
+    lines = []  # the start-up line train logs once its checks pass
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(record.getMessage())
     console.log.addHandler(handler)
     old_level = console.log.level
     console.log.setLevel(logging.INFO)
     try:
-        with pytest.raises(UserError) as e:  # mesh data=16 on the 8 test devices: refused after the start line
-            train(str(tmp_path / "w"), [str(REPO / "configs/tiny.gin")], ["mesh.data=16"])
+        multihost.log_start(None)
     finally:
         console.log.removeHandler(handler)
         console.log.setLevel(old_level)
-    assert recorder == []
-    assert f"single process (no cluster environment found): 8 local / 8 global cpu devices" in "\n".join(lines)
-    msg = str(e.value)  # one line naming the mesh asked for and the devices found
-    assert "\n" not in msg and "data=16" in msg and "16 devices" in msg and "8 are available" in msg
+    assert lines == ["single process (no cluster environment found): 8 local / 8 global cpu devices (cpu)"]
 
 
 def test_generate_joins_the_cluster_the_environment_names(clean_env, recorder, tmp_path, capsys):
@@ -222,3 +224,14 @@ def test_tpu_pod_environment_counts_as_an_accelerator(clean_env, tmp_path):
         clean_env.setenv(k, v)
     assert environment.accelerator() == "TPU_WORKER_HOSTNAMES" and environment.default_platform() is None
 
+
+
+def test_host_malloc_policy_follows_the_platform():
+    from meditron_jax.training import hostmem
+
+    assert hostmem.policy(cpu=True, environ={}) == "keep"
+    assert hostmem.policy(cpu=False, environ={}) == "default"  # a GPU / TPU host: glibc's defaults
+    assert hostmem.policy(cpu=False, environ={hostmem.ENV: "keep"}) == "keep"
+    assert hostmem.policy(cpu=True, environ={hostmem.ENV: "default"}) == "default"
+    with pytest.raises(UserError, match="MEDITRON_JAX_HOST_MALLOC='sometimes': expected 'keep' or 'default'"):
+        hostmem.policy(cpu=True, environ={hostmem.ENV: "sometimes"})

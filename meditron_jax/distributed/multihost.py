@@ -3,7 +3,7 @@
 Owns: joining the cluster (`init_distributed`: explicit flags, or the cluster the environment
 names (`environment.detect_cluster`: Open MPI, SLURM, GKE TPU pods, Cloud TPU VMs), with flags
 polling the coordinator's TCP port first so an absent coordinator is one line, not an abort;
-the start-up line naming how the cluster was found, process i of N and the devices),
+`log_start`: the start-up line naming how the cluster was found, process i of N and the devices),
 `barrier()` (every live process waits here; no device collective, so no peer can time out
 in a collective while another is still compiling or reading), `allgather_json()` (each process
 contributes one JSON value, every process gets the list in process order) and the decisions
@@ -70,9 +70,8 @@ def init_distributed(coordinator_address=None, num_processes=None, process_id=No
     """Joins the cluster this process belongs to (`environment.detect_cluster`: explicit flags,
     else Open MPI, SLURM, a GKE TPU pod or a Cloud TPU VM, where `jax.distributed.initialize()`
     finds the coordinator, the process count and this process's index itself), or stays a
-    single process; then the backends start (`console.start_backends_quietly`) and one line
-    says how the cluster was found, which process this is and its devices. Returns the cluster
-    (None: a single process, JAX's distributed runtime not started).
+    single process; then the backends start (`console.start_backends_quietly`). Returns the
+    cluster (None: a single process, JAX's distributed runtime not started) for `log_start`.
 
     A process that stops sending heartbeats for `heartbeat_timeout_s` is declared dead and the
     coordination service terminates every other process (instead of leaving them blocked in a
@@ -87,7 +86,6 @@ def init_distributed(coordinator_address=None, num_processes=None, process_id=No
         raise UserError(str(e)) from None
     if cluster is None:
         console.start_backends_quietly()
-        _log_start(None)
         return None
     if cluster.how == "flags" and process_id != 0:  # XLA aborts the process when the coordinator never answers
         wait_for_coordinator(coordinator_address, timeout_s)
@@ -101,12 +99,12 @@ def init_distributed(coordinator_address=None, num_processes=None, process_id=No
     if cluster.num_processes is not None and jax.process_count() != cluster.num_processes:
         raise UserError(f"{cluster.how} ({cluster.evidence}) promises {cluster.num_processes} processes, "
                         f"the JAX cluster has {jax.process_count()}")
-    _log_start(cluster)
     return cluster
 
 
-def _log_start(cluster: environment.Cluster | None):
-    """The start-up line of every process: how the cluster was found, process i of N, devices."""
+def log_start(cluster: environment.Cluster | None):
+    """The start-up line of every process (after the run's checks, so that a refused start stays
+    one line): how the cluster was found, process i of N, local and global devices."""
     local, devices = jax.local_devices(), jax.devices()
     kinds = sorted({d.device_kind for d in devices})
     what = f"{len(local)} local / {len(devices)} global {devices[0].platform} devices ({', '.join(kinds)})"

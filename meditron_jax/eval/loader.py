@@ -148,9 +148,12 @@ def load_for_inference(args, batch: int = 8, seq_len: int | None = None, cache_l
 
     if not _paths.exists(args.checkpoint):  # local or gs:// (meditron_jax.storage.paths)
         raise LoadError(f"{args.checkpoint}: no such checkpoint or model directory")
-    from meditron_jax.distributed.multihost import init_distributed  # before any device query, as training does
-    init_distributed(getattr(args, "coordinator_address", None), getattr(args, "num_processes", None),
-                     getattr(args, "process_id", None))  # a cluster the environment names, else one process
+    from meditron_jax.distributed import multihost  # before any device query, as training does
+
+    cluster = multihost.init_distributed(getattr(args, "coordinator_address", None), getattr(args, "num_processes", None),
+                                         getattr(args, "process_id", None))  # the environment's cluster, else one process
+    if cluster is not None:  # one process: stderr stays as it was
+        multihost.log_start(cluster)
     tok = resolve_tokenizer(args.checkpoint, args.tokenizer, args.step) if tokenizer else None
     sizes = distributed.mesh_from_flags(getattr(args, "mesh", None), getattr(args, "gin_file", ()),
                                         getattr(args, "gin_param", ()))

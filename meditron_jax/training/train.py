@@ -69,8 +69,8 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
     the loop calls; production runs leave it None."""
     workdir = workdir_mod.resolve_workdir(workdir)  # file:// URLs; other schemes refused up front
     parse_gin(list(gin_files), list(gin_params), search_path=gin_search_path)  # bad values: before joining
-    multihost.init_distributed(coordinator_address, num_processes, process_id, timeout_s=init_timeout_s,
-                               heartbeat_timeout_s=heartbeat_timeout_s, shutdown_timeout_s=shutdown_timeout_s)
+    cluster = multihost.init_distributed(coordinator_address, num_processes, process_id, timeout_s=init_timeout_s,
+                                         heartbeat_timeout_s=heartbeat_timeout_s, shutdown_timeout_s=shutdown_timeout_s)
     hostmem.apply(cpu=jax.default_backend() == "cpu")  # the CLI did this already; here for callers of train()
     run = read_run_config()
     tc, cfg = run.train, run.model
@@ -80,6 +80,7 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
     workdir_mod.acquire_for_run(workdir)  # one run per workdir (released when train returns)
     profiling.enable_compilation_cache(tc.compilation_cache_dir)
 
+    multihost.log_start(cluster)
     mesh = meshes.make_mesh(run.mesh_sizes)
     log0("mesh " + " ".join(f"{a}={n}" for a, n in run.mesh_sizes.items()) + f" over {mesh.devices.size} devices")
     data = build_data(run, mesh, workdir)
