@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import difflib
+import logging
 import re
 import types
 import typing
@@ -73,7 +74,7 @@ class Range:
         """What is wrong with `value` (every element of a list / mapping), or None."""
         for v in _numbers(value):
             if v != v or not self.holds(v, lookup):  # NaN is never in range
-                return f"{self.describe(lookup)}"
+                return self.describe(lookup)
         return None
 
 
@@ -266,7 +267,6 @@ def check_rules(key: str, value, hint, lookup=lambda name: None) -> None:
         line = f"{key} = {value!r}: expected {_describe(_value_hint(hint, value))} {bad}"
         if not r.warn:
             raise ConfigError(line)
-        import logging
         logging.getLogger("meditron_jax").warning(f"{line}: {r.warn}")
 
 
@@ -314,9 +314,10 @@ def check_bindings(selectors=CHECKED) -> None:
             bound.setdefault(("", name), {})
 
     def value_of(scope: str, name: str, param: str):
-        params = bound.get((scope, name)) or bound.get(("", name)) or {}
-        if param in params:
-            return params[param] if _gin_literal(params[param]) else None
+        """The literal gin gives `name.param` in `scope` (bound, else the default), or None."""
+        for params in (bound.get((scope, name), {}), bound.get(("", name), {})):
+            if param in params:
+                return params[param] if _gin_literal(params[param]) else None
         c = _configurable(name)
         try:
             default = inspect.signature(c.wrapped).parameters[param].default if c is not None else None
@@ -325,9 +326,10 @@ def check_bindings(selectors=CHECKED) -> None:
         return None if default is inspect.Parameter.empty or default is gc.REQUIRED else default
 
     for (scope, name), params in sorted(bound.items()):
-        hints = schema(name)
-        lookup = lambda ref, scope=scope, name=name: value_of(scope, *(ref.split(".", 1) if "." in ref else (name, ref)))  # noqa: E731
-        for param, hint in hints.items():
+        def lookup(ref: str, scope=scope, name=name):  # "optimizer.lr", or "lr" of this configurable
+            return value_of(scope, *(ref.split(".", 1) if "." in ref else (name, ref)))
+
+        for param, hint in schema(name).items():
             key = f"{scope + '/' if scope else ''}{name}.{param}"
             if param in params:
                 if _gin_literal(params[param]):

@@ -206,12 +206,14 @@ class MetricsWriter:
             eta = per_step * (self.total_steps - step)
         console.log.info(console.step_line(step, self.total_steps, record, eta))
 
-    def summary(self, checkpoint: str | None = None, exit_code: int = 0, log: "TrainLog | None" = None) -> str:
+    def summary(self, checkpoint: str | None = None, exit_code: int = 0, log: "TrainLog | None" = None,
+                started: float | None = None) -> str:
         """The end-of-run line (logged on process 0; returned for callers); with the run's
-        `TrainLog`, its goodput and where the rest of the wall time went."""
+        `TrainLog`, its goodput and where the rest of the wall time went. `started`: when the
+        run began (`time.time()`; default: when this writer opened, after the data was built)."""
         from meditron_jax import console
 
-        wall = time.time() - self.t0
+        wall = time.time() - (self.t0 if started is None else started)
         timing = None
         if log is not None and log.goodput(wall) is not None:
             timing = {"goodput": log.goodput(wall), **{k: v for k, v in log.totals.items() if k != "step_s"}}

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import gin
 import jax
@@ -67,6 +68,7 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
 
     `wrap_step(step_fn, start_step) -> step_fn` (tests: fault injection) wraps the jitted step
     the loop calls; production runs leave it None."""
+    started = time.time()  # the summary's wall time and goodput count from here
     workdir = workdir_mod.resolve_workdir(workdir)  # file:// URLs; other schemes refused up front
     parse_gin(list(gin_files), list(gin_params), search_path=gin_search_path)  # bad values: before joining
     cluster = multihost.init_distributed(coordinator_address, num_processes, process_id, timeout_s=init_timeout_s,
@@ -141,7 +143,7 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
         profiling.stop_active()
     if is_main:  # the end-of-run line (not after an exception: that one speaks for itself)
         writer.summary(os.path.join(ckpt.checkpoint_dir(workdir), str(final)) if final is not None else None,
-                       exit_code, log)
+                       exit_code, log, started)
     if exit_code == EXIT_PREEMPTED and is_main:
         print(f"preempted: checkpoint at step {last} committed; rerun the same command to resume",
               file=sys.stderr)
