@@ -212,7 +212,7 @@ def test_cpu_only_when_no_accelerator_and_jax_platforms_unset(clean_env, tmp_pat
     fake_tpu_chips(tmp_path / "pci", 1, "0x0063")  # a TPU v5e chip
     assert environment.default_platform() is None and not environment.cpu_only()
     clean_env.setenv("JAX_PLATFORMS", "")  # the user's choice is never overridden, even empty
-    assert environment.default_platform() is None
+    assert environment.default_platform() is None and not environment.cpu_only()  # JAX takes the TPU
     clean_env.setenv("JAX_PLATFORMS", "cpu")
     assert environment.default_platform() is None and environment.cpu_only()
 

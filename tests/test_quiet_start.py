@@ -38,7 +38,6 @@ def cli(*args, timeout=600):
 
 def assert_only_our_lines(stderr: str):
     lines = stderr.strip().splitlines()
-    assert lines, "nothing on stderr"
     foreign = [ln for ln in lines if not OURS.match(ln) or any(w in ln for w in PLUGIN_WORDS)]
     assert not foreign, "\n".join(foreign)
 
@@ -77,7 +76,7 @@ def test_generate_prints_only_the_project_lines(trained):
     proc = cli("generate", "--checkpoint", str(w), "--prompt", "Clinical guideline:", "--max-new-tokens", "4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("Clinical guideline:")
-    assert_only_our_lines(proc.stderr)
+    assert_only_our_lines(proc.stderr)  # one process: nothing at all
 
 
 def test_a_bad_gin_value_is_exactly_one_line(tmp_path):

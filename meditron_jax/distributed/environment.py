@@ -75,8 +75,9 @@ def cpu_only(environ=None) -> bool:
     """JAX will run on the CPU: `JAX_PLATFORMS` asks for the CPU first, or it is unset and this
     host has no accelerator."""
     env = os.environ if environ is None else environ
-    if "JAX_PLATFORMS" in env:
-        return env["JAX_PLATFORMS"].split(",")[0].strip().lower() == "cpu"
+    platforms = env.get("JAX_PLATFORMS", "").strip()
+    if platforms:  # empty: JAX chooses, as when unset
+        return platforms.split(",")[0].strip().lower() == "cpu"
     return accelerator(env) is None
 
 
