@@ -148,7 +148,8 @@ def resumed(step: int, path: str) -> None:
 
 
 class Timer:
-    """`with Timer() as t: ...; t.seconds`."""
+    """`with Timer() as t: ...; t.seconds` (0 until a block has run)."""
+    seconds = 0.0
 
     def __enter__(self):
         self.t0 = time.perf_counter()

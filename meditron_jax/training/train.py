@@ -38,6 +38,7 @@ import time
 import gin
 import jax
 
+from meditron_jax import console
 from meditron_jax.storage import checkpoint as ckpt
 from meditron_jax.training import init_from as init_from_lib
 from meditron_jax.distributed import multihost
@@ -109,10 +110,12 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
                 truncate_metrics(workdir, start)
                 paths.write_text(paths.join(workdir, "config.gin"), gin.operative_config_str())
             step_fn = step.jitted
+            aot = console.Timer()  # the compile when it happens here, not at the loop's first step
             if jax.process_count() > 1:
                 # compile first, then start together: on CPU, gloo gives up on a peer that reaches
                 # the first collective more than 30 s later (e.g. one process compiling, one cached)
-                step_fn = step_fn.lower(state, step.batch_in).compile()
+                with aot:
+                    step_fn = step_fn.lower(state, step.batch_in).compile()
                 multihost.barrier()
             if wrap_step is not None:
                 step_fn = wrap_step(step_fn, start)
@@ -132,6 +135,7 @@ def train(workdir: str, gin_files=(), gin_params=(), coordinator_address=None, n
                 log = add_hooks(loop, run, mesh, writer, preempt, ckpt.CheckpointHook(
                     manager, it, meta, sharding.replicated(mesh), layout), EvalHook(
                     step.eval_jitted, data, tc.eval_batches, mesh, writer))
+                log.totals["compile_s"] += aot.seconds
                 last, exit_code = loop.run(state, start)
             finally:
                 manager.wait_until_finished()
