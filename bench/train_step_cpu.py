@@ -16,7 +16,7 @@ a change in the load of a shared machine hits all of them alike.
 Fairness: both frameworks get every core of the machine (XLA's CPU thread pool uses all cores;
 torch is set to `os.cpu_count()` intra-op threads), run one after the other, never together.
 Both also run under the same host-malloc policy (`meditron_jax.training.hostmem.keep_freed_memory`, which
-the CLI applies to every run; `--default-malloc` for glibc's defaults): it is process-wide.
+the CLI applies whenever JAX runs on the CPU; `--default-malloc` for glibc's defaults): it is process-wide.
 The machine's 1-minute load average is recorded before and after each measurement so numbers
 taken on a busy, shared machine can be judged.
 
@@ -273,7 +273,8 @@ def main(argv=None) -> int:
     ap.add_argument("--xla-flags", default=CPU_XLA_FLAGS,
                     help="XLA_FLAGS for this process (set before JAX starts); '' for XLA's defaults")
     ap.add_argument("--default-malloc", action="store_true",
-                    help="leave glibc malloc's defaults (the CLI and trainer apply meditron_jax.training.hostmem)")
+                    help="leave glibc malloc's defaults (on the CPU backend the CLI and trainer apply "
+                         "meditron_jax.training.hostmem)")
     args = ap.parse_args(argv)
     from meditron_jax.training.hostmem import keep_freed_memory
     if not args.default_malloc:  # process-wide: torch gets the same malloc policy as JAX

@@ -117,7 +117,9 @@ def eval_line(step: int, record: dict) -> str:
     return line
 
 
-def summary_line(step: int, total: int, last: dict, tokens: int, wall_s: float, checkpoint: str | None) -> str:
+def summary_line(step: int, total: int, last: dict, tokens: int, wall_s: float, checkpoint: str | None,
+                 timing: dict | None = None) -> str:
+    """`timing`: {"goodput": share of wall time in training steps, "compile_s", "eval_s", "save_s"}."""
     parts = [f"done: step {step}/{total}"]
     if "loss" in last:
         parts.append(f"final loss {last['loss']:.4f}")
@@ -125,6 +127,9 @@ def summary_line(step: int, total: int, last: dict, tokens: int, wall_s: float, 
         parts.append(f"eval loss {last['eval_loss']:.4f}")
     parts.append(f"{tokens:,} tokens")
     parts.append(f"wall {duration(wall_s)}")
+    if timing:
+        rest = ", ".join(f"{k[:-2]} {duration(timing[k])}" for k in ("compile_s", "eval_s", "save_s") if timing.get(k))
+        parts.append(f"goodput {100 * timing['goodput']:.0f}%" + (f" ({rest})" if rest else ""))
     if checkpoint:
         parts.append(f"checkpoint {checkpoint}")
     return ", ".join(parts)
@@ -143,7 +148,8 @@ def resumed(step: int, path: str) -> None:
 
 
 class Timer:
-    """`with Timer() as t: ...; t.seconds`."""
+    """`with Timer() as t: ...; t.seconds` (0 until a block has run)."""
+    seconds = 0.0
 
     def __enter__(self):
         self.t0 = time.perf_counter()

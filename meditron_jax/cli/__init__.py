@@ -97,11 +97,22 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(name: str, argv: list[str], debug: bool) -> int:
     from meditron_jax import console, errors
+    from meditron_jax.distributed import environment
     from meditron_jax.errors import UserError
-    from meditron_jax.training.hostmem import keep_freed_memory
+    from meditron_jax.training import hostmem
 
-    keep_freed_memory()  # before JAX starts its threads: reuse freed host memory (hostmem.py)
+    try:
+        hostmem.apply(cpu=environment.cpu_only())  # before JAX starts its threads (hostmem.py)
+    except UserError as e:
+        print(f"meditron-jax {name}: error: {e}", file=sys.stderr)
+        return errors.EXIT_USER
     console.import_jax_quietly()  # the compile-only CUDA plugin's "no driver" notices (plan extra)
+    # No GPU or TPU here and JAX_PLATFORMS unset: the CPU, so the CUDA / TPU plugins of an installed
+    # extra never start (their start-up errors are a traceback). --debug leaves the choice to JAX.
+    platform = None if debug else environment.default_platform()
+    if platform:
+        import jax
+        jax.config.update("jax_platforms", platform)
     console.setup()  # one timestamped line format for every subcommand; no absl/Orbax chatter
     if not debug:  # the one line below says it; Orbax's threads would log the same fault with tracebacks
         errors.quiet_fault_logs()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import difflib
+import logging
 import re
 import types
 import typing
@@ -36,17 +37,75 @@ class ConfigError(UserError):
 
 @dataclasses.dataclass(frozen=True)
 class Range:
-    """`Annotated[int, Range(min=1)]`: inclusive bounds of a numeric field."""
-    min: float | None = None
-    max: float | None = None
+    """`Annotated[float, Range(min=0, max=1, max_open=True)]`: the bounds of a numeric value,
+    inclusive unless `min_open` / `max_open`. A bound may name another value instead of a number:
+    a parameter of the same configurable (`max="lr"`) or of another one (`max="train.steps"`);
+    that bound applies when the named value is a literal (bound in gin, or its default). On a list
+    or a mapping the range applies to each element / value. `warn`: outside the range is a
+    warning saying this, not an error (a legitimate but unusual setting)."""
+    min: float | str | None = None
+    max: float | str | None = None
+    min_open: bool = False
+    max_open: bool = False
+    warn: str = ""
 
-    def describe(self) -> str:
+    def describe(self, lookup=lambda name: None) -> str:
+        def bound(b):
+            if isinstance(b, str):
+                v = lookup(b)
+                return f"{b} ({v!r})" if v is not None else b
+            return f"{b:g}" if isinstance(b, float) else str(b)
         if self.min is not None and self.max is not None:
-            return f"between {self.min} and {self.max}"
-        return f">= {self.min}" if self.min is not None else f"<= {self.max}"
+            return f"in {'(' if self.min_open else '['}{bound(self.min)}, {bound(self.max)}{')' if self.max_open else ']'}"
+        if self.min is not None:
+            return f"{'>' if self.min_open else '>='} {bound(self.min)}"
+        return f"{'<' if self.max_open else '<='} {bound(self.max)}"
 
-    def holds(self, v) -> bool:
-        return (self.min is None or v >= self.min) and (self.max is None or v <= self.max)
+    def holds(self, v, lookup=lambda name: None) -> bool:
+        lo = lookup(self.min) if isinstance(self.min, str) else self.min
+        hi = lookup(self.max) if isinstance(self.max, str) else self.max
+        lo = lo if _number(lo) else None  # a named bound that is unset or not a number: no bound
+        hi = hi if _number(hi) else None
+        if lo is not None and (v <= lo if self.min_open else v < lo):
+            return False
+        return hi is None or (v < hi if self.max_open else v <= hi)
+
+    def violation(self, value, lookup=lambda name: None) -> str | None:
+        """What is wrong with `value` (every element of a list / mapping), or None."""
+        for v in _numbers(value):
+            if v != v or not self.holds(v, lookup):  # NaN is never in range
+                return self.describe(lookup)
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class NotAllZero:
+    """`Annotated[Mapping[str, float], NotAllZero()]`: at least one value above zero."""
+    warn: str = ""
+
+    def describe(self, lookup=None) -> str:
+        return "with at least one value above 0"
+
+    def violation(self, value, lookup=lambda name: None) -> str | None:
+        values = list(_numbers(value))
+        return None if not values or any(v > 0 for v in values) else self.describe()
+
+
+RULES = (Range, NotAllZero)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _numbers(value):
+    """The numbers a rule applies to: the value itself, or a list's elements / a mapping's values."""
+    if _number(value):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        yield from (v for v in value if _number(v))
+    elif isinstance(value, dict):
+        yield from (v for v in value.values() if _number(v))
 
 
 # ---- the schema: type hints of the configurable (and of the dataclass it returns) -----------
@@ -82,9 +141,12 @@ def schema(selector: str) -> dict[str, Any]:
     return hints
 
 
-def _ranges(hint) -> list[Range]:
+def _ranges(hint) -> list:
+    """The rules (`Range`, `NotAllZero`) annotated on `hint`, also inside `X | None`."""
     if typing.get_origin(hint) is typing.Annotated:
-        return [m for m in hint.__metadata__ if isinstance(m, Range)]
+        return [m for m in hint.__metadata__ if isinstance(m, RULES)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return [r for a in typing.get_args(hint) for r in _ranges(a)]
     return []
 
 
@@ -175,7 +237,10 @@ def _gin_literal(value) -> bool:
     return True
 
 
-def check_value(key: str, value, hint) -> None:
+def check_value(key: str, value, hint, lookup=lambda name: None) -> None:
+    """`value` bound to `key` against `hint`: its type, then its rules (`Range`, `NotAllZero`;
+    `lookup(name)` gives a value a bound names). An error is a ConfigError; a rule with `warn`
+    logs a warning."""
     ok = _matches(value, hint)
     if ok is False:
         expected = _describe(hint)
@@ -188,9 +253,32 @@ def check_value(key: str, value, hint) -> None:
             hint_text = f" (write {key}={int(value)})"
         raise ConfigError(f"{key} = {value!r}: expected {expected}, got {got}{hint_text}")
     if ok:
-        for r in _ranges(hint):
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and not r.holds(value):
-                raise ConfigError(f"{key} = {value!r}: expected {_describe(hint)} {r.describe()}")
+        check_rules(key, value, hint, lookup)
+
+
+def check_rules(key: str, value, hint, lookup=lambda name: None) -> None:
+    """The rules annotated on `hint` against `value` (the value's type already checked)."""
+    for r in _ranges(hint):
+        bad = r.violation(value, lookup)
+        if bad is None:
+            continue
+        if isinstance(r, Range) and isinstance(value, (list, tuple, dict)):
+            bad = f"with every {'value' if isinstance(value, dict) else 'element'} {bad}"
+        line = f"{key} = {value!r}: expected {_describe(_value_hint(hint, value))} {bad}"
+        if not r.warn:
+            raise ConfigError(line)
+        logging.getLogger("meditron_jax").warning(f"{line}: {r.warn}")
+
+
+def _value_hint(hint, value):
+    """The branch of a `X | None` hint that `value` matched (for the message: "a number", not
+    "a number or None")."""
+    hint = _strip(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        for a in typing.get_args(hint):
+            if a is not type(None) and _matches(value, a):
+                return a
+    return hint
 
 
 def _numeric(s: str):
@@ -207,20 +295,49 @@ def _numeric(s: str):
 # ---- the whole bound configuration -----------------------------------------------------------
 
 def check_bindings(selectors=CHECKED) -> None:
-    """Every bound value of the given configurables against their schema; the first bad one
-    raises a one-line ConfigError. Call after gin parsed, before any configurable runs."""
+    """Every bound value of the given configurables against their schema, then the rules of
+    every parameter (bound or default: `optimizer.warmup_steps`' default against a bound
+    `train.steps`); the first bad one raises a one-line ConfigError. Call after gin parsed,
+    before any configurable runs."""
+    import inspect
+
     from gin import config as gc
 
-    for (scope, selector), params in sorted(gc._CONFIG.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
+    bound = {}  # (scope, name) -> {param: value}
+    for (scope, selector), params in gc._CONFIG.items():
         c = _configurable(selector)
         name = c.name if c is not None else selector.rsplit(".", 1)[-1]
-        if name not in selectors:
-            continue
-        hints = schema(selector)
-        for param, value in params.items():
-            if param in hints and _gin_literal(value):
-                key = f"{scope + '/' if scope else ''}{name}.{param}"
-                check_value(key, value, hints[param])
+        if name in selectors:
+            bound[(scope or "", name)] = params
+    for name in selectors:
+        if _configurable(name) is not None:
+            bound.setdefault(("", name), {})
+
+    def value_of(scope: str, name: str, param: str):
+        """The literal gin gives `name.param` in `scope` (bound, else the default), or None."""
+        for params in (bound.get((scope, name), {}), bound.get(("", name), {})):
+            if param in params:
+                return params[param] if _gin_literal(params[param]) else None
+        c = _configurable(name)
+        try:
+            default = inspect.signature(c.wrapped).parameters[param].default if c is not None else None
+        except (KeyError, TypeError, ValueError):
+            return None
+        return None if default is inspect.Parameter.empty or default is gc.REQUIRED else default
+
+    for (scope, name), params in sorted(bound.items()):
+        def lookup(ref: str, scope=scope, name=name):  # "optimizer.lr", or "lr" of this configurable
+            return value_of(scope, *(ref.split(".", 1) if "." in ref else (name, ref)))
+
+        for param, hint in schema(name).items():
+            key = f"{scope + '/' if scope else ''}{name}.{param}"
+            if param in params:
+                if _gin_literal(params[param]):
+                    check_value(key, params[param], hint, lookup)
+            elif _ranges(hint):
+                value = value_of(scope, name, param)
+                if value is not None:
+                    check_rules(key, value, hint, lookup)
 
 
 # ---- gin's parse errors, explained -----------------------------------------------------------

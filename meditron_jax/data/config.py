@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from typing import Annotated
 
 import gin
 
+from meditron_jax.config.checks import NotAllZero, Range
 from meditron_jax.errors import UserError
 
 
@@ -22,19 +24,20 @@ class DataConfigError(UserError):
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
+class DataConfig:  # Annotated ranges: checked with the types when gin is parsed (config.checks)
     sources: Mapping[str, str] | None = None
-    weights: Mapping[str, float] | None = None
+    # token shares, each >= 0, not all 0 (the loader also checks them against data.sources' names)
+    weights: Annotated[Mapping[str, float] | None, Range(min=0), NotAllZero()] = None
     tokenizer: str | None = None
     added_tokens: tuple[str, ...] = ()
     demo: bool = False
     sft_files: tuple[str, ...] = ()
-    validation_fraction: float = 0.01
-    max_validation_documents: int = 10_000
+    validation_fraction: Annotated[float, Range(min=0, max=0.5)] = 0.01
+    max_validation_documents: Annotated[int, Range(min=0)] = 10_000
     shuffle: bool = True
-    read_group: int = 256
-    read_threads: int = 2
-    prefetch_batches: int = 2
+    read_group: Annotated[int, Range(min=1)] = 256
+    read_threads: Annotated[int, Range(min=0)] = 2  # grain ReadOptions.num_threads (0: read in the iterating thread)
+    prefetch_batches: Annotated[int, Range(min=0)] = 2  # 0: no prefetch thread
 
 
 @gin.configurable("data")

@@ -1,7 +1,9 @@
 """Process coordination for multi-controller runs, on public JAX APIs only.
 
-Owns: joining the cluster (`init_distributed`: flags, SLURM / Open MPI auto-detection, polling
-the coordinator's TCP port first so an absent coordinator is one line, not an abort),
+Owns: joining the cluster (`init_distributed`: explicit flags, or the cluster the environment
+names (`environment.detect_cluster`: Open MPI, SLURM, GKE TPU pods, Cloud TPU VMs), with flags
+polling the coordinator's TCP port first so an absent coordinator is one line, not an abort;
+`log_start`: the start-up line naming how the cluster was found, process i of N and the devices),
 `barrier()` (every live process waits here; no device collective, so no peer can time out
 in a collective while another is still compiling or reading), `allgather_json()` (each process
 contributes one JSON value, every process gets the list in process order) and the decisions
@@ -15,7 +17,6 @@ barrier never waits for a peer that is not coming.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
 
@@ -23,6 +24,7 @@ import jax
 import numpy as np
 
 from meditron_jax import console
+from meditron_jax.distributed import environment
 from meditron_jax.errors import UserError
 
 
@@ -64,9 +66,12 @@ def allgather_json(value) -> list:
 
 
 def init_distributed(coordinator_address=None, num_processes=None, process_id=None, timeout_s=300,
-                     heartbeat_timeout_s=60, shutdown_timeout_s=30):
-    """jax.distributed.initialize from flags, or auto-detected (SLURM, Open MPI), or not at all;
-    then the backends start (`console.start_backends_quietly`).
+                     heartbeat_timeout_s=60, shutdown_timeout_s=30) -> environment.Cluster | None:
+    """Joins the cluster this process belongs to (`environment.detect_cluster`: explicit flags,
+    else Open MPI, SLURM, a GKE TPU pod or a Cloud TPU VM, where `jax.distributed.initialize()`
+    finds the coordinator, the process count and this process's index itself), or stays a
+    single process; then the backends start (`console.start_backends_quietly`). Returns the
+    cluster (None: a single process, JAX's distributed runtime not started) for `log_start`.
 
     A process that stops sending heartbeats for `heartbeat_timeout_s` is declared dead and the
     coordination service terminates every other process (instead of leaving them blocked in a
@@ -75,25 +80,39 @@ def init_distributed(coordinator_address=None, num_processes=None, process_id=No
     # CPU collectives across processes go through gloo (only affects the CPU backend). Must not
     # touch the backend here: jax.distributed.initialize has to come before any device query.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    kwargs = {}
-    if coordinator_address:
-        if num_processes is None or process_id is None:
-            raise UserError("--coordinator_address needs --num_processes and --process_id")
-        kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
-                      process_id=process_id)
-        if process_id != 0:  # XLA aborts the process (no exception) when the coordinator never answers
-            wait_for_coordinator(coordinator_address, timeout_s)
-    elif not (int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1):
+    try:
+        cluster = environment.detect_cluster(None, coordinator_address, num_processes, process_id)
+    except environment.ClusterEnvError as e:
+        raise UserError(str(e)) from None
+    if cluster is None:
         console.start_backends_quietly()
-        return
+        return None
+    if cluster.how == "flags" and process_id != 0:  # XLA aborts the process when the coordinator never answers
+        wait_for_coordinator(coordinator_address, timeout_s)
     try:
         jax.distributed.initialize(initialization_timeout=timeout_s, heartbeat_timeout_seconds=heartbeat_timeout_s,
-                                   shutdown_timeout_seconds=shutdown_timeout_s, **kwargs)
+                                   shutdown_timeout_seconds=shutdown_timeout_s, **cluster.kwargs)
     except Exception as e:
-        raise UserError(f"cannot join the JAX cluster ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+        raise UserError(f"cannot join the JAX cluster found by {cluster.how} ({cluster.evidence}): "
+                        f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
     console.start_backends_quietly()  # after joining: the backends need the cluster's topology
-    if num_processes is not None and jax.process_count() != num_processes:
-        raise UserError(f"--num_processes {num_processes} disagrees with the cluster's {jax.process_count()}")
+    if cluster.num_processes is not None and jax.process_count() != cluster.num_processes:
+        raise UserError(f"{cluster.how} ({cluster.evidence}) promises {cluster.num_processes} processes, "
+                        f"the JAX cluster has {jax.process_count()}")
+    return cluster
+
+
+def log_start(cluster: environment.Cluster | None):
+    """The start-up line of every process (after the run's checks, so that a refused start stays
+    one line): how the cluster was found, process i of N, local and global devices."""
+    local, devices = jax.local_devices(), jax.devices()
+    kinds = sorted({d.device_kind for d in devices})
+    what = f"{len(local)} local / {len(devices)} global {devices[0].platform} devices ({', '.join(kinds)})"
+    if cluster is None:
+        console.log.info(f"single process (no cluster environment found): {what}")
+    else:
+        console.log.info(f"cluster found by {cluster.how} ({cluster.evidence}): process {jax.process_index()} "
+                         f"of {jax.process_count()}, {what}")
 
 
 def wait_for_coordinator(address: str, timeout_s: float):

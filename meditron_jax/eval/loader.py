@@ -38,7 +38,7 @@ def add_model_arguments(parser, tokenizer_required: bool = False):
     parser.add_argument("--device-memory", type=float, default=None, metavar="GIB",
                         help="memory of one device for the fit check (default: what the backend reports)")
     parser.add_argument("--coordinator_address", default=None,
-                        help="multi-host: host:port of process 0 (SLURM / Open MPI are detected), as for train")
+                        help="multi-host: host:port of process 0 (SLURM, Open MPI, TPU VMs and GKE TPU pods are detected), as for train")
     parser.add_argument("--num_processes", type=int, default=None, help="multi-host: total number of processes")
     parser.add_argument("--process_id", type=int, default=None, help="multi-host: this process's index")
 
@@ -148,10 +148,12 @@ def load_for_inference(args, batch: int = 8, seq_len: int | None = None, cache_l
 
     if not _paths.exists(args.checkpoint):  # local or gs:// (meditron_jax.storage.paths)
         raise LoadError(f"{args.checkpoint}: no such checkpoint or model directory")
-    if getattr(args, "coordinator_address", None) or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        from meditron_jax.distributed.multihost import init_distributed  # before any device query, as training does
-        init_distributed(args.coordinator_address, getattr(args, "num_processes", None),
-                         getattr(args, "process_id", None))
+    from meditron_jax.distributed import multihost  # before any device query, as training does
+
+    cluster = multihost.init_distributed(getattr(args, "coordinator_address", None), getattr(args, "num_processes", None),
+                                         getattr(args, "process_id", None))  # the environment's cluster, else one process
+    if cluster is not None:  # one process: stderr stays as it was
+        multihost.log_start(cluster)
     tok = resolve_tokenizer(args.checkpoint, args.tokenizer, args.step) if tokenizer else None
     sizes = distributed.mesh_from_flags(getattr(args, "mesh", None), getattr(args, "gin_file", ()),
                                         getattr(args, "gin_param", ()))

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Annotated, Any
 
 import gin
 
+from meditron_jax.config.checks import Range
 from meditron_jax.errors import UserError
 
 DTYPES = ("float32", "bfloat16")
@@ -27,19 +28,19 @@ class ConfigError(UserError, ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
-    vocab_size: int = 32000
-    hidden_size: int = 4096
-    intermediate_size: int = 11008
-    num_layers: int = 32
-    num_heads: int = 32
-    num_kv_heads: int = 32
-    max_position_embeddings: int = 4096
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
+class LlamaConfig:  # Annotated ranges: gin `model.*` values are checked when gin is parsed (config.checks)
+    vocab_size: Annotated[int, Range(min=1)] = 32000
+    hidden_size: Annotated[int, Range(min=1)] = 4096
+    intermediate_size: Annotated[int, Range(min=1)] = 11008
+    num_layers: Annotated[int, Range(min=1)] = 32
+    num_heads: Annotated[int, Range(min=1)] = 32
+    num_kv_heads: Annotated[int, Range(min=1)] = 32
+    max_position_embeddings: Annotated[int, Range(min=2)] = 4096
+    rms_norm_eps: Annotated[float, Range(min=0, min_open=True)] = 1e-5
+    rope_theta: Annotated[float, Range(min=0, min_open=True)] = 10000.0
     # Numerics / implementation knobs (not part of the architecture proper).
     dtype: str = "float32"  # compute dtype; parameters are always float32
-    vocab_pad_multiple: int = 128  # embedding / lm_head padded to a multiple of this
+    vocab_pad_multiple: Annotated[int, Range(min=1)] = 128  # embedding / lm_head padded to a multiple of this
     scan_layers: bool = True  # False: python loop over layers (debugging), same numbers
     remat: str = "none"  # none | full | dots | save_proj
     attention: str = "xla"  # xla | cudnn | blocked (attention.py)

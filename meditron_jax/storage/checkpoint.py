@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
 import gin
 import jax
@@ -33,6 +33,7 @@ import orbax.checkpoint as ocp
 from meditron_jax.storage import paths
 from meditron_jax.storage.workdir import Workdir
 from meditron_jax.models.config import LlamaConfig
+from meditron_jax.config.checks import Range
 from meditron_jax.errors import UserError
 
 FORMAT = "meditron-jax/1"
@@ -58,7 +59,8 @@ class CheckpointMismatch(CheckpointError):
 
 
 @gin.configurable("checkpoint")
-def manager_options(keep: int = 3, keep_period: int | None = None, async_save: bool = True):
+def manager_options(keep: Annotated[int, Range(min=1)] = 3, keep_period: Annotated[int | None, Range(min=1)] = None,
+                    async_save: bool = True):
     """gin: `checkpoint.keep` (last K kept), `checkpoint.keep_period` (every M-th step kept forever)."""
     return ocp.CheckpointManagerOptions(
         max_to_keep=keep, keep_period=keep_period, create=True,

@@ -125,9 +125,10 @@ def validate_shapes(tc: TrainConfig, cfg: LlamaConfig, sizes: dict, ps, sync=Non
             raise UserError(f"model {name} {n} is not divisible by mesh.tensor {t}")
     if cfg.num_layers % sizes["stage"]:
         raise UserError(f"model num_layers {cfg.num_layers} is not divisible by mesh.stage {sizes['stage']}")
-    if tc.seq_len > cfg.max_position_embeddings:
-        raise UserError(f"train.seq_len {tc.seq_len} exceeds the model's max_position_embeddings "
-                        f"{cfg.max_position_embeddings}")
+    if tc.seq_len > cfg.max_position_embeddings:  # the model's context: its preset, checkpoint or gin value
+        raise UserError(f"train.seq_len = {tc.seq_len}: expected at most the model's context, max_position_embeddings "
+                        f"{cfg.max_position_embeddings} (to train past it, state the change: model.max_position_embeddings = "
+                        f"{tc.seq_len}; RoPE theta stays {cfg.rope_theta:g})")
     if tc.loss_chunk and tc.seq_len % tc.loss_chunk:
         raise UserError(f"train.seq_len {tc.seq_len} is not divisible by train.loss_chunk {tc.loss_chunk}")
     (sync or gin_call(sharding.grad_sync)).check_mesh(sizes)

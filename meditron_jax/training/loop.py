@@ -40,6 +40,7 @@ class StepInfo:
     last: bool  # step == train.steps
     stop: int | None = None  # exit status a hook asked for (`request_stop`)
     notes: dict = dataclasses.field(default_factory=dict)  # handed from hook to later hooks of this step
+    compile_s: float | None = None  # the run's first step only: seconds until its dispatch returned (the compile)
 
     @property
     def ending(self) -> bool:
@@ -83,15 +84,17 @@ class Loop:
             batch = self.next_batch()
             for fn in self.before_step:
                 fn(step + 1)
+            compile_s = None
             if step == start:  # the first call compiles (dispatch returns once the executable exists)
                 log0("compiling the train step")
                 with console.Timer() as t:
                     state, metrics = self.step_fn(state, batch)
-                log0(f"compiled ({t.seconds:.1f} s)")
+                compile_s = t.seconds
+                log0(f"compiled ({compile_s:.1f} s)")
             else:
                 state, metrics = self.step_fn(state, batch)
             step += 1
-            info = StepInfo(step, state, metrics, last=step == self.total_steps)
+            info = StepInfo(step, state, metrics, last=step == self.total_steps, compile_s=compile_s)
             for hook in self.hooks:
                 if hook.due(info):
                     code = hook.fn(info)

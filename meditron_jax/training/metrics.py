@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import re
 import threading
 import time
 
@@ -31,11 +32,33 @@ from meditron_jax.errors import storage_fault, storage_faults
 
 _RERUN = "the checkpoints are untouched: a rerun resumes from the newest"
 
-# Dense bf16 peak FLOP/s per device (vendor spec sheets, no sparsity).
+# Dense bf16 peak FLOP/s of one JAX device, keyed on the exact `device_kind` string the device
+# reports (a regular expression matched against the whole string). A kind not listed gets no
+# `mfu` (one log line says so) rather than a guessed peak: an H100 NVL or H200 NVL (lower clocks)
+# is not an SXM part. Sources, dense (the datasheets' "with sparsity" figures are twice these):
+# - A100 40 GB / 80 GB, SXM4 and PCIe: 312 TFLOPS BF16 Tensor Core, NVIDIA A100 datasheet
+#   (nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf).
+# - H100 SXM ("NVIDIA H100 80GB HBM3"): 1,979 sparse -> 989 TFLOPS; H100 PCIe: 1,513 sparse -> 756,
+#   NVIDIA H100 datasheet (nvidia.com/en-us/data-center/h100/).
+# - H200 SXM ("NVIDIA H200"; XLA's target spec says "NVIDIA H200 141GB HBM3e"): 1,979 sparse -> 989,
+#   NVIDIA H200 datasheet (nvidia.com/en-us/data-center/h200/).
+# - B200 (HGX, 1,000 W): 4.5 PFLOPS sparse FP16/BF16 -> 2,250 TFLOPS, NVIDIA HGX B200 specifications
+#   (nvidia.com/en-us/data-center/hgx/).
+# - TPU v4 275, v5e ("TPU v5 lite") 197, v5p ("TPU v5") 459, v6e ("TPU v6 lite") 918 TFLOPS bf16 per
+#   chip, one JAX device per chip: Google Cloud TPU docs, cloud.google.com/tpu/docs/v4, /v5e, /v5p,
+#   /v6e. The kind strings are the ones JAX's own Pallas TPU tests match (jax tests/pallas/tpu_info_test.py).
 PEAK_FLOPS_BF16 = {
-    "A100": 312e12, "H100": 989e12, "H200": 989e12, "B200": 2250e12,
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12,
+    r"NVIDIA A100-SXM4-40GB|NVIDIA A100-SXM4-80GB|NVIDIA A100-PCIE-40GB|NVIDIA A100 80GB PCIe": 312e12,
+    r"NVIDIA H100 80GB HBM3": 989e12,
+    r"NVIDIA H100 PCIe": 756e12,
+    r"NVIDIA H200|NVIDIA H200 141GB HBM3e": 989e12,
+    r"NVIDIA B200": 2250e12,
+    r"TPU v4": 275e12,
+    r"TPU v5 lite|TPU v5e": 197e12,
+    r"TPU v5|TPU v5p": 459e12,
+    r"TPU v6 lite|TPU v6e": 918e12,
 }
+_UNKNOWN_LOGGED: set = set()
 
 
 def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
@@ -44,12 +67,17 @@ def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
 
 
 def device_peak_flops(device=None) -> float | None:
-    """Peak bf16 FLOP/s of `device` (default: the first device), or None when unknown (CPU)."""
+    """Peak dense bf16 FLOP/s of `device` (default: the first device), or None when its kind is
+    not in `PEAK_FLOPS_BF16` (CPU included); an unknown kind is logged once per process."""
     device = device or jax.devices()[0]
-    kind = getattr(device, "device_kind", "")
-    for name, peak in PEAK_FLOPS_BF16.items():
-        if name.lower() in kind.lower():
+    kind = str(getattr(device, "device_kind", ""))
+    for pattern, peak in PEAK_FLOPS_BF16.items():
+        if re.fullmatch(pattern, kind):
             return peak
+    if kind not in _UNKNOWN_LOGGED:
+        _UNKNOWN_LOGGED.add(kind)
+        from meditron_jax import console
+        console.log.info(f"no peak known for {kind}: mfu not logged")
     return None
 
 
@@ -180,12 +208,19 @@ class MetricsWriter:
             eta = per_step * (self.total_steps - step)
         console.log.info(console.step_line(step, self.total_steps, record, eta))
 
-    def summary(self, checkpoint: str | None = None, exit_code: int = 0) -> str:
-        """The end-of-run line (logged on process 0; returned for callers)."""
+    def summary(self, checkpoint: str | None = None, exit_code: int = 0, log: "TrainLog | None" = None,
+                started: float | None = None) -> str:
+        """The end-of-run line (logged on process 0; returned for callers); with the run's
+        `TrainLog`, its goodput and where the rest of the wall time went. `started`: when the
+        run began (`time.time()`; default: when this writer opened, after the data was built)."""
         from meditron_jax import console
 
+        wall = time.time() - (self.t0 if started is None else started)
+        timing = None
+        if log is not None and log.goodput(wall) is not None:
+            timing = {"goodput": log.goodput(wall), **{k: v for k, v in log.totals.items() if k != "step_s"}}
         line = console.summary_line(self.last_step, self.total_steps, self.last,
-                                    self.last_step * self.tokens_per_step, time.time() - self.t0, checkpoint)
+                                    self.last_step * self.tokens_per_step, wall, checkpoint, timing)
         if exit_code:
             line = line.replace("done:", f"stopped (exit {exit_code}):", 1)
         if self._console:
@@ -285,16 +320,7 @@ def tensorboard_tag(key: str) -> str:
     return "train/" + key
 
 
-class StepTimer:
-    """Wall time between logged steps (the loop syncs only at log steps)."""
-
-    def __init__(self):
-        self.t = time.perf_counter()
-
-    def lap(self) -> float:
-        now = time.perf_counter()
-        dt, self.t = now - self.t, now
-        return dt
+EXCLUDED = ("eval_s", "save_s")  # hook time that is not step time (`TrainLog.excluding`)
 
 
 class TrainLog:
@@ -303,35 +329,77 @@ class TrainLog:
     what was kept, write one record per step; the last record of a flush carries the timing:
     `step_time`, `tokens_per_sec`, `mfu` where the device peak is known, `pipeline_bubble` with
     pipelining). Hands the last finite loss on (`info.notes["loss"]`, recorded in the
-    checkpoint's meta)."""
+    checkpoint's meta).
+
+    Timing covers training steps only. An interval runs from one flush to the next; the first
+    starts once the first step has compiled (`info.compile_s`: the loop's own "compiled" line,
+    and `compile_s` in the first record), and the time of the hooks wrapped by `excluding`
+    (evaluation, checkpoint saves) is taken out of the interval it falls in and reported in the
+    record that closes it as `eval_s` / `save_s`. `totals` adds it all up for the end-of-run
+    summary (`goodput`: step time / wall time). `clock` and `devices` are injectable (tests)."""
 
     def __init__(self, writer: MetricsWriter, tokens_per_step: int, flops_per_token_: float,
-                 bubble: float | None = None):
+                 bubble: float | None = None, devices=None, clock=time.perf_counter):
         self.writer, self.tokens_per_step, self.fpt, self.bubble = writer, tokens_per_step, flops_per_token_, bubble
-        self.peak = device_peak_flops()
-        self.timer = StepTimer()
+        devices = jax.devices() if devices is None else list(devices)
+        self.peak, self.num_devices = device_peak_flops(devices[0]), len(devices)
+        self.clock = clock
+        self.t = clock()  # start of the open interval
+        self.excluded = dict.fromkeys(EXCLUDED, 0.0)  # in the open interval
+        self.totals = {"step_s": 0.0, "compile_s": 0.0, **dict.fromkeys(EXCLUDED, 0.0)}
+        self.compile_s = None  # for the next record
         self.pending = []
 
     def collect(self, info):
+        if info.compile_s is not None:  # the run's first step: the interval starts after its compile
+            self.t = self.clock()
+            self.compile_s = info.compile_s
+            self.totals["compile_s"] += info.compile_s
         self.pending.append(info.metrics)
         self.writer.advance()
+
+    def excluding(self, key: str, hook):
+        """`hook` wrapped so that its time counts as `key` (one of `EXCLUDED`), not step time. The
+        steps dispatched before it finish first, on step time."""
+        def timed(info):
+            jax.block_until_ready(info.metrics)
+            t0 = self.clock()
+            try:
+                return hook(info)
+            finally:
+                spent = self.clock() - t0
+                self.excluded[key] += spent
+                self.totals[key] += spent
+        return timed
 
     def flush(self, info):
         fetched = jax.device_get(self.pending)
         loss = float(fetched[-1]["loss"]) if fetched and "loss" in fetched[-1] else None
         info.notes["loss"] = loss if loss is not None and math.isfinite(loss) else None
-        dt = self.timer.lap()
+        now = self.clock()
+        dt = max(now - self.t - sum(self.excluded.values()), 1e-9)
+        self.t = now
+        if fetched:
+            self.totals["step_s"] += dt
         for i, m in enumerate(fetched):
             record = {k: float(v) for k, v in m.items()}
             if i == len(fetched) - 1:
                 record["step_time"] = dt / len(fetched)
                 record["tokens_per_sec"] = self.tokens_per_step * len(fetched) / dt
                 if self.peak:
-                    record["mfu"] = record["tokens_per_sec"] * self.fpt / (self.peak * jax.device_count())
+                    record["mfu"] = record["tokens_per_sec"] * self.fpt / (self.peak * self.num_devices)
                 if self.bubble is not None:
                     record["pipeline_bubble"] = self.bubble
+                record.update({k: v for k, v in self.excluded.items() if v})
+                if self.compile_s is not None:
+                    record["compile_s"], self.compile_s = self.compile_s, None
             self.writer.write(info.step - len(fetched) + i + 1, record)
+        self.excluded = dict.fromkeys(EXCLUDED, 0.0)
         self.pending = []
+
+    def goodput(self, wall_s: float) -> float | None:
+        """The share of `wall_s` spent in training steps (None before any step was timed)."""
+        return self.totals["step_s"] / wall_s if self.totals["step_s"] and wall_s > 0 else None
 
 
 def truncate_metrics(workdir: Workdir | str, step: int) -> int:

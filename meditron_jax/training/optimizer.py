@@ -18,27 +18,32 @@ min + (lr - min) * (1 + cos(pi * (s - warmup) / (decay_steps - warmup))) / 2.
 from __future__ import annotations
 
 import dataclasses
+from typing import Annotated
 
 import gin
 import jax
 import optax
 
+from meditron_jax.config.checks import Range
 from meditron_jax.errors import UserError
 from meditron_jax.models.llama import PARAM_AXES
 
 
+_WARMUP_TOO_LONG = "the run ends during warmup: the learning rate never reaches optimizer.lr"
+
+
 @dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-    lr: float = 3e-4
-    min_lr: float | None = None
-    min_lr_ratio: float | None = None
-    warmup_steps: int = 2000
-    decay_steps: int | None = None  # default: the run's total steps
-    weight_decay: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-5
-    clip: float | None = 1.0
+class OptimizerConfig:  # Annotated ranges: checked with the types before anything runs (config.checks)
+    lr: Annotated[float, Range(min=0, min_open=True)] = 3e-4
+    min_lr: Annotated[float | None, Range(min=0, max="optimizer.lr")] = None
+    min_lr_ratio: Annotated[float | None, Range(min=0, max=1)] = None
+    warmup_steps: Annotated[int, Range(min=0), Range(max="train.steps", warn=_WARMUP_TOO_LONG)] = 2000
+    decay_steps: Annotated[int | None, Range(min=1)] = None  # default: the run's total steps
+    weight_decay: Annotated[float, Range(min=0)] = 0.1
+    b1: Annotated[float, Range(min=0, max=1, max_open=True)] = 0.9
+    b2: Annotated[float, Range(min=0, max=1, max_open=True)] = 0.95
+    eps: Annotated[float, Range(min=0, min_open=True)] = 1e-5
+    clip: Annotated[float | None, Range(min=0, min_open=True)] = 1.0  # global-norm clipping; None: off
 
     def end_lr(self) -> float:
         if self.min_lr is not None and self.min_lr_ratio is not None:
@@ -53,10 +58,8 @@ def optimizer_config(lr: float = 3e-4, min_lr: float | None = None, min_lr_ratio
                      warmup_steps: int = 2000, decay_steps: int | None = None, weight_decay: float = 0.1,
                      b1: float = 0.9, b2: float = 0.95, eps: float = 1e-5,
                      clip: float | None = 1.0) -> OptimizerConfig:
+    """gin `optimizer.*`; each value's range is on `OptimizerConfig` (checked when gin is parsed)."""
     oc = OptimizerConfig(lr, min_lr, min_lr_ratio, warmup_steps, decay_steps, weight_decay, b1, b2, eps, clip)
-    if lr <= 0 or warmup_steps < 0 or weight_decay < 0 or (clip is not None and clip <= 0):
-        raise UserError(f"invalid optimizer settings: lr={lr} warmup_steps={warmup_steps} "
-                        f"weight_decay={weight_decay} clip={clip}")
     oc.end_lr()
     return oc
 

@@ -37,6 +37,7 @@ L layers, S stages, R repeats, C = L/(S*R) layers per chunk.
 from __future__ import annotations
 
 import dataclasses
+from typing import Annotated
 
 import gin
 import jax
@@ -44,6 +45,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, PartitionSpec as P
 
+from meditron_jax.config.checks import Range
 from meditron_jax.models.config import LlamaConfig
 from meditron_jax.models.llama import LAYER_KEYS, PARAM_AXES, run_layers
 from meditron_jax.distributed import sharding
@@ -60,7 +62,8 @@ class PipelineSettings:
 
 
 @gin.configurable("pipeline")
-def _pipeline_gin(microbatches: int | None = None, repeats: int = 1, stage_remat: bool = False):
+def _pipeline_gin(microbatches: Annotated[int | None, Range(min=1)] = None, repeats: Annotated[int, Range(min=1)] = 1,
+                  stage_remat: bool = False):
     return microbatches, repeats, stage_remat
 
 

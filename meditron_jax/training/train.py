@@ -1,7 +1,8 @@
 """`meditron-jax train`: the training entry point.
 
 The run is a short sequence: parse and check the config (`ginfiles.parse_gin`,
-`training.config`), join the cluster (`multihost.init_distributed`), build mesh, data and
+`training.config`: a bad value is refused before anything starts), join the cluster
+(`multihost.init_distributed`: flags, or the one the environment names), build mesh, data and
 state (`training.state`: a fresh state, `train.init_from`, or resumed from the workdir), then
 run the loop (`training.loop.Loop`) with its hooks: profiling, preemption
 (`training.preemption`), logging (`metrics.TrainLog`), evaluation
@@ -31,10 +32,12 @@ hides the same re-logged steps (`metrics.MetricsWriter`'s purge step).
 from __future__ import annotations
 
 import sys
+import time
 
 import gin
 import jax
 
+from meditron_jax import console
 from meditron_jax.storage import checkpoint as ckpt
 from meditron_jax.training import init_from as init_from_lib
 from meditron_jax.distributed import multihost
@@ -51,7 +54,7 @@ from meditron_jax.storage.workdir import Workdir
 from meditron_jax.training.config import parse_gin
 from meditron_jax.errors import UserError
 from meditron_jax.training.eval_hook import EvalHook
-from meditron_jax.training.hostmem import keep_freed_memory
+from meditron_jax.training import hostmem
 from meditron_jax.training.metrics import MetricsWriter, TrainLog, flops_per_token, truncate_metrics
 from meditron_jax.training.config import check_workdir, read_run_config, validate
 from meditron_jax.training.loop import BadStepGuard, Loop, log0
@@ -68,11 +71,12 @@ def train(workdir: Workdir | str, gin_files=(), gin_params=(), coordinator_addre
 
     `wrap_step(step_fn, start_step) -> step_fn` (tests: fault injection) wraps the jitted step
     the loop calls; production runs leave it None."""
-    keep_freed_memory()  # the CLI did this already; here for callers of this function
+    started = time.time()  # the summary's wall time and goodput count from here
     workdir = Workdir.resolve(workdir)  # file:// URLs; other schemes refused up front
-    multihost.init_distributed(coordinator_address, num_processes, process_id, timeout_s=init_timeout_s,
-                               heartbeat_timeout_s=heartbeat_timeout_s, shutdown_timeout_s=shutdown_timeout_s)
-    parse_gin(list(gin_files), list(gin_params), search_path=gin_search_path)
+    parse_gin(list(gin_files), list(gin_params), search_path=gin_search_path)  # bad values: before joining
+    cluster = multihost.init_distributed(coordinator_address, num_processes, process_id, timeout_s=init_timeout_s,
+                                         heartbeat_timeout_s=heartbeat_timeout_s, shutdown_timeout_s=shutdown_timeout_s)
+    hostmem.apply(cpu=jax.default_backend() == "cpu")  # the CLI did this already; here for callers of train()
     run = read_run_config()
     tc, cfg = run.train, run.model
     profiling.parse_steps(tc.profile_steps)
@@ -81,7 +85,9 @@ def train(workdir: Workdir | str, gin_files=(), gin_params=(), coordinator_addre
     workdir_mod.acquire_for_run(workdir)  # one run per workdir (released when train returns)
     profiling.enable_compilation_cache(tc.compilation_cache_dir)
 
+    multihost.log_start(cluster)
     mesh = meshes.make_mesh(run.mesh_sizes)
+    log0("mesh " + " ".join(f"{a}={n}" for a, n in run.mesh_sizes.items()) + f" over {mesh.devices.size} devices")
     data = build_data(run, mesh, workdir)
     # one checkpoint: fp32 params + 2 Adam moments
     check_workdir(workdir, needed_bytes=12 * cfg.num_params() // max(1, jax.process_count()))
@@ -106,10 +112,12 @@ def train(workdir: Workdir | str, gin_files=(), gin_params=(), coordinator_addre
                 truncate_metrics(workdir, start)
                 paths.write_text(workdir.config_gin, gin.operative_config_str())
             step_fn = step.jitted
+            aot = console.Timer()  # the compile when it happens here, not at the loop's first step
             if jax.process_count() > 1:
                 # compile first, then start together: on CPU, gloo gives up on a peer that reaches
                 # the first collective more than 30 s later (e.g. one process compiling, one cached)
-                step_fn = step_fn.lower(state, step.batch_in).compile()
+                with aot:
+                    step_fn = step_fn.lower(state, step.batch_in).compile()
                 multihost.barrier()
             if wrap_step is not None:
                 step_fn = wrap_step(step_fn, start)
@@ -126,9 +134,10 @@ def train(workdir: Workdir | str, gin_files=(), gin_params=(), coordinator_addre
                       file=sys.stderr)
             try:
                 loop = Loop(step_fn, lambda: host_batch.global_batch(next(it), mesh, tc.global_batch_size), tc.steps)
-                add_hooks(loop, run, mesh, writer, preempt, workdir, ckpt.CheckpointHook(
+                log = add_hooks(loop, run, mesh, writer, preempt, workdir, ckpt.CheckpointHook(
                     manager, it, meta, sharding.replicated(mesh), layout), EvalHook(
                     step.eval_jitted, data, tc.eval_batches, mesh, writer))
+                log.totals["compile_s"] += aot.seconds
                 last, exit_code = loop.run(state, start)
             finally:
                 manager.wait_until_finished()
@@ -139,7 +148,7 @@ def train(workdir: Workdir | str, gin_files=(), gin_params=(), coordinator_addre
         preempt.uninstall()
         profiling.stop_active()
     if is_main:  # the end-of-run line (not after an exception: that one speaks for itself)
-        writer.summary(workdir.step_dir(final) if final is not None else None, exit_code)
+        writer.summary(workdir.step_dir(final) if final is not None else None, exit_code, log, started)
     if exit_code == EXIT_PREEMPTED and is_main:
         print(f"preempted: checkpoint at step {last} committed; rerun the same command to resume",
               file=sys.stderr)
@@ -165,9 +174,11 @@ def build_data(run, mesh, workdir: Workdir):
     return data
 
 
-def add_hooks(loop: Loop, run, mesh, writer, preempt, workdir: Workdir, saver, evaluator):
+def add_hooks(loop: Loop, run, mesh, writer, preempt, workdir: Workdir, saver, evaluator) -> TrainLog:
     """The loop's hooks, in the order they run after a step. Metrics are flushed before every
-    save, so every step up to a committed checkpoint is in metrics.jsonl."""
+    save, so every step up to a committed checkpoint is in metrics.jsonl. Evaluation and saving
+    are timed apart from the steps (`TrainLog.excluding`). Returns the logging hook (its timing
+    totals go into the end-of-run summary)."""
     tc = run.train
     profiler = profiling.StepProfiler(tc.profile_steps, workdir)
     loop.before_step.append(profiler.before)
@@ -180,11 +191,12 @@ def add_hooks(loop: Loop, run, mesh, writer, preempt, workdir: Workdir, saver, e
     loop.add_hook(log.flush, every=logged, at_end=True)
     loop.add_hook(saver.poll, every=logged, at_end=True)  # a failed background save stops the run here
     if tc.eval_every:
-        loop.add_hook(evaluator, every=tc.eval_every)
+        loop.add_hook(log.excluding("eval_s", evaluator), every=tc.eval_every)
     loop.add_hook(BadStepGuard(tc.max_bad_steps), every=logged, at_end=True)
     # remote metrics.jsonl: every record up to a checkpoint is stored before it (metrics.sync)
-    loop.add_hook(lambda info: writer.sync(), every=tc.checkpoint_every, at_end=True)
-    loop.add_hook(saver.save, every=tc.checkpoint_every, at_end=True)
+    loop.add_hook(log.excluding("save_s", lambda info: writer.sync()), every=tc.checkpoint_every, at_end=True)
+    loop.add_hook(log.excluding("save_s", saver.save), every=tc.checkpoint_every, at_end=True)
+    return log
 
 
 def pipeline_layout(run, mesh, state_sh):
