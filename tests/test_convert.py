@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -377,10 +375,8 @@ def test_error_mid_stream_leaves_nothing(tmp_path, capfd, hf_dir, monkeypatch):
     assert not (tmp_path / "out").exists() and not _leftovers(tmp_path)
 
 
-def test_cli_subprocess(tmp_path, hf_dir):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    r = subprocess.run([sys.executable, "-m", "meditron_jax", "import", "--from", "hf", str(hf_dir),
-                        "--out", str(tmp_path / "ck")], capture_output=True, text=True, env=env, timeout=300)
+def test_cli_import_prints_the_step(tmp_path, hf_dir, cli):
+    r = cli("import", "--from", "hf", hf_dir, "--out", tmp_path / "ck")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == f"wrote {tmp_path / 'ck' / '0'}"
     assert ckpt.complete_steps(str(tmp_path / "ck")) == [0]

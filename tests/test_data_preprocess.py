@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -145,18 +143,18 @@ def test_worker_error_propagates_with_file_and_line(tmp_path, tok_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_preprocess(tmp_path, tok_path, corpus):
+def test_cli_preprocess(tmp_path, tok_path, corpus, cli):
     path, _ = corpus
-    cmd = [sys.executable, "-m", "meditron_jax", "preprocess", "--input", str(path), "--tokenizer", tok_path,
+    cmd = ["preprocess", "--input", str(path), "--tokenizer", tok_path,
            "--out", str(tmp_path / "cli"), "--workers", "2", "--no-progress"]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = cli(*cmd)
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "cli" / "manifest.json").read_text())["documents"] == 298
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{oops\n')
     cmd[cmd.index(str(path))] = str(bad)
     cmd[cmd.index(str(tmp_path / "cli"))] = str(tmp_path / "cli2")
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = cli(*cmd)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "bad.jsonl:2: malformed JSON" in r.stderr
     assert not (tmp_path / "cli2").exists()

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import functools
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -108,13 +106,11 @@ def test_not_a_sentencepiece_file_is_a_user_error(tmp_path):
     assert issubclass(TokenizerError, UserError)
 
 
-def test_cli_tokenizer_train(tmp_path):
+def test_cli_tokenizer_train(tmp_path, cli):
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps({"text": s}) + "\n" for s in small_corpus_lines(150)))
-    r = subprocess.run([sys.executable, "-m", "meditron_jax", "tokenizer", "train", "--input", str(src),
-                        "--vocab-size", "320", "--out", str(tmp_path / "cli")], capture_output=True, text=True)
+    r = cli("tokenizer", "train", "--input", src, "--vocab-size", "320", "--out", tmp_path / "cli")
     assert r.returncode == 0, r.stderr
     assert Tokenizer(tmp_path / "cli.model").vocab_size == 320
-    bad = subprocess.run([sys.executable, "-m", "meditron_jax", "tokenizer", "train", "--input", str(tmp_path / "nope.txt"),
-                          "--vocab-size", "320", "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    bad = cli("tokenizer", "train", "--input", tmp_path / "nope.txt", "--vocab-size", "320", "--out", tmp_path / "x")
     assert bad.returncode == 2 and "nope.txt" in bad.stderr and "Traceback" not in bad.stderr

@@ -148,6 +148,7 @@ def test_eval_plan_reports_per_device_memory(env, capsys):
     assert cli_main(base + ["--mesh", "tensor=8"]) == 2
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(env, tmp_path):
     """The multi-controller path: 2 processes x 4 CPU devices (gloo) on a (data 2, tensor 4) mesh
     score like one process; only process 0 writes the results."""

@@ -171,19 +171,11 @@ def _compiled_step(zero1, tmp_path):
         tc = TrainConfig(steps=1, micro_batch_size=2, global_batch_size=2 * 4 * NUM_MICRO, seq_len=16)
         lowered = jit_train_step(fn, sh, mesh).lower(state, abstract_batch(tc.global_batch_size, tc.seq_len, mesh))
         dump = str(tmp_path / "dump")
-        from jax.experimental.compilation_cache import compilation_cache
+        from meditron_jax.training.profiling import compiled_afresh
 
-        cached = jax.config.jax_enable_compilation_cache
-        # a cache hit dumps nothing; jax decides whether to use the cache once per process, so
-        # the switch only takes effect with that decision reset (earlier tests made it)
-        jax.config.update("jax_enable_compilation_cache", False)
-        compilation_cache.reset_cache()
-        try:
+        with compiled_afresh():  # a cache hit dumps nothing
             compiled = lowered.compile(compiler_options={"xla_dump_to": dump,
                                                          "xla_dump_hlo_pass_re": "spmd-partitioning"})
-        finally:
-            jax.config.update("jax_enable_compilation_cache", cached)
-            compilation_cache.reset_cache()
     final = compiled.as_text()
     # XLA:CPU widens bf16 collectives to f32 after partitioning (float-normalization-bf16; GPUs
     # and TPUs keep bf16), so the dtype on the wire is read from the partitioned module

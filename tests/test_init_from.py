@@ -90,17 +90,17 @@ def grown(tmp_path_factory, demo_data):
 
 @pytest.fixture(scope="module")
 def trained(grown):
-    import subprocess
-    import sys
+    import contextlib
+    import io
     tmp, hf, tok_path = grown
     params = _train_params(tmp / "init", tmp / "data", tok_path, f"model.vocab_size = {V + 17}",
                            "model.max_position_embeddings = 256", "train.steps = 2", "train.checkpoint_every = 1")
-    r = subprocess.run([sys.executable, "-m", "meditron_jax", "train", "--workdir", str(tmp / "run"),
-                        *_args(params)], capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, PYTHONPATH=ROOT))
-    assert r.returncode == 0, r.stderr[-3000:]
+    err = io.StringIO()  # the log lines (meditron_jax.console writes to the current sys.stderr)
+    with contextlib.redirect_stderr(err):
+        rc = main(["train", "--workdir", str(tmp / "run"), *_args(params)])
+    assert rc == 0, err.getvalue()[-3000:]
     assert main(["export", str(tmp / "run"), "--to", "hf", "--out", str(tmp / "hf_out"), "--dtype", "float32"]) == 0
-    return tmp, hf, tok_path, r.stderr
+    return tmp, hf, tok_path, err.getvalue()
 
 
 def test_growth_and_context_extension_are_logged(trained):

@@ -2,8 +2,8 @@
 axes span processes, against single-process runs of the same steps.
 
 Runs (tiny model with 8 heads / 8 KV heads so that tensor 8 divides, 8 x 64 tokens per step):
-  reference  1 process x 8 devices, mesh (data 8), steps 1-10
-  same-mesh  1 process x 8 devices, mesh (data 2, stage 2, tensor 2), steps 1-5
+  reference  1 process x 8 devices, mesh (data 8), steps 1-10 (in this process)
+  same-mesh  1 process x 8 devices, mesh (data 2, stage 2, tensor 2), steps 1-5 (in this process)
   stage      2 processes x 4, (data 2, stage 2, tensor 2): stage spans the processes, steps 1-5
   tensor     2 processes x 4, (tensor 8), killed during a save, restarted
   four       4 processes x 2, (stage 4, tensor 2), resuming the stage run's checkpoint: steps 6-10
@@ -33,9 +33,9 @@ from meditron_jax.distributed import host_batch
 from meditron_jax.distributed import sharding
 from meditron_jax.distributed import host_batch
 from meditron_jax.distributed import meshes
+from tests.conftest import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
-CACHE = REPO / ".jax_cache"
 TIMEOUT = 480  # per launch; generous for 2 shared cores
 BASE = ["model.num_heads=8", "model.num_kv_heads=8", "train.seq_len=64", "train.global_batch_size=8",
         "train.micro_batch_size=1", "train.log_every=1", "train.progress=False", "train.tensorboard=False",
@@ -45,14 +45,6 @@ STAGE_MESH = ["mesh.data=2", "mesh.stage=2", "mesh.fsdp=1", "mesh.tensor=2"]
 
 
 # -- launching ------------------------------------------------------------------------------------
-
-def _env(devices: int) -> dict:
-    env = dict(os.environ)
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=str(CACHE), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               PYTHONUNBUFFERED="1")
-    return env
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -73,7 +65,7 @@ def start(workdir: Path, procs: int, devices: int, params=(), args=()) -> list[t
         extra = ["--coordinator_address", f"localhost:{port}", "--num_processes", str(procs),
                  "--process_id", str(i), "--heartbeat_timeout_s", "15"] if procs > 1 else []
         with open(log, "w") as f:
-            out.append((subprocess.Popen(cmd + extra, cwd=REPO, env=_env(devices), stdout=f,
+            out.append((subprocess.Popen(cmd + extra, cwd=REPO, env=subprocess_env(devices), stdout=f,
                                          stderr=subprocess.STDOUT), log))
     return out
 
@@ -104,6 +96,16 @@ def train(workdir: Path, procs: int, devices: int, params=(), args=()) -> list[s
     rcs, outs = finish(run)
     assert rcs == [0] * procs, f"exit {rcs}:\n" + _tails(run)
     return outs
+
+
+def train_here(workdir: Path, params=()) -> None:
+    """One process with this process's 8 devices: the single-process runs, in-process."""
+    from meditron_jax.cli import main
+
+    argv = ["train", "--gin_file", str(REPO / "configs" / "tiny.gin"), "--workdir", str(workdir)]
+    for p in [*BASE, *params]:
+        argv += ["--gin_param", p]
+    assert main(argv) == 0
 
 
 def records(workdir: Path) -> list[dict]:
@@ -150,7 +152,7 @@ def runs(tmp_path_factory):
 def reference(runs, demo) -> Path:
     """1 process x 8 devices, (data 8), steps 1-10."""
     w = new_workdir(runs, demo, "reference")
-    train(w, 1, 8, ["train.steps=10", "mesh.data=8"])
+    train_here(w, ["train.steps=10", "mesh.data=8"])
     assert sorted(losses(w)) == list(range(1, 11)) and sorted(eval_losses(w)) == [5, 10]
     return w
 
@@ -167,11 +169,12 @@ def stage_run(runs, demo) -> Path:
 
 # -- the runs -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_stage_spanning_two_processes_equal_one(runs, demo, reference, stage_run):
     """Stage spans the 2 processes (each holds one stage of both data-parallel groups, so both
     supply all 8 rows): losses and the eval loss equal 1 process with the same mesh and (data 8)."""
     one = new_workdir(runs, demo, "same_mesh")
-    train(one, 1, 8, ["train.steps=5", *STAGE_MESH])
+    train_here(one, ["train.steps=5", *STAGE_MESH])
     same(losses(stage_run), losses(one), range(1, 6))
     same(losses(stage_run), losses(reference), range(1, 6))
     assert sorted(eval_losses(stage_run)) == [5]
@@ -182,6 +185,7 @@ def test_stage_spanning_two_processes_equal_one(runs, demo, reference, stage_run
     assert all(np.isfinite(v).all() for v in params.values())
 
 
+@pytest.mark.slow
 def test_four_processes_resume_the_stage_spanning_checkpoint(runs, reference, stage_run):
     """4 processes x 2 devices, (stage 4, tensor 2), continue the 2-process run's step-5 checkpoint:
     steps 6-10 and the step-10 eval equal the uninterrupted 1-process run (same data order)."""
@@ -213,6 +217,7 @@ def _corrupt_chunk(item_dir: Path, key: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_corrupt_shard_only_process_1_reads(runs, reference, stage_run):
     """Layer 2's q_proj chunk belongs to stage 1, which only process 1 holds: process 1 cannot read
     step 5, process 0 can. Both resume from step 3, one warning names process 1, and the run
@@ -235,6 +240,7 @@ def test_corrupt_shard_only_process_1_reads(runs, reference, stage_run):
     print(f"corrupt-shard resume took {elapsed:.1f} s")
 
 
+@pytest.mark.slow
 def test_tensor_spanning_two_processes_killed_during_a_save(runs, demo, reference):
     """(tensor 8) across 2 processes; process 1 is killed while the step-4 checkpoint is being
     written (its temporary directory exists). The restarted 2-process run resumes from the last
@@ -266,6 +272,7 @@ def test_tensor_spanning_two_processes_killed_during_a_save(runs, demo, referenc
     assert not [e for e in root.iterdir() if not e.name.isdigit()], "leftover temporary directory"
 
 
+@pytest.mark.slow
 def test_mesh_that_cannot_be_placed_is_one_line_exit_2(runs, demo):
     """Both processes refuse before compiling: one line naming mesh, processes and devices."""
     w = new_workdir(runs, demo, "unplaceable")

@@ -24,6 +24,7 @@ import pytest
 
 from meditron_jax.storage import checkpoint as ckpt
 from meditron_jax.cli import main
+from tests.conftest import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.gin")
@@ -41,8 +42,7 @@ def _argv(workdir, *params, args=()):
 
 
 def _env(devices=8):
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-                PYTHONPATH=str(REPO))
+    return subprocess_env(devices)
 
 
 def _new_workdir(root: Path, demo: Path) -> Path:
@@ -185,6 +185,7 @@ def test_gin_search_path(tmp_path, capfd, monkeypatch):
 
 # -- the workdir lock ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_second_run_refuses_and_first_is_untouched(tmp_path, demo_data, capfd):
     w = _new_workdir(tmp_path / "w", demo_data)
     log = tmp_path / "first.txt"

@@ -134,3 +134,23 @@ def test_impossible_gpu_device_count_cli_one_line():
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
     assert out.returncode == 2 and len(lines) == 1, out.stderr
     assert "--devices 12" in lines[0] and "multiple of 8" in lines[0]
+
+
+def test_explain_compiles_afresh_when_the_step_is_in_the_compilation_cache():
+    """XLA writes its dump (the buffer assignment --explain reads) only when it compiles: with
+    JAX's persistent compilation cache on (as in this session, tests/conftest.py) and the step
+    already in it, `plan --explain` still lists the largest buffers."""
+    import jax
+
+    from meditron_jax.plan.compile import plan
+    params = ["model.num_layers=1", "train.seq_len=16", "train.global_batch_size=8", "train.micro_batch_size=1",
+              "mesh.data=8"]
+    assert jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir
+    threshold = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # this small step is cached too
+    try:
+        plan([TINY], params, devices=8)  # puts the step into the cache
+        r = plan([TINY], params, devices=8, explain=True)
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", threshold)
+    assert r["largest_buffers"] and any("meditron_jax" in (b["source"] or "") for b in r["largest_buffers"])

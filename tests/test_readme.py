@@ -109,13 +109,14 @@ def toy_llama(tmp_path_factory, demo_data):
     return tmp
 
 
+@pytest.mark.slow
 def test_readme_shell_blocks_run(toy_llama):
     tmp = toy_llama
     gin = toy_gin(tmp)
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    # a user's machine: one CPU device (the suite's 8 simulated ones are for the suite), warm compile cache
+    # a user's machine: one CPU device (the suite's 8 simulated ones are for the suite); the
+    # session's compilation cache comes with the environment (tests/conftest.py)
     env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
-    env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(ROOT, ".jax_cache")
     ran, outputs = [], {}
     for cmd in readme_commands():
         for c in substitute(cmd, tmp, gin):

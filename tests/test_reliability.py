@@ -1,11 +1,13 @@
 """Fault injection on real training subprocesses: SIGKILL at seeded random points, SIGTERM /
 SIGINT preemption, a second signal, corrupted and unreadable checkpoints, NaN injection, and a
 two-process run that loses a process. Every interrupted run is compared bitwise with one
-uninterrupted run (metrics.jsonl: loss, grad_norm, lr, skipped, tokens per step).
+uninterrupted run, the session's `tiny_run` (tests/conftest.py; metrics.jsonl: loss, grad_norm,
+lr, skipped, tokens per step).
 
 The runs are the README's tiny model on the built-in demo corpus, cut to 16 steps of 4 x 64
-tokens on one CPU device; the demo corpus is built once and copied into each workdir, and the
-subprocesses share the persistent compilation cache of tests/conftest.py.
+tokens on one CPU device (the `tiny_run` params, checkpoints every 3 steps here); the demo corpus
+is built once and copied into each workdir, and the subprocesses share the session's persistent
+compilation cache (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -24,27 +26,16 @@ import numpy as np
 import pytest
 
 from meditron_jax.storage import checkpoint as ckpt
+from tests.conftest import TINY_RUN_PARAMS, TINY_RUN_STEPS, subprocess_env, trajectory
 
 REPO = Path(__file__).resolve().parents[1]
-CACHE = REPO / ".jax_cache"
-STEPS, EVERY = 16, 3
-BASE = [f"train.steps={STEPS}", "train.seq_len=64", "train.global_batch_size=4", "train.micro_batch_size=2",
-        f"train.checkpoint_every={EVERY}", "train.log_every=1", "train.progress=False", "train.eval_every=0",
-        "train.tensorboard=False"]
-KEYS = ("loss", "grad_norm", "lr", "skipped", "tokens")
+STEPS, EVERY = TINY_RUN_STEPS, 3
+BASE = [*TINY_RUN_PARAMS, f"train.checkpoint_every={EVERY}"]  # the shared run's, saving more often
 KILL_SEED = 8
 TIMEOUT = 400  # generous: CI machines are shared
 
 
 # -- helpers --------------------------------------------------------------------------------------
-
-def _env(devices: int = 1) -> dict:
-    env = dict(os.environ)
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=str(CACHE), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               PYTHONUNBUFFERED="1")
-    return env
-
 
 def launch(workdir: Path, log: Path, params=(), args=(), devices: int = 1,
            entry=("-m", "meditron_jax")) -> subprocess.Popen:
@@ -53,7 +44,7 @@ def launch(workdir: Path, log: Path, params=(), args=(), devices: int = 1,
     for p in [*BASE, *params]:
         cmd += ["--gin_param", p]
     with open(log, "w") as f:
-        return subprocess.Popen(cmd, cwd=REPO, env=_env(devices), stdout=f, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(devices), stdout=f, stderr=subprocess.STDOUT)
 
 
 def finish(proc: subprocess.Popen, log: Path, timeout: float = TIMEOUT) -> tuple[int, str]:
@@ -78,10 +69,6 @@ def records(workdir: Path) -> list[dict]:
             except ValueError:
                 pass
     return out
-
-
-def trajectory(workdir: Path) -> list[tuple]:
-    return [(r["step"], *(r[k] for k in KEYS)) for r in records(workdir) if "loss" in r]
 
 
 def max_step(workdir: Path) -> int:
@@ -135,20 +122,14 @@ def demo(demo_shards) -> Path:
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory, demo):
-    """The uninterrupted run: (workdir, trajectory)."""
-    root = tmp_path_factory.mktemp("baseline")
-    w = new_workdir(root / "w", demo)
-    rc, out = finish(launch(w, root / "log.txt"), root / "log.txt")
-    assert rc == 0, out[-3000:]
-    traj = trajectory(w)
-    assert [t[0] for t in traj] == list(range(1, STEPS + 1))
-    assert all(t[4] == 0 for t in traj) and np.isfinite([t[1] for t in traj]).all()
-    return w, traj
+def baseline(tiny_run):
+    """The uninterrupted run: (workdir, trajectory); read-only."""
+    return tiny_run.workdir, tiny_run.trajectory
 
 
 # -- tests ----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_resumes_bitwise(tmp_path, demo, baseline):
     """>= 5 seeded SIGKILLs (some land mid-step, some mid-async-save), then a clean finish:
     the loss trajectory equals the uninterrupted run's bit for bit, every step logged once."""
@@ -177,6 +158,7 @@ def test_sigkill_at_random_points_resumes_bitwise(tmp_path, demo, baseline):
           f"{mid_save} left an uncommitted save or deletion behind")
 
 
+@pytest.mark.slow
 def test_sigterm_sigint_and_second_signal(tmp_path, demo, baseline):
     w = new_workdir(tmp_path / "w", demo)
     # SIGTERM: finish the step, checkpoint it, exit 75
@@ -219,6 +201,7 @@ def test_sigterm_sigint_and_second_signal(tmp_path, demo, baseline):
     assert trajectory(w) == baseline[1]
 
 
+@pytest.mark.slow
 def test_corrupt_and_unreadable_checkpoints(tmp_path, baseline):
     w = tmp_path / "w"
     shutil.copytree(baseline[0], w)
@@ -258,6 +241,7 @@ def test_corrupt_and_unreadable_checkpoints(tmp_path, baseline):
     assert len(os.listdir(w / "checkpoints_unreadable")) == 1 + len(listing)
 
 
+@pytest.mark.slow
 def test_nan_injection_skips_and_stops(tmp_path, demo, baseline):
     """A poisoned step (a NaN loss mask in its batch: tests/nan_steps.py) is skipped (counted,
     schedule not advanced); K poisoned steps in a row stop the run with exit 3 and the last good
@@ -319,6 +303,7 @@ def kill_all(procs) -> None:
             p.wait()
 
 
+@pytest.mark.slow
 def test_two_process_run_survivor_exits(tmp_path, demo):
     """Kill one of two processes mid-training: the other exits non-zero within the bound."""
     w = new_workdir(tmp_path / "w", demo)
@@ -342,6 +327,7 @@ def test_two_process_run_survivor_exits(tmp_path, demo):
     print(f"survivor exited with {rc} after {elapsed:.1f} s: {reason[0][:300]}")
 
 
+@pytest.mark.slow
 def test_two_process_sigterm_to_one_stops_both(tmp_path, demo):
     """SIGTERM to one of two processes: the devices' stop vote stops both at the same step, the
     checkpoint of that step is committed and both exit 75."""

@@ -25,6 +25,7 @@ import pytest
 from meditron_jax.storage import paths
 from meditron_jax.cli import main
 from meditron_jax.errors import UserError
+from tests.conftest import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.gin")
@@ -127,10 +128,10 @@ def _demo_params(demo: Path) -> list[str]:
 
 def _train(workdir: str, demo: Path, env: dict, cwd: Path, *params: str) -> tuple[int, str]:
     argv = [sys.executable, "-m", "meditron_jax", "train", "--gin_file", TINY, "--workdir", workdir]
-    for p in [*FAST, *_demo_params(demo), f"train.compilation_cache_dir={str(cwd.parent / 'cache')!r}", *params]:
+    cache = os.environ["JAX_COMPILATION_CACHE_DIR"]  # the session's (tests/conftest.py), through the gin setting
+    for p in [*FAST, *_demo_params(demo), f"train.compilation_cache_dir={cache!r}", *params]:
         argv += ["--gin_param", p]
-    full_env = dict(os.environ, **env, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-                    PYTHONPATH=str(REPO))
+    full_env = subprocess_env(2, **env)
     out = subprocess.run(argv, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600)
     return out.returncode, out.stderr
 
@@ -139,6 +140,7 @@ def _losses(text: str) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in map(json.loads, text.splitlines()) if "loss" in r]
 
 
+@pytest.mark.slow
 def test_gs_workdir_train_resume_list_export(gcs, demo_data, tmp_path, capfd, monkeypatch):
     """A real tiny run to gs://bkt/run (4 steps), resumed to 6 steps; then `checkpoints` and
     `export` read it back. Equal, loss for loss and weight for weight, to the same run on a local

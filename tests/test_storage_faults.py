@@ -33,14 +33,10 @@ from meditron_jax import errors
 from meditron_jax.cli import main
 from meditron_jax.models.config import LlamaConfig
 from meditron_jax.models.llama import param_shapes
+from tests.conftest import TINY_RUN_PARAMS, subprocess_env, trajectory
 
 REPO = Path(__file__).resolve().parents[1]
-CACHE = REPO / ".jax_cache"
-STEPS, EVERY = 16, 5  # saves at 5, 10, 15, 16; the run of test_reliability (same step, compile cache)
-BASE = [f"train.steps={STEPS}", "train.seq_len=64", "train.global_batch_size=4", "train.micro_batch_size=2",
-        f"train.checkpoint_every={EVERY}", "train.log_every=1", "train.progress=False", "train.eval_every=0",
-        "train.tensorboard=False"]
-KEYS = ("loss", "grad_norm", "lr", "skipped", "tokens")
+BASE = list(TINY_RUN_PARAMS)  # the session's tiny_run: 16 steps, saves at 5, 10, 15, 16
 CKPT_FS = "20m"  # one tiny-model checkpoint (about 12 MB) fits, a second does not
 TIMEOUT = 400
 SMALL = LlamaConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
@@ -70,10 +66,7 @@ def remount(path: Path, size: str) -> None:
 
 
 def _env() -> dict:
-    env = dict(os.environ)
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=str(CACHE), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               PYTHONUNBUFFERED="1")
+    env = subprocess_env(1)
     env.pop(errors.DEBUG_ENV, None)
     return env
 
@@ -89,10 +82,6 @@ def train(workdir: Path, params=()) -> tuple[int, str]:
 def records(workdir: Path) -> list[dict]:
     path = workdir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def trajectory(workdir: Path) -> list[tuple]:
-    return [(r["step"], *(r[k] for k in KEYS)) for r in records(workdir) if "loss" in r]
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -123,23 +112,14 @@ def new_workdir(root: Path, demo: Path) -> Path:
 # -- fixtures -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    from meditron_jax.data.demo import prepare_demo
-
-    out = tmp_path_factory.mktemp("demo") / "demo_data"
-    prepare_demo(out)
-    return out
+def demo(demo_data) -> Path:
+    return demo_data  # read-only: new_workdir copies it
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory, demo):
-    """The uninterrupted run: (workdir, trajectory)."""
-    w = new_workdir(tmp_path_factory.mktemp("baseline") / "w", demo)
-    rc, err = train(w)
-    assert rc == 0, err[-3000:]
-    traj = trajectory(w)
-    assert [t[0] for t in traj] == list(range(1, STEPS + 1))
-    return w, traj
+def baseline(tiny_run):
+    """The uninterrupted run (the session's, tests/conftest.py): (workdir, trajectory); read-only."""
+    return tiny_run.workdir, tiny_run.trajectory
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +139,7 @@ def small_model(tmp_path_factory):
 # -- the fault matrix -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["async", "sync"])
+@pytest.mark.slow
 def test_checkpoint_save_fails_cleanly_and_rerun_resumes_bitwise(tmp_path, demo, baseline, mode):
     """checkpoint_every=5 on a filesystem with room for one checkpoint: the save at step 10 fails.
     The run stops before the next save (async: noticed at a logged step; sync: at once), removes
@@ -182,6 +163,7 @@ def test_checkpoint_save_fails_cleanly_and_rerun_resumes_bitwise(tmp_path, demo,
     assert trajectory(w) == baseline[1]
 
 
+@pytest.mark.slow
 def test_metrics_write_fault(tmp_path, demo, baseline):
     """metrics.jsonl on a full filesystem: the resumed run stops at its first logged step with one
     line naming the file; the checkpoint it resumed from is untouched and still the newest."""
@@ -477,6 +459,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_stop_together_on_a_failed_save(tmp_path, demo):
     """Two processes (4 devices each) share a checkpoint filesystem with room for one checkpoint:
     the save at step 10 fails (on one process or both). Orbax's own report would wait 10 minutes
@@ -511,6 +494,7 @@ def test_two_processes_stop_together_on_a_failed_save(tmp_path, demo):
     assert 10 <= max(r["step"] for r in records(w)) < 15
 
 
+@pytest.mark.slow
 def test_sigkilled_export_command_leaves_a_partial_the_next_export_removes(tmp_path, capfd):
     """The issue's case, with the real command: `meditron-jax export` SIGKILLed while writing
     leaves `.OUT.partial-*`; the next export to OUT removes it, says so, and completes."""

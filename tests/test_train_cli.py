@@ -3,12 +3,13 @@ a different mesh with the same data order, and `plan` reports memory that shrink
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 
 from meditron_jax.cli import main
-from tests.conftest import workdir_with_demo
+from tests.conftest import copy_run, workdir_with_demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.gin")
@@ -57,9 +58,12 @@ def test_tiny_learns_and_checkpoints(uninterrupted):
     assert model(np.zeros((1, 4), np.int32)).shape == (1, 4, 2048)
 
 
-def test_resume_on_another_mesh_continues_identically(tmp_path, demo_dir, uninterrupted):
-    w = _workdir(tmp_path, demo_dir, "run")
-    assert _train(w, "train.steps=8", "train.checkpoint_every=8") == 0
+def test_resume_on_another_mesh_continues_identically(tmp_path, uninterrupted):
+    w = copy_run(uninterrupted, tmp_path / "run")  # cut back to what a run stopped at step 8 leaves
+    shutil.rmtree(w / "checkpoints" / "16")
+    metrics = (w / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (w / "metrics.jsonl").write_text("".join(ln for ln in metrics if json.loads(ln)["step"] <= 8))
+    assert sorted(_losses(w)) == list(range(1, 9))
     # resume at step 8 on a (data 2, fsdp 2, tensor 2) mesh and finish
     assert _train(w, "train.steps=16", "train.checkpoint_every=8",
                   mesh=("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")) == 0

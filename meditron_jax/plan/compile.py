@@ -18,6 +18,7 @@ Exit status: 0 fits, 1 does not fit, 2 user error.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import tempfile
@@ -68,6 +69,7 @@ def compile_step(gin_files, gin_params, devices: int | None = None, target: str 
     from meditron_jax.training.config import parse_gin
     from meditron_jax.errors import UserError
     from meditron_jax.training.config import read_run_config, validate_shapes
+    from meditron_jax.training import profiling
     from meditron_jax.training.state import build_step
 
     parse_gin(list(gin_files), list(gin_params))
@@ -97,7 +99,9 @@ def compile_step(gin_files, gin_params, devices: int | None = None, target: str 
             raise
         t1 = time.perf_counter()
         try:
-            with console.quiet_native_stderr(box, also=("rematerializ",)):
+            # a persistent-cache hit writes no dump: --explain would list no buffers
+            with console.quiet_native_stderr(box, also=("rematerializ",)), \
+                    (profiling.compiled_afresh() if dump else contextlib.nullcontext()):
                 compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
         except Exception as e:  # e.g. XLA refusing a sharding; a user-facing planning failure
             msg = " ".join(str(e).split())

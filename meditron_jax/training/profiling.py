@@ -13,11 +13,13 @@ Owns:
 - `enable_compilation_cache(dir)`: JAX's persistent compilation cache. It helps when the same
   program is compiled again -- a restarted or resumed run, a preempted job rerun, the
   `plan`/`train` pair of one config, the test suite -- and not within one run (each program is
-  compiled once per process anyway).
+  compiled once per process anyway). `compiled_afresh()`: the cache off for a compile whose
+  side products are read (XLA's dump is written only when XLA compiles, never on a cache hit).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import jax
@@ -113,3 +115,20 @@ def enable_compilation_cache(directory: str | None):
         return
     os.makedirs(directory, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(directory))
+
+
+@contextlib.contextmanager
+def compiled_afresh():
+    """JAX's persistent compilation cache off inside the block (`plan`'s dump, `--explain`).
+    JAX decides once per process whether it uses the cache, so the decision is reset on entry
+    and on exit."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+        compilation_cache.reset_cache()
