@@ -7,7 +7,6 @@ compilers make of them (a custom call, no T x S array)."""
 
 import functools
 import logging
-import re
 
 import jax
 import jax.numpy as jnp

@@ -4,9 +4,10 @@ without ever building a [B, *, T, S] mask, and how they are sharded.
 
 Owns: which kernel `model.attention='auto'` means on a platform (`platform_kernel`), which
 shapes a kernel serves (`cannot_serve`), the kernels' calls (`splash_attention`,
-`gpu_flash_attention`) and running one per device under `shard_map` over the batch and head
-axes that the logical rules split (`per_device`). Does not own: the switch, the XLA paths and
-the fallback to them (`attention.py`), the logical rules (`distributed/sharding.py`).
+`gpu_flash_attention`) and running one per device with batch and heads split as the logical
+rules say (`per_device`, GQA included). Does not own: the switch, the XLA paths and the
+fallback to them (`attention.py`), shard_map and the logical rules (`distributed/per_device.py`,
+`distributed/sharding.py`).
 
 Why these two (measured on the target compilers from this CPU host, docs/benchmarks.md,
 "Attention kernels (issue 30)"):
@@ -33,10 +34,9 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
+from meditron_jax.distributed import per_device as per_device_lib
 from meditron_jax.distributed import sharding
-from meditron_jax.distributed.host_batch import manual_axes_here
 
 log = logging.getLogger("meditron_jax")
 
@@ -127,108 +127,24 @@ def gpu_flash_attention(q, k, v, q_segment, kv_segment, interpret: bool = False)
 KERNELS = {"splash": splash_attention, "gpu_flash": gpu_flash_attention}
 
 
-def _entry(spec: P, i: int):
-    return tuple(spec)[i] if i < len(spec) else None
-
-
-def _names(entry) -> tuple[str, ...]:
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def per_device(kernel, q, k, v, q_segment, kv_segment):
-    """Run `kernel` (a function of per-device arrays) under `shard_map`, manual over every mesh
-    axis not already manual here, with batch and heads split as the logical rules split
-    `batch` and `heads` (lengths and head dim whole). A Pallas call cannot be partitioned by
-    XLA, so it must run where every axis is manual: at the top of the step, inside the step's
-    data-manual shard_map and inside the pipeline's stage/data/fsdp-manual one alike.
-
-    GQA: k/v are split over the same axes as the query heads, so that each device holds the
-    kv heads of its query heads. When the head split does not divide K, each kv head is
-    repeated r times first (query head n still reads kv head n // (N/K)); when even that
-    cannot work the heads stay whole."""
-    ctx = sharding.active()
-    if ctx is None:
-        return kernel(q, k, v, q_segment, kv_segment)
-    manual = manual_axes_here()
-    mesh = jax.sharding.get_abstract_mesh() if manual else ctx.mesh
-    free = tuple(a for a in mesh.axis_names if a not in manual)
-    if not free:
-        return kernel(q, k, v, q_segment, kv_segment)
-    rules = sharding.without_axes(ctx.rules, manual)
+    """`kernel` (a function of one device's arrays) run per device (`distributed.per_device`),
+    with batch and heads split as the logical rules split `batch` and `heads` (lengths and head
+    dim whole). GQA: k/v are split like the query heads, so that each device holds the kv heads
+    of its query heads. When that split does not divide K, each kv head is repeated r times
+    first (query head n still reads kv head n // (N/K)); when even that cannot work the heads
+    stay whole."""
     N, K = q.shape[2], k.shape[2]
-    spec = sharding.fit_spec(sharding.logical_to_spec(("batch", None, "heads", None), rules), q.shape, mesh)
-    batch, heads = _entry(spec, 0), _entry(spec, 2)
-    split = math.prod(mesh.shape[a] for a in _names(heads))
+    heads = "heads"
+    split = per_device_lib.split_size("heads", N)
     if K % split:
         r = split // math.gcd(K, split)
         if N % (K * r):
             heads = None  # no whole kv head per device: leave the heads whole
         else:
             k, v = jnp.repeat(k, r, axis=2), jnp.repeat(v, r, axis=2)
-    return manual_call(kernel, mesh, free, P(batch, None, heads, None), P(batch, None), q, k, v, q_segment,
-                       kv_segment)
-
-
-def _varying(*xs) -> tuple[str, ...]:
-    """The manual mesh axes the values vary over, as the enclosing shard_map types them."""
-    axes: set[str] = set()
-    for x in xs:
-        axes |= set(getattr(getattr(jax.typeof(x), "manual_axis_type", None), "varying", ()) or ())
-    return tuple(sorted(axes))
-
-
-def manual_call(kernel, mesh, free, qspec: P, sspec: P, q, k, v, q_segment, kv_segment):
-    """`kernel(q, k, v, q_segment, kv_segment)` under `shard_map` manual over `free`, with its own
-    VJP (the kernel's, run per device).
-
-    The Pallas kernels declare their outputs without the manual axes they vary over, so their
-    shard_map must be `check_vma=False`. Nested inside a shard_map that types values by those
-    axes (the pipeline's, `check_vma=True`), JAX 0.10.2 cannot differentiate through that: the
-    inner body's inputs keep the outer axes in their type and the kernels' outputs and
-    gradients do not ("Expected cotangent type ...{V:stage}"). So: the kernel is
-    differentiated inside the shard_map on inputs stripped of those types (`untyped`: x * 1,
-    which a check_vma=False body types as varying over nothing; XLA drops the multiply), its
-    residuals leave as one slot per device, and what leaves is re-typed as varying over the
-    outer axes (`pcast`, no op on values). Outside such a shard_map nothing is re-typed."""
-    vary = set(_varying(q, k, v, q_segment, kv_segment))
-    ins, per_dev = (qspec, qspec, qspec, sspec, sspec), P(free)
-
-    def sm(fn, in_specs, out_specs):
-        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=set(free),
-                             check_vma=False)
-
-    def untyped(*xs):
-        return [x * jnp.ones((), x.dtype) for x in xs]
-
-    def retype(x):
-        missing = tuple(sorted(vary - set(_varying(x))))
-        return jax.lax.pcast(x, missing, to="varying") if missing else x
-
-    tree = {}
-
-    def forward(q, k, v, qs, ks):
-        q, k, v, qs, ks = untyped(q, k, v, qs, ks)
-        out, pullback = jax.vjp(lambda q, k, v: kernel(q, k, v, qs, ks), q, k, v)
-        leaves, tree["def"] = jax.tree.flatten(pullback)
-        return out, [a[None] for a in leaves]
-
-    def backward(ct, leaves):
-        return jax.tree.unflatten(tree["def"], [a[0] for a in leaves])(*untyped(ct))
-
-    @jax.custom_vjp
-    def attention(q, k, v, qs, ks):
-        return retype(sm(lambda *a: kernel(*untyped(*a)), ins, qspec)(q, k, v, qs, ks))
-
-    def attention_fwd(q, k, v, qs, ks):
-        out, residuals = sm(forward, ins, (qspec, per_dev))(q, k, v, qs, ks)
-        return retype(out), residuals
-
-    def attention_bwd(residuals, ct):
-        grads = sm(backward, (qspec, per_dev), (qspec, qspec, qspec))(ct, residuals)
-        return (*map(retype, grads), None, None)
-
-    attention.defvjp(attention_fwd, attention_bwd)
-    return attention(q, k, v, q_segment, kv_segment)
+    qa, sa = ("batch", None, heads, None), ("batch", None)
+    return per_device_lib.run(kernel, (q, k, v, q_segment, kv_segment), (qa, qa, qa, sa, sa), qa, num_diff=3)
 
 
 def fused_attention(impl: str, q, k, v, q_segment, kv_segment):
