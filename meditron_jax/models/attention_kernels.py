@@ -94,7 +94,9 @@ def cannot_serve(impl: str, T: int, S: int, H: int, q_slots=None) -> str | None:
 
 
 def splash_attention(q, k, v, q_segment, kv_segment, interpret: bool = False):
-    """Pallas splash attention (TPU): causal + segment ids, GQA, per device (no mesh axes)."""
+    """Pallas splash attention (TPU): causal + segment ids, GQA, per device (no mesh axes).
+    Mosaic refuses bf16 inputs under `jax_default_matmul_precision='highest'` ("Bad lhs
+    type"): train at the default precision (as every config here does)."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
     B, T, N, H = q.shape
     S = k.shape[1]
