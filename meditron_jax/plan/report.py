@@ -250,7 +250,7 @@ def attention_report(hlo_text: str, seq_len: int) -> dict:
     """What the compiled step does for attention, per device: the kernels it calls (custom-call
     target and kernel name, with how many call sites), the largest array with two dimensions of
     the sequence length (a T x S score, mask or bias buffer; None when there is none) and the
-    largest array produced by the attention code (models/attention*.py)."""
+    largest array produced by the attention code (models/attention*.py) or a kernel call."""
     from meditron_jax.plan import hlo_stats
     mod = hlo_stats.parse(hlo_text)
     calls: dict[str, int] = {}
@@ -277,7 +277,8 @@ def attention_report(hlo_text: str, seq_len: int) -> dict:
                 if sum(d == seq_len for d in dims) >= 2:
                     keep("largest_seq_by_seq_array", ins, dt, dims, size, mod.source(ins))
                 best = found["largest_attention_value"]
-                if size and (best is None or size > best["bytes"]) and "models/attention" in (mod.source(ins) or ""):
+                if size and (best is None or size > best["bytes"]) and (
+                        target.startswith(ATTENTION_CALLS) or "models/attention" in (mod.source(ins) or "")):
                     keep("largest_attention_value", ins, dt, dims, size, mod.source(ins))
     return {"kernel_calls": calls, **found}
 
