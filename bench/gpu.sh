@@ -1,46 +1,50 @@
 #!/usr/bin/env bash
-# One-GPU train-step benchmark (issue 9): a Llama-2-7B-width model (hidden 4096, 32 heads, MLP
-# 11008, vocab 32000) with as many layers as fit beside full fp32 AdamW state (params + 2 moments
-# + gradients = 16 bytes/parameter), bf16 compute, cuDNN flash attention, seq 2048 and 4096.
-# For each seq and each remat policy in $POLICIES it picks the depth from XLA's own memory
+# One-GPU benchmarks. First the train step (issue 9): a Llama-2-7B-width model (hidden 4096, 32
+# heads, MLP 11008, vocab 32000) with as many layers as fit beside full fp32 AdamW state (params
+# + 2 moments + gradients = 16 bytes/parameter), bf16 compute, seq 2048 and 4096, for each
+# attention in $ATTENTIONS (issue 30: 'auto' = the Pallas flash kernel on a GPU, 'xla' = the
+# XLA path it replaces as the default). For each seq, attention and remat policy in $POLICIES
+# it picks the depth from XLA's own memory
 # analysis of the compiled step (ahead of time, abstract inputs; shrinks and recompiles if the
 # estimate was too deep), then times $STEPS steps after $WARMUP and prints one JSON object:
-# tokens/s/GPU and MFU (FLOPs from meditron_jax.metrics.flops_per_token, peak from its table).
+# tokens/s/GPU and MFU (FLOPs from meditron_jax.training.metrics.flops_per_token, peak from its
+# table). Then the attention kernel benchmark (bench/attention_kernels.py: forward + backward at
+# the 7B and 70B per-device shapes, xla vs blocked vs the kernel vs cudnn), its own JSON object.
 #
 # Usage (repository root, on the GPU machine):  bash bench/gpu.sh
-# Knobs (env): SEQS="2048 4096" TOKENS=16384 (tokens per step) POLICIES="full save_proj"
+# Knobs (env): SEQS="2048 4096" TOKENS=16384 (tokens per step) POLICIES="full save_proj" ATTENTIONS="auto xla"
 #   STEPS=8 WARMUP=2 LOSS_CHUNK=512 MAX_LAYERS=32 TINY=1 (a CPU dry run with a tiny width,
 #   to check the script itself; its numbers mean nothing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "${TINY:-0}" = 1 ] || source launch/gpu_env.sh
 PY="${PYTHON:-$( [ -x /work/venv/bin/python ] && echo /work/venv/bin/python || echo python3)}"
-export SEQS="${SEQS:-2048 4096}" TOKENS="${TOKENS:-16384}" POLICIES="${POLICIES:-full save_proj}"
+export SEQS="${SEQS:-2048 4096}" TOKENS="${TOKENS:-16384}" POLICIES="${POLICIES:-full save_proj}" ATTENTIONS="${ATTENTIONS:-auto xla}"
 export STEPS="${STEPS:-8}" WARMUP="${WARMUP:-2}" LOSS_CHUNK="${LOSS_CHUNK:-512}" MAX_LAYERS="${MAX_LAYERS:-32}"
 export TINY="${TINY:-0}" BENCH_COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-exec "$PY" - <<'PY'
+"$PY" - <<'PY'
 import json, math, os, statistics, sys, time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from meditron_jax.config import LlamaConfig
-from meditron_jax.metrics import device_peak_flops, flops_per_token
-from meditron_jax.model import init_model, param_shapes, params_dict
-from meditron_jax.optim import OptimizerConfig, make_optimizer, schedule
-from meditron_jax.train_step import BATCH_KEYS, init_state, make_train_step
+from meditron_jax.models.config import LlamaConfig
+from meditron_jax.models.llama import init_model, param_shapes, params_dict
+from meditron_jax.training.metrics import device_peak_flops, flops_per_token
+from meditron_jax.training.optimizer import OptimizerConfig, make_optimizer, schedule
+from meditron_jax.training.step import BATCH_KEYS, init_state, make_train_step
 
 E = os.environ
 TINY = E["TINY"] == "1"
 dev = jax.devices()[0]
 if TINY:
     base = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=688, num_heads=4, num_kv_heads=4,
-                       dtype="bfloat16", attention="xla")
+                       dtype="bfloat16")
     limit = 2 << 30
 else:
     base = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_heads=32,
-                       num_kv_heads=32, dtype="bfloat16", attention="cudnn")
+                       num_kv_heads=32, dtype="bfloat16")
     limit = (dev.memory_stats() or {}).get("bytes_limit") or int(float(E.get("MEM_BYTES", 75e9)))
 peak = device_peak_flops(dev)
 oc = OptimizerConfig(lr=3e-4, warmup_steps=10)
@@ -101,32 +105,35 @@ def run(cfg, compiled, B, T):
 
 
 results = []
-for T in [int(s) for s in E["SEQS"].split()]:
+for T, policy, attn in [(int(s), p, a) for s in E["SEQS"].split() for p in E["POLICIES"].split()
+                        for a in E["ATTENTIONS"].split()]:
     B = max(1, int(E["TOKENS"]) // T)
-    for policy in E["POLICIES"].split():
-        try:
-            cfg, compiled, need, cs = fit(base.replace(max_position_embeddings=T), B, T, policy)
-            dt, losses = run(cfg, compiled, B, T)
-            tps = B * T / dt
-            r = {"seq": T, "batch": B, "remat": policy, "num_layers": cfg.num_layers,
-                 "params": cfg.num_params(), "mem_need_gib": round(need / 2**30, 2), "compile_s": round(cs, 1),
-                 "step_s": round(dt, 4), "tokens_per_s_per_gpu": round(tps, 1),
-                 "mfu": round(tps * flops_per_token(cfg, T) / peak, 4) if peak else None,
-                 "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)]}
-        except Exception as e:  # e.g. out of memory: report and go on with the next point
-            r = {"seq": T, "batch": B, "remat": policy, "error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
-        log(json.dumps(r))
-        results.append(r)
-        jax.clear_caches()
+    try:
+        cfg, compiled, need, cs = fit(base.replace(max_position_embeddings=T, attention=attn), B, T, policy)
+        dt, losses = run(cfg, compiled, B, T)
+        tps = B * T / dt
+        r = {"seq": T, "batch": B, "remat": policy, "attention": attn, "num_layers": cfg.num_layers,
+             "params": cfg.num_params(), "mem_need_gib": round(need / 2**30, 2), "compile_s": round(cs, 1),
+             "step_s": round(dt, 4), "tokens_per_s_per_gpu": round(tps, 1),
+             "mfu": round(tps * flops_per_token(cfg, T) / peak, 4) if peak else None,
+             "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)]}
+    except Exception as e:  # e.g. out of memory: report and go on with the next point
+        r = {"seq": T, "batch": B, "remat": policy, "attention": attn, "error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
+    log(json.dumps(r))
+    results.append(r)
+    jax.clear_caches()
 
-best = {}
+best = {}  # per (seq, attention): the remat policy with the best MFU
 for r in results:
-    if r.get("mfu") is not None and r["mfu"] > best.get(r["seq"], {}).get("mfu", -1):
-        best[r["seq"]] = r
+    key = f"{r['seq']} {r['attention']}"
+    if r.get("mfu") is not None and r["mfu"] > best.get(key, {}).get("mfu", -1):
+        best[key] = r
 print(json.dumps({"bench": "gpu_train_step", "device": dev.device_kind, "peak_bf16_flops": peak,
                   "mem_limit_gib": round(limit / 2**30, 1), "jax": jax.__version__, "commit": E["BENCH_COMMIT"],
                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "tiny_dry_run": TINY,
                   "xla_flags": E.get("XLA_FLAGS", ""), "loss_chunk": int(E["LOSS_CHUNK"]),
-                  "results": results, "best_by_seq": {str(k): {"remat": v["remat"], "num_layers": v["num_layers"],
+                  "results": results, "best_by_seq_and_attention": {k: {"remat": v["remat"], "attention": v["attention"],
+                  "num_layers": v["num_layers"],
                   "tokens_per_s_per_gpu": v["tokens_per_s_per_gpu"], "mfu": v["mfu"]} for k, v in best.items()}}, indent=1))
 PY
+"$PY" bench/attention_kernels.py $( [ "$TINY" = 1 ] && echo "--tiny --steps 2 --warmup 1" )

@@ -174,4 +174,4 @@ def test_presets():
     assert abs(preset("llama2_70b").num_params() / 68.98e9 - 1) < 1e-2
     for p in PRESETS.values():
         assert LlamaConfig.from_hf(p.to_hf()) == p.replace(dtype="float32", scan_layers=True, remat="none",
-                                                            attention="xla", vocab_pad_multiple=128)
+                                                            attention="auto", vocab_pad_multiple=128)

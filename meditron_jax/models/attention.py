@@ -1,8 +1,13 @@
-"""Attention implementations behind one switch: 'xla' (reference, any backend), 'blocked'
-(flash-style online softmax, memory-lean; 'xla' also picks it for long dense cases) and 'cudnn'.
+"""Attention implementations behind one switch (`model.attention`): 'auto' (the default: the
+platform's fused kernel, else 'xla'), 'xla' (reference, any backend), 'blocked' (flash-style
+online softmax in XLA ops, memory-lean; 'xla' also picks it for long dense cases), 'cudnn'
+(GPU, dense segment mask) and the fused Pallas kernels 'splash' (TPU) and 'gpu_flash' (GPU)
+of `attention_kernels.py`.
 
-Owns: causal + segment-masked softmax attention with grouped-query heads.
-Does not own: projections, RoPE or KV caches (model.py).
+Owns: causal + segment-masked softmax attention with grouped-query heads, the switch, and the
+fallback to the XLA path (one log line) where a kernel cannot serve a shape.
+Does not own: projections, RoPE or KV caches (llama.py), the Pallas kernels and their
+sharding (attention_kernels.py).
 
 q [B,T,N,H], k/v [B,S,K,H]; N is a multiple of K (GQA). Query i attends key j iff
 j's slot <= i's slot and both carry the same segment id (packed documents never mix;
@@ -15,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from meditron_jax.distributed.sharding import mesh_platform
+from meditron_jax.models import attention_kernels as kernels
 
 _NEG = -1e30  # finite: a fully masked row gives a uniform (ignored) softmax, never NaN
 
@@ -182,14 +188,35 @@ def dpa_attention(q, k, v, q_segment, kv_segment, implementation: str):
 
 
 def cudnn_attention(q, k, v, q_segment, kv_segment):
+    """cuDNN flash attention, one device's batch rows and heads at a time (`per_device`: so that
+    it also compiles inside the pipeline's partially manual shard_map, where its custom
+    partitioning cannot run). Its segment mask is dense: [b,1,T,S] per device."""
     if mesh_platform() != "gpu":
         raise RuntimeError(
             f"attention='cudnn' needs a CUDA GPU, but the devices are {mesh_platform()!r}; "
-            "use model.attention='xla'")
-    return dpa_attention(q, k, v, q_segment, kv_segment, "cudnn")  # cuDNN flash attention
+            "use model.attention='xla' or 'auto'")
+    return kernels.per_device(lambda *a: dpa_attention(*a, "cudnn"), q, k, v, q_segment, kv_segment)
 
 
-def attend(q, k, v, q_segment, kv_segment, impl: str = "xla", q_slots=None):
+def resolve(impl: str, T: int, S: int, H: int, q_slots=None) -> str:
+    """The implementation `attend(impl=impl)` runs for T queries over S keys of head dim H, on
+    the platform being traced for: 'auto' is that platform's fused kernel ('xla' on CPU); a
+    kernel that cannot serve the shape gives 'xla', with one log line (per reason, per process)."""
+    if impl == "auto":
+        impl = kernels.platform_kernel(mesh_platform()) or "xla"
+    why = None
+    if impl in kernels.KERNELS:
+        why = kernels.cannot_serve(impl, T, S, H, q_slots)
+    elif impl == "cudnn" and q_slots is not None:
+        why = "queries at a KV-cache offset (generation)"
+    if why:
+        kernels.note_once(f"attention {impl!r} falls back to the XLA path for {why}")
+        return "xla"
+    return impl
+
+
+def attend(q, k, v, q_segment, kv_segment, impl: str = "auto", q_slots=None):
+    impl = resolve(impl, q.shape[1], k.shape[1], q.shape[3], q_slots)
     if impl == "xla":
         if use_blocked(q.shape[1], k.shape[1], q_slots):
             return blocked_attention(q, k, v, q_segment, kv_segment, q_slots)
@@ -197,7 +224,7 @@ def attend(q, k, v, q_segment, kv_segment, impl: str = "xla", q_slots=None):
     if impl == "blocked":
         return blocked_attention(q, k, v, q_segment, kv_segment, q_slots)
     if impl == "cudnn":
-        if q_slots is not None:
-            raise ValueError("cudnn attention is for training/prefill without a cache offset")
         return cudnn_attention(q, k, v, q_segment, kv_segment)
+    if impl in kernels.KERNELS:
+        return kernels.fused_attention(impl, q, k, v, q_segment, kv_segment)
     raise ValueError(f"unknown attention implementation {impl!r}")

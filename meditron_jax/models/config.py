@@ -19,7 +19,7 @@ from meditron_jax.config.checks import Range
 from meditron_jax.errors import UserError
 
 DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLS = ("xla", "cudnn", "blocked")
+ATTENTION_IMPLS = ("auto", "xla", "blocked", "cudnn", "splash", "gpu_flash")  # models/attention.py
 REMAT_POLICIES = ("none", "full", "dots", "save_proj")
 
 
@@ -43,7 +43,7 @@ class LlamaConfig:  # Annotated ranges: gin `model.*` values are checked when gi
     vocab_pad_multiple: Annotated[int, Range(min=1)] = 128  # embedding / lm_head padded to a multiple of this
     scan_layers: bool = True  # False: python loop over layers (debugging), same numbers
     remat: str = "none"  # none | full | dots | save_proj
-    attention: str = "xla"  # xla | cudnn | blocked (attention.py)
+    attention: str = "auto"  # the platform's fused kernel (XLA on CPU); or one of ATTENTION_IMPLS
 
     def __post_init__(self):
         problems = []

@@ -121,7 +121,7 @@ def decoder_layer(cfg: LlamaConfig, p: dict, x, positions, segment_ids, cache=No
         new_kv = (ck, cv)
         q_slots = idx + jnp.arange(q.shape[1])
         attn = attention_lib.attend(q, ck.astype(dt), cv.astype(dt), segment_ids, cache["segment"],
-                                    impl="blocked" if cfg.attention == "blocked" else "xla", q_slots=q_slots)
+                                    impl=cfg.attention, q_slots=q_slots)
     attn = checkpoint_name(attn, "attention")
     o = checkpoint_name(jnp.einsum("btnh,nhd->btd", attn, p["o_proj"].astype(dt)), "o_proj")
     x = constrain(x + o, ("batch", "length", "embed"))

@@ -183,7 +183,7 @@ def parse(text: str) -> Module:
                 entry = cur
             table = None
             continue
-        if line.startswith("}"):
+        if line.rstrip() == "}":  # not "}}, metadata=...": the rest of a multi-line instruction
             cur = None
             continue
         if cur is not None:
