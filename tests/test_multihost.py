@@ -31,7 +31,6 @@ import pytest
 from meditron_jax.storage import checkpoint as ckpt
 from meditron_jax.distributed import host_batch
 from meditron_jax.distributed import sharding
-from meditron_jax.distributed import host_batch
 from meditron_jax.distributed import meshes
 from tests.conftest import subprocess_env
 
