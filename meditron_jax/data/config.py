@@ -4,7 +4,7 @@ read), plus `DataConfigError`, the user error for a data setup that does not hol
 Owns: the names and defaults of `data.*` (sources, weights, tokenizer, added tokens, demo, SFT
 files, held-out fraction, shuffling, read grouping and threads, prefetch) and turning gin's
 values into one frozen `DataConfig`. Does not own: checking them against the manifests or
-building anything (`data.pipeline`).
+building anything (`data.loader`).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Output is built in a temporary directory that is renamed into place only when co
 partial output left by a killed earlier run for the same destination is removed at start
 (`storage.staging_dir`).
 
-Does not own: mixing, shuffling or packing (`data.pipeline`), SFT formats (`data.sft`).
+Does not own: mixing, shuffling or packing (`data.loader`), SFT formats (`data.sft`).
 """
 
 from __future__ import annotations

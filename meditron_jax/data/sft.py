@@ -15,7 +15,7 @@ Prompt and completion are encoded separately (SentencePiece puts its word-bounda
 front of the completion), so "Answer:" + "B" reads as "Answer: B", the way the exam harness
 scores answers.
 
-Does not own: packing and batching (`data.pipeline`, first-fit packing into the same batch format
+Does not own: packing and batching (`data.loader`, first-fit packing into the same batch format
 as pretraining), turning exam sets into SFT files (`meditron-jax data mcq-to-sft`, `eval.to_sft`).
 """
 

@@ -1,11 +1,11 @@
-"""The per-element steps of the training data pipeline (`data.pipeline` composes them with grain).
+"""The per-element steps of the training data pipeline (`data.loader` composes them with grain).
 
 Owns: reading groups of documents with one batched ArrayRecord read per source (a failed read is
 re-done record by record to name the damaged shard and document), turning a document into
 (input, next token) pairs, the held-out split's index arithmetic, tagging documents with their
 source, truncating SFT examples, and the last step: a packed global batch -> this process's rows
 in the trainer's format (inputs, targets, segment_ids, positions, loss_mask).
-Does not own: the order of the steps, shuffling, mixing or packing (`data.pipeline`).
+Does not own: the order of the steps, shuffling, mixing or packing (`data.loader`).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Owns: which global batch rows each process supplies (`host_rows`) and assembling a process's
 rows into one global array sharded over (data, fsdp) along the batch axis (`global_batch`).
 Also the batch layout itself (`batch_sharding`: rows over data x fsdp). Does not own: building
-the rows (`data/pipeline.py`) or the parameter layouts (`sharding.py`).
+the rows (`data/loader.py`) or the parameter layouts (`sharding.py`).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ and the token-weighted mean negative log-likelihood over all predicted tokens:
     perplexity = exp(loss).
 Each document is BOS + text + EOS, so the EOS is predicted and the BOS is not.
 Does not own: the manifest / shard format (`data.preprocess`), the training data pipeline
-(`data.pipeline`: mixing, shuffling and held-out splits are training concerns).
+(`data.loader`: mixing, shuffling and held-out splits are training concerns).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Owns: architecture hyper-parameters and how they translate to/from a Hugging Face
 `config.json`, and `gin_call` (a configurable's error as one line). Does not own: training,
 mesh or data settings (those are gin-bound in `training/config.py`, `sharding.py` and
-`data/`) or finding and parsing gin files (`ginfiles.py`: it sits above every configurable,
+`data/`) or finding and parsing gin files (`config/gin_files.py`: it sits above every configurable,
 so this low module imports none of them).
 """
 

@@ -3,7 +3,7 @@
 Owns: the parameters (Hugging Face names, fp32, stacked along a leading `layers` axis, each
 tagged with logical axis names) and the forward pass, with an optional KV cache for decoding.
 Does not own: meshes or PartitionSpecs (only `sharding.py` maps logical axes to devices),
-attention kernels (`attention.py`), the loss (`train_step.py`).
+attention kernels (`attention.py`), the loss (`training/step.py`).
 
 Shapes: B batch, T length (queries), S length (keys), D embed, N heads, K kv heads,
 H head dim, F mlp, V (padded) vocab, L layers.

@@ -5,8 +5,8 @@ pipeline: the same `training.state.build_step` that `train` runs) for a target's
 abstract inputs only (no weights are allocated), and the subcommand. The report (per-device
 memory from XLA's memory analysis against the target's usable memory with a verdict, FLOPs per
 step, the collectives beside what the parallelism needs in theory, rematerialization warnings,
-`--explain`: the largest buffers with their source lines) is `plan_report.py`'s. Does not own:
-the step (train_step.py), its shardings (training/state.py, sharding.py), the target table
+`--explain`: the largest buffers with their source lines) is `report.py`'s. Does not own:
+the step (training/step.py), its shardings (training/state.py, sharding.py), the target table
 (targets/), HLO parsing (hlo_stats.py).
 
 Targets: `cpu` (default: N simulated host devices, `--xla_force_host_platform_device_count`;

@@ -3,7 +3,7 @@
 Owns: the collective records (kind, groups, mesh axes), their per-device byte accounting and
 dot FLOPs, each weighted by how often its computation runs per step. Does not own: reading
 the HLO text and the loop trip counts (hlo_text.py, whose names are importable from here too),
-compiling (plan.py), or what the parallelism should cost in theory (plan.py compares).
+compiling (compile.py), or what the parallelism should cost in theory (report.py compares).
 
 Bytes per device, per execution (`bytes`: the buffer each device contributes; S below):
   all-reduce          wire 2 (n-1)/n S   (ring: reduce-scatter + all-gather)

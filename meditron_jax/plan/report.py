@@ -4,7 +4,7 @@ Owns: turning a `plan.Built` (the compiled step and what it was built from) into
 JSON (`report`: per-device memory against the target's limit with the verdict, FLOPs, the
 collectives beside what the parallelism needs in theory, rematerialization warnings, the
 largest buffers with their source lines) and its text form (`print_report`). Does not own:
-compiling (plan.py), HLO parsing (hlo_stats.py), the target table (targets/).
+compiling (compile.py), HLO parsing (hlo_stats.py), the target table (targets/).
 """
 
 from __future__ import annotations

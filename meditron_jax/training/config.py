@@ -4,7 +4,7 @@ Owns: `TrainConfig` (gin `train.*`), `read_run_config` (every configurable a run
 once: train, model (or `train.init_from`'s), optimizer, mesh, logical rules, pipeline), the
 startup validation (batch, mesh and model sizes agree; the workdir is writable and has room)
 and `accumulation_steps`. Shared by `train`, `plan` and `config`. Does not own: parsing the gin
-files (`ginfiles.parse_gin`), the values' types and ranges (`configcheck`), the mesh
+files (`config.gin_files.parse`), the values' types and ranges (`config.checks`), the mesh
 (`sharding.py`).
 """
 
@@ -28,7 +28,7 @@ from meditron_jax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:  # Annotated ranges: checked with the types before anything runs (configcheck)
+class TrainConfig:  # Annotated ranges: checked with the types before anything runs (config.checks)
     steps: Annotated[int, Range(min=1)]
     micro_batch_size: Annotated[int, Range(min=1)]
     global_batch_size: Annotated[int, Range(min=1)]
@@ -69,7 +69,7 @@ def train_config(steps: int = gin.REQUIRED, micro_batch_size: int = gin.REQUIRED
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Every gin value a run reads, read once (after `ginfiles.parse_gin`) and passed on."""
+    """Every gin value a run reads, read once (after `config.gin_files.parse`) and passed on."""
     train: TrainConfig
     model: LlamaConfig
     optimizer: object  # optim.OptimizerConfig

@@ -3,7 +3,7 @@
 Owns: `EvalHook`, which runs the jitted eval step (`train_step.make_eval_step`, token-weighted
 loss sums) over `train.eval_batches` held-out batches of the data pipeline and writes
 `eval_loss` and `eval_ppl` into the step's metrics record. Does not own: the eval step's math
-(train_step.py), the held-out split (data/pipeline.py), exams and perplexity of a checkpoint
+(training/step.py), the held-out split (data/loader.py), exams and perplexity of a checkpoint
 (mcq.py, perplexity.py).
 """
 

@@ -4,7 +4,7 @@ Owns: `run_layers_into`, the decoder stack (same forward as `model.run_layers` u
 `remat='full'`) whose backward pass adds each layer's weight gradient straight into the slice
 of a stacked fp32 accumulator, and `fusable`, which says when the train step may use it.
 Does not own: the decoder layer (model.py), the micro-batch loop and the reduction
-(train_step.py).
+(training/step.py).
 
 Why: the train step accumulates every device's gradients unreduced in fp32 over the
 micro-batches (`train_step.accumulate_gradients`). With plain autodiff, the backward pass of

@@ -5,7 +5,7 @@ hook sees), `BadStepGuard` (stop after `train.max_bad_steps` non-finite steps in
 `log0`. Each other hook lives with its concern: logging `metrics.TrainLog`, evaluation
 `eval.during_training.EvalHook`, saving `checkpoint.CheckpointHook`, preemption
 `training.preemption.PreemptionHook`, tracing `profiling.StepProfiler`. Does not own: the
-step's math (train_step.py), what the run is built from (training/state.py, train.py).
+step's math (training/step.py), what the run is built from (training/state.py, train.py).
 
 A hook is `fn(info) -> int | None`, added with a cadence: it runs after step s when s is a
 multiple of one of its `every` values, and (`at_end=True`) after the last step or a step where a

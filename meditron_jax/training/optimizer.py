@@ -3,7 +3,7 @@
 Owns: AdamW hyper-parameters (gin `optimizer.*`), the learning-rate schedule (linear warmup
 from 0, then cosine decay to an absolute `min_lr` or `min_lr_ratio x lr`), global-norm
 clipping and the weight-decay mask. Does not own: gradient accumulation or the step itself
-(`train_step.py`).
+(`training/step.py`).
 
 Weight decay: applied to every matrix, embeddings and lm_head included, and not to the
 RMSNorm weights (told apart by their logical axes, not their names: `decay_mask`). That is Megatron-LLM's rule (Meditron's trainer: only biases and norm

@@ -6,7 +6,7 @@ layer permutation used by circular repeats (`to_pipeline_layout` / `from_pipelin
 the bubble accounting (`bubble_fraction`). Does not own: the decoder layer itself
 (`model.run_layers`), the embedding, final norm and head (they run outside the pipeline,
 replicated over `stage` and sharded over the other axes like any other op), the mesh or the
-logical rules (`sharding.py`), gradient accumulation or the loss (`train_step.py`).
+logical rules (`sharding.py`), gradient accumulation or the loss (`training/step.py`).
 
 Formulation: `jax.shard_map` manual over `stage` and the data-parallel axes
 (`axis_names={'stage', 'data', 'fsdp'}`, see `MANUAL`); `tensor` stays automatic inside, so

@@ -4,7 +4,7 @@ Owns: the abstract train state (`abstract_state`) and its shardings (`state_shar
 the abstract batch, `build_step` (optimizer, schedule, accumulation, decoder stack, the one
 `jax.jit` of the train step with explicit shardings and donated state, and the jitted eval
 step), and `build_state` (a fresh state, `train.init_from`'s weights, or the newest checkpoint
-that restores). Does not own: the step's math (train_step.py), layouts (sharding.py), the
+that restores). Does not own: the step's math (training/step.py), layouts (sharding.py), the
 checkpoint format and resume rules (checkpoint.py).
 """
 

@@ -1,13 +1,13 @@
 """`meditron-jax train`: the training entry point.
 
-The run is a short sequence: parse and check the config (`ginfiles.parse_gin`,
+The run is a short sequence: parse and check the config (`config.gin_files.parse`,
 `training.config`: a bad value is refused before anything starts), join the cluster
 (`multihost.init_distributed`: flags, or the one the environment names), build mesh, data and
 state (`training.state`: a fresh state, `train.init_from`, or resumed from the workdir), then
 run the loop (`training.loop.Loop`) with its hooks: profiling, preemption
 (`training.preemption`), logging (`metrics.TrainLog`), evaluation
 (`eval.during_training`), the bad-step guard and checkpointing (`checkpoint.CheckpointHook`).
-Does not own: the step's math (train_step.py), layouts (sharding.py), the data pipeline
+Does not own: the step's math (training/step.py), layouts (sharding.py), the data pipeline
 (data/) or the checkpoint format (checkpoint.py). docs/architecture.md has the module map.
 
 Exit status: 0 finished; 2 a user error (one line on stderr); 3 stopped after

@@ -5,7 +5,7 @@ their compile-only devices (`jax.experimental.topologies`), the shipped GPU targ
 (`*.txtpb` here, from openxla/xla `xla/backends/gpu/target_config/specs/`, source named in
 each file), the TPU product-name -> libtpu topology mapping, and the checks that the
 compile-only plugins are installed at the versions this package was tested with.
-Does not own: compiling the step or judging the result (plan.py).
+Does not own: compiling the step or judging the result (compile.py, report.py).
 
 GPU: the `jax-cuda12-plugin` + `jax-cuda12-pjrt` wheels at jaxlib's exact version (no CUDA
 libraries, no GPU) give `get_topology_desc(platform="cuda", target_config=<spec>,
