@@ -141,7 +141,7 @@ def collective_report(built, hlo_text: str, top: int = 12) -> dict:
     n_local = _data_replica_elements(built.state_in["params"], sizes)  # one data rank's parameters
     sync = built.sync
     red_b = np.dtype(sync.dtype if sync is not None else "float32").itemsize  # sharding.grad_reduce_dtype
-    sp = sequence_parallel()
+    sp = sequence_parallel(built)
 
     def split(r):
         """(parameter bytes, activation bytes) of one execution. With this project's rules
@@ -245,11 +245,10 @@ def collective_report(built, hlo_text: str, top: int = 12) -> dict:
             "note": "per device per step; wire bytes are what each device sends under ring algorithms"}
 
 
-def sequence_parallel() -> bool:
-    """Whether the planned step runs with sequence parallelism (the gin rules being planned)."""
+def sequence_parallel(built) -> bool:
+    """Whether the planned step runs with sequence parallelism (`sharding.sequence_parallel`)."""
     from meditron_jax.distributed import sharding
-    from meditron_jax.models.config import gin_call
-    return sharding.sequence_parallel(gin_call(sharding.logical_rules)[0])
+    return sharding.sequence_parallel(built.rules or {})
 
 
 def _remat_warnings(log: str) -> dict:
@@ -285,7 +284,7 @@ def report(built, explain: bool = False, top: int = 12) -> dict:
                    "topology": tgt.topology, "usable_gib": tgt.usable_bytes / GIB if tgt.usable_bytes else None,
                    "usable_note": tgt.usable_note},
         "model": {"preset": cfg.to_dict(), "params": n_params},
-        "mesh": sizes, "devices": len(tgt.devices), "zero1": built.zero1, "sequence_parallel": sequence_parallel(),
+        "mesh": sizes, "devices": len(tgt.devices), "zero1": built.zero1, "sequence_parallel": sequence_parallel(built),
         "batch": {"global": G, "micro": tc.micro_batch_size, "seq_len": T, "accumulation_steps": built.num_micro},
         "floor_gib_16_bytes_per_param": 16 * n_params / shard_ways / GIB,
         "model_flops_per_step": flops_per_token(cfg, T) * G * T,
