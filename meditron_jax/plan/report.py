@@ -202,6 +202,13 @@ def collective_report(built, hlo_text: str, top: int = 12) -> dict:
                        + (" as reduce-scatter + all-gather pairs (sequence parallelism; the same bytes)" if sp else "")
                        + f" x {L} layers"
                        + (f" x {ticks} ticks" if S > 1 else "") + f" x {A} accumulation steps"}
+        if sp and getattr(cfg, "remat", "none") in ("dots", "save_proj"):
+            theory["sequence_parallel_regathers"] = {
+                "wire_gib": 2 * L * runs * A * (tp - 1) / tp * piece / GIB,
+                "formula": "2 all-gathers of [b, T, D] per layer in the backward pass (the attention and MLP "
+                           "inputs: kept split over tensor, gathered again for the weight gradients; "
+                           f"remat {cfg.remat!r} does not save them) x {L} layers"
+                           + (f" x {ticks} ticks" if S > 1 else "") + f" x {A} accumulation steps"}
 
     measured = {
         "parameters_over_data_fsdp": sum(pb * ratio * r.trip_count_product for r, pb, ob, ratio in rows
