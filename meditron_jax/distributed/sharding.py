@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import logging
 import math
 from typing import NamedTuple, Sequence
@@ -30,15 +31,21 @@ from meditron_jax.distributed.meshes import MESH_AXES, MeshError
 
 log = logging.getLogger("meditron_jax")
 
-LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers")
+LOGICAL_AXES = ("batch", "length", "residual_length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab",
+                "layers")
 
 # Megatron-style tensor parallelism + FSDP over `embed` + data parallelism over batch.
 # A mesh axis already used by an earlier dimension of the same array is skipped, so
 # activations [batch, length, embed] shard batch over (data, fsdp) and keep embed whole,
 # while parameters [.., embed, ..] shard embed over fsdp.
+# `residual_length` is the sequence dimension of the activations between the tensor-parallel
+# regions (the residual stream, the RMSNorms, the loss input); `length` is the sequence inside
+# them. Both are whole by default; `sharding.sequence_parallel` splits `residual_length` over
+# `tensor` (Megatron's sequence parallelism, see `logical_rules`).
 DEFAULT_RULES: tuple[tuple[str, object], ...] = (
     ("batch", ("data", "fsdp")),
     ("length", None),
+    ("residual_length", None),
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -51,16 +58,54 @@ DEFAULT_RULES: tuple[tuple[str, object], ...] = (
 
 @gin.configurable("sharding")
 def logical_rules(rules: Sequence = DEFAULT_RULES, zero1: bool = False, grad_reduce_dtype: str = "float32",
-                  fsdp_grad_reduce: str | None = None):
+                  fsdp_grad_reduce: str | None = None, sequence_parallel: bool = False):
     """gin: `sharding.rules` (tuple of (logical, mesh axis|tuple|None)), `sharding.zero1`,
     `sharding.grad_reduce_dtype` and `sharding.fsdp_grad_reduce` (see `GradSync`; read by
-    `grad_sync()`, validated here so that a bad value fails before anything is built)."""
+    `grad_sync()`, validated here so that a bad value fails before anything is built), and
+    `sharding.sequence_parallel`.
+
+    sequence_parallel: Megatron's sequence parallelism. The activations between the
+      tensor-parallel regions (logical `residual_length`: the residual stream, the RMSNorms, the
+      final norm's output that the loss reads) are split over `tensor` along the sequence, so
+      each tensor rank holds and normalises 1/tensor of them. The tensor-parallel all-reduces
+      become a reduce-scatter into that layout plus an all-gather back into the next region:
+      the same bytes on the wire. The returned rules carry it (`residual_length` -> `tensor`);
+      `check_sequence_parallel` refuses a sequence the tensor axis does not divide."""
     table = dict((k, v) for k, v in rules)
     unknown = set(table) - set(LOGICAL_AXES)
     if unknown:
         raise MeshError(f"unknown logical axes in sharding.rules: {sorted(unknown)}")
     GradSync(grad_reduce_dtype, fsdp_grad_reduce)
+    if not isinstance(sequence_parallel, bool):
+        raise MeshError(f"sharding.sequence_parallel {sequence_parallel!r} is not one of True, False")
+    if sequence_parallel:
+        table = sequence_split(table)
     return table, zero1
+
+
+def sequence_split(rules: dict) -> dict:
+    """`rules` with the activations between tensor-parallel regions split over `tensor` along
+    the sequence (what `sharding.sequence_parallel` adds)."""
+    return {**rules, "residual_length": "tensor"}
+
+
+def sequence_parallel(rules: dict) -> bool:
+    """Whether `rules` split the residual stream along the sequence (over any mesh axis)."""
+    return rules.get("residual_length") is not None
+
+
+def check_sequence_parallel(rules: dict, sizes: dict, seq_len: int, loss_chunk: int | None = None):
+    """One line (MeshError) when sequence parallelism is on and the split cannot be made: the
+    sequence (and each loss chunk, which is split the same way) must divide over the mesh axes
+    `residual_length` maps to."""
+    if not sequence_parallel(rules):
+        return
+    target = rules["residual_length"]
+    ways = math.prod(sizes.get(n, 1) for n in ((target,) if isinstance(target, str) else target))
+    for what, n in (("train.seq_len", seq_len), ("train.loss_chunk", loss_chunk)):
+        if n and n % ways:
+            raise MeshError(f"sharding.sequence_parallel splits the sequence over {target}={ways}, but {what} "
+                            f"{n} is not divisible by {ways}")
 
 
 GRAD_REDUCE_DTYPES = ("float32", "bfloat16")
@@ -246,6 +291,38 @@ def constrain(x, axes: Sequence[str | None]):
     mesh, rules = ctx
     spec = fit_spec(logical_to_spec(axes, rules), x.shape, mesh)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def constrain_with_grad(x, axes: Sequence[str | None], grad_axes: Sequence[str | None]):
+    """`constrain(x, axes)`, and its cotangent pinned to `grad_axes` instead of `axes`.
+
+    For a layout change whose transpose must not mirror it: the input of a tensor-parallel
+    region is gathered along the sequence (`axes` whole), and its gradient, a partial sum over
+    the region's heads / mlp, leaves as a reduce-scatter into the split layout (`grad_axes`)
+    rather than an all-reduce into the gathered one. A no-op without an active context. Both
+    layouts are resolved here, at the call: the backward pass may be traced outside the
+    context (a shard_map's transpose), as `with_sharding_constraint`'s own transpose is."""
+    ctx = active()
+    if ctx is None:
+        return x
+    mesh, rules = ctx
+    return _pin(x, *(NamedSharding(mesh, fit_spec(logical_to_spec(a, rules), x.shape, mesh)) for a in (axes, grad_axes)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _pin(x, fwd: NamedSharding, bwd: NamedSharding):
+    return jax.lax.with_sharding_constraint(x, fwd)
+
+
+def _pin_fwd(x, fwd, bwd):
+    return _pin(x, fwd, bwd), None
+
+
+def _pin_bwd(fwd, bwd, _, g):
+    return (jax.lax.with_sharding_constraint(g, bwd),)
+
+
+_pin.defvjp(_pin_fwd, _pin_bwd)
 
 
 def sharding_for(axes, shape, mesh: Mesh, rules: dict) -> NamedSharding:

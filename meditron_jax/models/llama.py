@@ -21,7 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from meditron_jax.models import attention as attention_lib
 from meditron_jax.models.config import LlamaConfig
-from meditron_jax.distributed.sharding import constrain
+from meditron_jax.distributed.sharding import constrain, constrain_with_grad
 
 # Logical axes of every parameter (the closed vocabulary of the design notes).
 PARAM_AXES = {
@@ -43,6 +43,15 @@ LAYER_KEYS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 MASK_VALUE = -1e9  # padded-vocab logits; finite so softmax never sees NaN
 
+# The two layouts of a [B, T, D] activation (logical axes). RESIDUAL: the residual stream and
+# what runs on it between the tensor-parallel regions (the RMSNorms, the loss input).
+# REGION_INPUT: a normed activation entering a tensor-parallel region (the attention or MLP
+# projections, the output projection), whole along the sequence. They are the same layout unless
+# `sharding.sequence_parallel` splits `residual_length` over `tensor`; then entering a region
+# all-gathers the sequence and leaving it (the sum over heads / mlp) reduce-scatters it.
+RESIDUAL = ("batch", "residual_length", "embed")
+REGION_INPUT = ("batch", "length", "embed")
+
 
 def param_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     D, F, L, N, K, H, V = (cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads,
@@ -54,6 +63,19 @@ def param_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
         "input_layernorm": (L, D), "post_attention_layernorm": (L, D),
         "norm": (D,), "lm_head": (D, V),
     }
+
+
+def enter_region(h):
+    """A normed activation entering a tensor-parallel region: whole along the sequence (with
+    sequence parallelism, an all-gather), its gradient leaving as a reduce-scatter."""
+    return constrain_with_grad(h, REGION_INPUT, RESIDUAL)
+
+
+def leave_region(y):
+    """A tensor-parallel region's output (partial sums over heads / mlp), summed into the
+    residual layout (an all-reduce, or with sequence parallelism a reduce-scatter); its gradient
+    enters the region whole along the sequence (with sequence parallelism, an all-gather)."""
+    return constrain_with_grad(y, RESIDUAL, REGION_INPUT)
 
 
 def rms_norm(x, weight, eps, dtype):
@@ -104,7 +126,7 @@ def decoder_layer(cfg: LlamaConfig, p: dict, x, positions, segment_ids, cache=No
     Returns (x, new_cache_kv) where new_cache_kv is (k, v) or None.
     """
     dt = jnp.dtype(cfg.dtype)
-    h = rms_norm(x, p["input_layernorm"], cfg.rms_norm_eps, dt)
+    h = enter_region(rms_norm(x, p["input_layernorm"], cfg.rms_norm_eps, dt))
     q = checkpoint_name(jnp.einsum("btd,dnh->btnh", h, p["q_proj"].astype(dt)), "q_proj")
     k = checkpoint_name(jnp.einsum("btd,dkh->btkh", h, p["k_proj"].astype(dt)), "k_proj")
     v = checkpoint_name(jnp.einsum("btd,dkh->btkh", h, p["v_proj"].astype(dt)), "v_proj")
@@ -123,14 +145,14 @@ def decoder_layer(cfg: LlamaConfig, p: dict, x, positions, segment_ids, cache=No
         attn = attention_lib.attend(q, ck.astype(dt), cv.astype(dt), segment_ids, cache["segment"],
                                     impl=cfg.attention, q_slots=q_slots)
     attn = checkpoint_name(attn, "attention")
-    o = checkpoint_name(jnp.einsum("btnh,nhd->btd", attn, p["o_proj"].astype(dt)), "o_proj")
-    x = constrain(x + o, ("batch", "length", "embed"))
-    h = rms_norm(x, p["post_attention_layernorm"], cfg.rms_norm_eps, dt)
+    o = checkpoint_name(leave_region(jnp.einsum("btnh,nhd->btd", attn, p["o_proj"].astype(dt))), "o_proj")
+    x = constrain(x + o, RESIDUAL)
+    h = enter_region(rms_norm(x, p["post_attention_layernorm"], cfg.rms_norm_eps, dt))
     gate = checkpoint_name(jnp.einsum("btd,df->btf", h, p["gate_proj"].astype(dt)), "gate_proj")
     up = checkpoint_name(jnp.einsum("btd,df->btf", h, p["up_proj"].astype(dt)), "up_proj")
     act = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-    down = checkpoint_name(jnp.einsum("btf,fd->btd", act, p["down_proj"].astype(dt)), "down_proj")
-    x = constrain(x + down, ("batch", "length", "embed"))
+    down = checkpoint_name(leave_region(jnp.einsum("btf,fd->btd", act, p["down_proj"].astype(dt))), "down_proj")
+    x = constrain(x + down, RESIDUAL)
     return x, new_kv
 
 
@@ -175,7 +197,7 @@ def default_positions(tokens):
 def embed(cfg: LlamaConfig, table, tokens):
     """tokens [B,T] -> [B,T,D] in the compute dtype."""
     x = _lookup(jnp.dtype(cfg.dtype), table, tokens)
-    return constrain(x, ("batch", "length", "embed"))
+    return constrain(x, RESIDUAL)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -228,7 +250,7 @@ _project.defvjp(_project_fwd, _project_bwd)
 
 def lm_logits(cfg: LlamaConfig, lm_head, h, true_vocab: bool = True):
     """h [B,T,D] -> fp32 logits. true_vocab: sliced to cfg.vocab_size; else padded entries masked."""
-    out = _project(h, lm_head.astype(jnp.dtype(cfg.dtype)))
+    out = _project(enter_region(h), lm_head.astype(jnp.dtype(cfg.dtype)))
     out = constrain(out, ("batch", "length", "vocab"))
     if true_vocab:
         return out[..., : cfg.vocab_size]
@@ -249,7 +271,7 @@ def forward_hidden(cfg: LlamaConfig, params: dict, tokens, positions=None, segme
         segment_ids = jnp.ones_like(tokens, dtype=jnp.int32)
     x = embed(cfg, params["embed_tokens"], tokens)
     x = layers_fn(cfg, {k: params[k] for k in LAYER_KEYS}, x, positions, segment_ids)
-    return rms_norm(x, params["norm"], cfg.rms_norm_eps, jnp.dtype(cfg.dtype))
+    return constrain(rms_norm(x, params["norm"], cfg.rms_norm_eps, jnp.dtype(cfg.dtype)), RESIDUAL)
 
 
 class Llama(nnx.Module):

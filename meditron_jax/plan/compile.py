@@ -48,6 +48,7 @@ class Built:
     hbm_error: str | None
     pipeline: object = None  # pipeline.PipelineSettings of the run
     sync: object = None  # sharding.GradSync of the run (the gradient reduction's dtype, fsdp mode)
+    rules: dict | None = None  # the run's logical rules (sharding.logical_rules; sequence parallelism among them)
 
 
 def compile_step(gin_files, gin_params, devices: int | None = None, target: str = "cpu",
@@ -77,7 +78,7 @@ def compile_step(gin_files, gin_params, devices: int | None = None, target: str 
     tgt = targets.resolve(target, devices)
     run = read_run_config(num_devices=len(tgt.devices))
     cfg, tc, sizes = run.model, run.train, run.mesh_sizes
-    validate_shapes(tc, cfg, sizes, run.pipeline, run.sync)
+    validate_shapes(tc, cfg, sizes, run.pipeline, run.sync, run.rules)
     mesh = meshes.make_mesh(sizes, tgt.devices)
     dump_dir = tempfile.mkdtemp(prefix="meditron-plan-") if dump else None
     options = {"xla_dump_to": dump_dir, "xla_dump_hlo_as_text": True} if dump else None
@@ -112,7 +113,7 @@ def compile_step(gin_files, gin_params, devices: int | None = None, target: str 
                 raise UserError(f"compilation failed: {msg[:400]}") from None
         t2 = time.perf_counter()
     return Built(compiled, tgt, mesh, dict(sizes), step.state_in, cfg, tc, run.zero1, step.num_micro, t1 - t0,
-                 t2 - t1, dump_dir, "".join(box), hbm_error, run.pipeline, run.sync)
+                 t2 - t1, dump_dir, "".join(box), hbm_error, run.pipeline, run.sync, run.rules)
 
 
 def plan(gin_files, gin_params, devices: int | None = None, target: str = "cpu", explain: bool = False,

@@ -141,6 +141,7 @@ def collective_report(built, hlo_text: str, top: int = 12) -> dict:
     n_local = _data_replica_elements(built.state_in["params"], sizes)  # one data rank's parameters
     sync = built.sync
     red_b = np.dtype(sync.dtype if sync is not None else "float32").itemsize  # sharding.grad_reduce_dtype
+    sp = sequence_parallel(built)
 
     def split(r):
         """(parameter bytes, activation bytes) of one execution. With this project's rules
@@ -187,9 +188,9 @@ def collective_report(built, hlo_text: str, top: int = 12) -> dict:
         M = s.microbatches or 2 * S
         ticks = M * s.repeats + S - 1
         theory["pipeline_sends_over_stage"] = {
-            "wire_gib": 2 * ticks * (act / M) * A / GIB,
-            "formula": f"2 (fwd, bwd) x {ticks} ticks x one micro-batch activation [b/M, T, D] x {A} accumulation "
-                       "steps"}
+            "wire_gib": 2 * ticks * (act / M / (tp if sp else 1)) * A / GIB,
+            "formula": f"2 (fwd, bwd) x {ticks} ticks x one micro-batch activation [b/M, T, D]"
+                       + (f" split over tensor {tp} (sequence parallelism)" if sp else "") + f" x {A} accumulation steps"}
     if tp > 1:  # every stage runs its L/S layers at every tick, bubbles included
         L = cfg.num_layers // S
         runs, piece = (ticks, act / M) if S > 1 else (1, act)
@@ -197,8 +198,17 @@ def collective_report(built, hlo_text: str, top: int = 12) -> dict:
         theory["tensor_parallel_sums"] = {
             "wire_gib": per_layer * L * runs * A * 2 * (tp - 1) / tp * piece / GIB,
             "formula": f"{per_layer} all-reduces of [b, T, D] per layer (2 fwd, 2 bwd"
-                       + (", 2 recomputed under full remat" if per_layer == 6 else "") + f") x {L} layers"
+                       + (", 2 recomputed under full remat" if per_layer == 6 else "") + ")"
+                       + (" as reduce-scatter + all-gather pairs (sequence parallelism; the same bytes)" if sp else "")
+                       + f" x {L} layers"
                        + (f" x {ticks} ticks" if S > 1 else "") + f" x {A} accumulation steps"}
+        if sp and getattr(cfg, "remat", "none") in ("dots", "save_proj"):
+            theory["sequence_parallel_regathers"] = {
+                "wire_gib": 2 * L * runs * A * (tp - 1) / tp * piece / GIB,
+                "formula": "2 all-gathers of [b, T, D] per layer in the backward pass (the attention and MLP "
+                           "inputs: kept split over tensor, gathered again for the weight gradients; "
+                           f"remat {cfg.remat!r} does not save them) x {L} layers"
+                           + (f" x {ticks} ticks" if S > 1 else "") + f" x {A} accumulation steps"}
 
     measured = {
         "parameters_over_data_fsdp": sum(pb * ratio * r.trip_count_product for r, pb, ob, ratio in rows
@@ -283,6 +293,12 @@ def attention_report(hlo_text: str, seq_len: int) -> dict:
     return {"kernel_calls": calls, **found}
 
 
+def sequence_parallel(built) -> bool:
+    """Whether the planned step runs with sequence parallelism (`sharding.sequence_parallel`)."""
+    from meditron_jax.distributed import sharding
+    return sharding.sequence_parallel(built.rules or {})
+
+
 def _remat_warnings(log: str) -> dict:
     lines = [ln.strip() for ln in log.splitlines()]
     inv = [ln for ln in lines if "involuntary full rematerialization" in ln.lower()]
@@ -316,7 +332,7 @@ def report(built, explain: bool = False, top: int = 12) -> dict:
                    "topology": tgt.topology, "usable_gib": tgt.usable_bytes / GIB if tgt.usable_bytes else None,
                    "usable_note": tgt.usable_note},
         "model": {"preset": cfg.to_dict(), "params": n_params},
-        "mesh": sizes, "devices": len(tgt.devices), "zero1": built.zero1,
+        "mesh": sizes, "devices": len(tgt.devices), "zero1": built.zero1, "sequence_parallel": sequence_parallel(built),
         "batch": {"global": G, "micro": tc.micro_batch_size, "seq_len": T, "accumulation_steps": built.num_micro},
         "floor_gib_16_bytes_per_param": 16 * n_params / shard_ways / GIB,
         "model_flops_per_step": flops_per_token(cfg, T) * G * T,
@@ -382,7 +398,8 @@ def report(built, explain: bool = False, top: int = 12) -> dict:
 def print_report(report: dict, explain: bool):
     g, t, v = report["per_device_gib"], report["target"], report["verdict"]
     print(f"target {t['name']}: {report['devices']} x {t['device_kind']} ({t['topology']}); "
-          f"mesh {report['mesh']}; batch {report['batch']}")
+          f"mesh {report['mesh']}; batch {report['batch']}"
+          + ("; sequence parallel (residual stream split over tensor)" if report.get("sequence_parallel") else ""))
     print(f"per device: params {g['params']:.2f} GiB + optimizer {g['optimizer_state']:.2f} GiB + "
           f"temporaries {g['temporaries']:.2f} GiB = {g['total']:.2f} GiB "
           f"(floor 16 B/param / shards: {report['floor_gib_16_bytes_per_param']:.2f} GiB)")

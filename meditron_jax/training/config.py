@@ -107,14 +107,14 @@ def read_run_config(num_devices: int | None = None, resolve_init_from: bool = Tr
 
 def validate(run: RunConfig, workdir: Workdir):
     """Every user-caused inconsistency, before any compile or write. One line each."""
-    validate_shapes(run.train, run.model, run.mesh_sizes, run.pipeline, run.sync)
+    validate_shapes(run.train, run.model, run.mesh_sizes, run.pipeline, run.sync, run.rules)
     gin_call(lambda: meshes.check_placement(run.mesh_sizes))
     check_workdir(workdir)
 
 
-def validate_shapes(tc: TrainConfig, cfg: LlamaConfig, sizes: dict, ps, sync=None):
-    """Batch, mesh and model sizes agree (also used by `plan` and `config`). `sync`: the run's
-    `sharding.GradSync` (None: gin's, for callers without a RunConfig)."""
+def validate_shapes(tc: TrainConfig, cfg: LlamaConfig, sizes: dict, ps, sync=None, rules=None):
+    """Batch, mesh and model sizes agree (also used by `plan` and `config`). `sync`, `rules`: the
+    run's `sharding.GradSync` and logical rules (None: gin's, for callers without a RunConfig)."""
     if tc.steps < 1:
         raise UserError(f"train.steps must be >= 1, got {tc.steps}")
     accumulation_steps(tc, cfg, sizes, ps)
@@ -132,6 +132,7 @@ def validate_shapes(tc: TrainConfig, cfg: LlamaConfig, sizes: dict, ps, sync=Non
     if tc.loss_chunk and tc.seq_len % tc.loss_chunk:
         raise UserError(f"train.seq_len {tc.seq_len} is not divisible by train.loss_chunk {tc.loss_chunk}")
     (sync or gin_call(sharding.grad_sync)).check_mesh(sizes)
+    sharding.check_sequence_parallel(rules or gin_call(sharding.logical_rules)[0], sizes, tc.seq_len, tc.loss_chunk)
 
 
 def accumulation_steps(tc: TrainConfig, cfg: LlamaConfig, sizes: dict, ps) -> int:
@@ -201,7 +202,7 @@ def operative_config(gin_files, gin_params, search_path=(), devices: int | None 
     tc, cfg, sizes = run.train, run.model, run.mesh_sizes
     gin_call(data_config)
     gin_call(checkpoint.manager_options)
-    validate_shapes(tc, cfg, sizes, run.pipeline, run.sync)
+    validate_shapes(tc, cfg, sizes, run.pipeline, run.sync, run.rules)
 
     resolved = ["", "# Resolved (what the presets and -1s above become):",
                 "#   model: " + ", ".join(f"{k}={v!r}" for k, v in cfg.to_dict().items()),

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from meditron_jax.distributed import sharding
 from meditron_jax.models.config import LlamaConfig
-from meditron_jax.models.llama import decoder_layer, run_layers
+from meditron_jax.models.llama import RESIDUAL, decoder_layer, run_layers
 
 
 def fusable(cfg: LlamaConfig, layers_fn) -> bool:
@@ -58,14 +58,16 @@ def run_layers_into(cfg: LlamaConfig, layers: dict, acc: dict, x, positions, seg
 
 def _saved(h):
     """A kept layer input [B, T, D], split over `tensor` along T (Megatron's sequence-parallel
-    layout for what is saved): every tensor rank holds the same activation, so keeping a 1/tensor
-    slice each loses nothing; the backward pass all-gathers one layer's input before recomputing it."""
+    layout for what is saved, whether or not `sharding.sequence_parallel` splits the live residual
+    stream too): every tensor rank holds the same activation, so keeping a 1/tensor slice each
+    loses nothing; the backward pass all-gathers one layer's input before recomputing it (with
+    sequence parallelism the layer takes its input split, and the recomputation gathers it)."""
     act = sharding.active()
     if act is None:
         return h
     mesh, rules = act
     return jax.lax.with_sharding_constraint(
-        h, sharding.sharding_for(("batch", "length", "embed"), h.shape, mesh, {**rules, "length": "tensor"}))
+        h, sharding.sharding_for(RESIDUAL, h.shape, mesh, sharding.sequence_split(rules)))
 
 
 def _fwd(cfg, layers, acc, x, positions, segment_ids):
@@ -85,7 +87,7 @@ def _bwd(cfg, res, dy):
         p, h, l = xs
         _, vjp = jax.vjp(lambda p, h: _layer(cfg, p, h, positions, segment_ids), p, h)  # recompute
         dp, dh = vjp(dh)
-        dh = sharding.constrain(dh, ("batch", "length", "embed"))  # the carry's layout, as the forward's
+        dh = sharding.constrain(dh, RESIDUAL)  # the carry's layout, as the forward's
         acc = {k: jax.lax.dynamic_update_index_in_dim(
                    a, jax.lax.dynamic_index_in_dim(a, l, keepdims=False) + dp[k].astype(a.dtype), l, 0)
                for k, a in acc.items()}

@@ -47,7 +47,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from meditron_jax.config.checks import Range
 from meditron_jax.models.config import LlamaConfig
-from meditron_jax.models.llama import LAYER_KEYS, PARAM_AXES, run_layers
+from meditron_jax.models.llama import LAYER_KEYS, PARAM_AXES, RESIDUAL, run_layers
 from meditron_jax.distributed import sharding
 from meditron_jax.distributed import host_batch
 from meditron_jax.distributed.sharding import constrain
@@ -336,7 +336,7 @@ def _stage_program(cfg: LlamaConfig, S: int, M: int, R: int, stage_remat: bool, 
             r = jnp.clip(i // M, 0, R - 1)
             inp = jnp.where(first, loop[m], state)
             y = run_tick(chunks, pos_mb, seg_mb, inp, m, r)
-            y = constrain(y, ("batch", "length", "embed"))
+            y = constrain(y, RESIDUAL)
             recv = jax.lax.ppermute(y, "stage", ring)
             # On stage 0, `recv` is the last stage's output of flat index t - (S-1): file it
             # in its micro-batch slot (read again M ticks later, or the final output).
@@ -395,7 +395,7 @@ def pipeline_layers(cfg: LlamaConfig, layers: dict, x, positions, segment_ids, *
 
     dtype = x.dtype
     x_mb = _split_microbatches(x, M).astype(_boundary_dtype(dtype, mesh))
-    x_mb = constrain(x_mb, (None, "batch", "length", "embed"))
+    x_mb = constrain(x_mb, (None, *RESIDUAL))
     pos_mb = constrain(_split_microbatches(positions, M), (None, "batch", "length"))
     seg_mb = constrain(_split_microbatches(segment_ids, M), (None, "batch", "length"))
     layer_specs = jax.tree.map(lambda _: P("stage"), layers)
@@ -409,4 +409,4 @@ def pipeline_layers(cfg: LlamaConfig, layers: dict, x, positions, segment_ids, *
     run = jax.shard_map(_stage_program(cfg, S, M, repeats, stage_remat, dtype, dp_new), mesh=inner_mesh,
                         in_specs=(layer_specs, dspec, dspec, dspec), out_specs=dspec, axis_names=set(manual))
     out = run(layers, x_mb, pos_mb, seg_mb)
-    return constrain(_merge_microbatches(out), ("batch", "length", "embed"))
+    return constrain(_merge_microbatches(out), RESIDUAL)

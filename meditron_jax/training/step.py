@@ -25,7 +25,8 @@ from jax.sharding import PartitionSpec as P
 from meditron_jax.training import fused_accum
 from meditron_jax.distributed import sharding
 from meditron_jax.models.config import LlamaConfig
-from meditron_jax.models.llama import LAYER_KEYS, PARAM_AXES, forward_hidden, lm_logits, run_layers
+from meditron_jax.models.llama import (LAYER_KEYS, PARAM_AXES, REGION_INPUT, RESIDUAL, forward_hidden, lm_logits,
+                                       run_layers)
 from meditron_jax.distributed.sharding import constrain
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -59,9 +60,19 @@ def _reference_ce(cfg, lm_head, h, targets, mask):
 
 
 def _split_chunks(a, chunk):
-    """[B, T, ...] -> [T/chunk, B, chunk, ...] (the batch axis keeps its sharding)."""
+    """[B, T, ...] -> [T/chunk, B, chunk, ...]; chunk j holds positions j, j + n, j + 2n, ...
+    (n = T/chunk). Strided, so that a sequence split over `tensor` in contiguous blocks (sequence
+    parallelism) is split the same way inside every chunk and nothing moves; the loss is a sum
+    over positions, so their order inside a chunk does not matter. The batch axis keeps its
+    sharding."""
     n = a.shape[1] // chunk
-    return jnp.moveaxis(a.reshape(a.shape[0], n, chunk, *a.shape[2:]), 1, 0)
+    return jnp.moveaxis(a.reshape(a.shape[0], chunk, n, *a.shape[2:]), 2, 0)
+
+
+def _merge_chunks(a):
+    """Inverse of `_split_chunks`: [n, B, chunk, ...] -> [B, chunk * n, ...]."""
+    n, B, c = a.shape[:3]
+    return jnp.moveaxis(a, 0, 2).reshape(B, c * n, *a.shape[3:])
 
 
 def _chunk_loss(cfg, W, h, t, m):
@@ -97,17 +108,19 @@ def _fused_ce_fwd(cfg, chunk, lm_head, h, targets, mask):
 
     def body(dW, xs):
         hc, tc, mc = xs
+        hc = constrain(hc, REGION_INPUT)  # whole along the chunk (with sequence parallelism, a gather)
         loss, p, onehot = _chunk_loss(cfg, W, hc, tc, mc)
         mw = mc[..., None]
         dlogits = (p * mw - jnp.where(onehot, mw, 0.0)).astype(dt)  # [B,c,V] = m (softmax - onehot)
-        dh = jnp.einsum("bcv,dv->bcd", dlogits, W)  # in dt: its all-reduce over tensor moves dt
+        # in dt: its sum over the vocab-split `tensor` moves dt (into the residual layout: with
+        # sequence parallelism a reduce-scatter)
+        dh = constrain(jnp.einsum("bcv,dv->bcd", dlogits, W), RESIDUAL)
         dW = dW + jnp.einsum("bcd,bcv->dv", hc, dlogits, preferred_element_type=jnp.float32)
         return dW, (loss, dh)
 
     xs = (_split_chunks(h, chunk), _split_chunks(targets, chunk), _split_chunks(mask, chunk))
     dW, (losses, dh) = jax.lax.scan(body, jnp.zeros(lm_head.shape, jnp.float32), xs)
-    dh = jnp.moveaxis(dh, 0, 1).reshape(h.shape)
-    return jnp.sum(losses), (dW.astype(lm_head.dtype), dh)
+    return jnp.sum(losses), (dW.astype(lm_head.dtype), constrain(_merge_chunks(dh), RESIDUAL))
 
 
 def _fused_ce_bwd(cfg, chunk, res, g):
