@@ -14,8 +14,8 @@ repeats, such as a recomputed forward, is not counted).
 
 Usage (repository root, on the accelerator):  python bench/attention_kernels.py [--shapes 7b,70b]
     [--impls xla,blocked,auto,cudnn] [--steps 10] [--warmup 3] [--tiny]
---tiny: a CPU dry run of the script itself (small shapes; kernels in Pallas interpret mode;
-its numbers mean nothing).
+--tiny: a CPU dry run of the script itself (small shapes; 'auto' is the XLA path on CPU, so
+the default list adds both kernels by name, in Pallas interpret mode; its numbers mean nothing).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def main(argv=None):
     import jax.numpy as jnp
     dev = jax.devices()[0]
     impls = args.impls.split(",") if args.impls else ["xla", "blocked", "auto"] + (
-        ["cudnn"] if dev.platform == "gpu" else [])
+        ["cudnn"] if dev.platform == "gpu" else ["splash", "gpu_flash"] if dev.platform == "cpu" else [])
     table = TINY if args.tiny else SHAPES
     results = []
     for name in args.shapes.split(","):

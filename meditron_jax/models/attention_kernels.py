@@ -10,7 +10,7 @@ fallback to them (`attention.py`), shard_map and the logical rules (`distributed
 `distributed/sharding.py`).
 
 Why these two (measured on the target compilers from this CPU host, docs/benchmarks.md,
-"Attention kernels (issue 30)"):
+"Attention kernels on the target compilers (issue 30)"):
 - TPU: `jax.experimental.pallas.ops.tpu.splash_attention`, MaxText's and Levanter's kernel:
   a causal `MultiHeadMask` (its fully masked blocks are skipped) and `SegmentIds`, GQA natively
   (q [N,T,H] against k/v [K,S,H]).
