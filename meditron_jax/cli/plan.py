@@ -51,7 +51,7 @@ def add_arguments(p):
                         "optional microbatches, repeats) instead of enumerating")
     g.add_argument("--max_candidates", type=int, default=100, help="layouts to compile at most (default 100)")
     g.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                   help="compiles in parallel (processes; default 2)")
+                   help="compiles in parallel (processes; 0: in this process; default 2)")
     g.add_argument("--out", default="plan_search.jsonl", help="search rows, one JSON line each (default %(default)s)")
     g.add_argument("--exact_compile", action="store_true",
                    help="search with the compiler's default passes (slower; see docs/planning.md)")
@@ -82,7 +82,9 @@ def _network(args) -> dict:
 
 
 def _devices(args) -> int | None:
-    for name in ("devices", "nodes", "gpus_per_node", "slices", "max_candidates", "workers"):
+    if args.workers < 0:
+        raise UserError(f"--workers must be >= 0, got {args.workers}")
+    for name in ("devices", "nodes", "gpus_per_node", "slices", "max_candidates"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise UserError(f"--{name} must be >= 1, got {v}")
@@ -120,11 +122,11 @@ def _search(args, params, devices) -> int:
         raise UserError("--search needs --devices (or --nodes)")
     spec = search.Spec(list(args.gin_file), params, args.target, devices, args.gpus_per_node,
                        {k: v for k, v in _network(args).items() if k != "gpus_per_node"}, fast=not args.exact_compile)
-    run_cfg = search.base_run(spec)
     sp = search.has_gin_param("sharding.sequence_parallel")
     cands = layouts.read_candidates(args.candidates, sp) if args.candidates else None
+    run_cfg = search.base_run(spec)
     t0, load0 = time.time(), search.cpu_load()
-    chosen, notes = search.choose(spec, run_cfg, args.max_candidates, cands)
+    chosen, notes = search.choose(spec, run_cfg, args.max_candidates, cands, True if sp else None)
     base = search.own_layout(run_cfg, False if sp else None)
     header = {"target": args.target, "devices": devices, "gin_files": args.gin_file, "gin_params": params,
               "network": spec.network, "fast_compile": spec.fast, **notes}

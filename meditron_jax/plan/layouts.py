@@ -153,28 +153,29 @@ def _reason(why: str) -> str:
 
 def memory_floor(layout: Layout, cfg, seq_len: int, compute_bytes: int = 2) -> float:
     """Bytes per device a layout holds at least, whatever the compiler schedules: the fp32
-    parameters and Adam moments (12 B per parameter, over stage x tensor x fsdp, the moments
-    and, with ZeRO-1, the master also over data), the fp32 gradient accumulators, and what
-    the remat policy keeps for the backward pass of one micro-batch (full remat: each
-    layer's input, split over tensor; other policies: also the projections' outputs)."""
+    parameters and Adam moments (12 B per parameter, over stage x tensor x fsdp; with ZeRO-1
+    also over data), the fp32 gradient accumulators (4 B), and what the remat policy keeps for
+    the backward pass of one micro-batch per layer (of every pipeline micro-batch in flight):
+    full: the layer input (split over tensor); save_proj / dots: also the projection outputs;
+    none: also the norms, rope and activation outputs and, with XLA attention, the causal
+    half of the fp32 scores and bf16 probabilities."""
     t, s, f, d = layout.tensor, layout.stage, layout.fsdp, layout.data
     P = cfg.num_params()
     shard = t * s * f
     master = 4 * P / shard / (d if layout.zero1 else 1)
     moments = 8 * P / shard / (d if layout.zero1 else 1)
     grads = 4 * P / shard
-    tokens = layout.micro * seq_len
-    if s > 1:
-        tokens = tokens * layout.microbatches  # a pipeline keeps each micro-batch's tick inputs
-    D, F, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers // s
+    tokens = layout.micro * seq_len * (layout.microbatches if s > 1 else 1)
+    D, F = cfg.hidden_size, cfg.intermediate_size
     kv = 2 * cfg.num_kv_heads * cfg.head_dim
-    per_token = D / t
-    if layout.remat in ("save_proj", "dots"):
-        per_token += (2 * D + kv + 2 * F) / t
-    elif layout.remat == "none":
-        per_token += (4 * D + kv + 3 * F) / t
-    acts = L * tokens * per_token * compute_bytes
-    return master + moments + grads + acts
+    per_token = D / t * compute_bytes
+    if layout.remat != "full":
+        per_token += ((D + kv + 2 * F) / t + 2 * D) * compute_bytes
+    if layout.remat == "none":
+        per_token += ((D + kv / 2 + F) / t + 2 * D) * compute_bytes
+        if cfg.attention == "xla":
+            per_token += cfg.num_heads / t * seq_len * (4 + compute_bytes) / 2
+    return master + moments + grads + cfg.num_layers / s * tokens * per_token
 
 
 def axis_group(layout: Layout, axis: str) -> list[int]:

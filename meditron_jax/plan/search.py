@@ -79,15 +79,15 @@ def synthetic_system(spec: Spec):
     return hardware.system(spec.target, devs, **net) if spec.target.lower() != "cpu" else None
 
 
-def choose(spec: Spec, run, max_candidates: int, candidates: list | None, log=print) -> tuple[list, dict]:
+def choose(spec: Spec, run, max_candidates: int, candidates: list | None, sp: bool | None = None,
+           log=print) -> tuple[list, dict]:
     """The layouts to compile: `candidates` (checked), else every layout that survives
     divisibility and the memory floor, ordered by `layouts.quick_estimate` and cut at
     `max_candidates`; the configuration's own layout (and on one 8-GPU A100 node, the card's
-    DP2 x PP4) always included. Returns (layouts, notes)."""
+    DP2 x PP4) always included. `sp`: True where the build has `sharding.sequence_parallel`
+    (None: it has not). Returns (layouts, notes)."""
     from meditron_jax.plan import targets
     cfg, tc = run.model, run.train
-    sp = True if has_gin_param("sharding.sequence_parallel") else None
-    base_run(spec)  # has_gin_param cleared gin; the workers parse again anyway
     usable = targets.usable_bytes(spec.target)
     notes = {"sequence_parallel_in_build": sp is not None}
     if candidates is not None:
@@ -101,12 +101,13 @@ def choose(spec: Spec, run, max_candidates: int, candidates: list | None, log=pr
         return out, notes
     found, dropped = lay.enumerate_layouts(cfg, tc.global_batch_size, tc.seq_len, spec.devices,
                                            sequence_parallel=sp is not None)
-    over = [x for x in found if usable and lay.memory_floor(x, cfg, tc.seq_len) > usable]
-    keep = [x for x in found if x not in set(over)]
-    dropped["memory floor over the device"] = len(over)
+    keep = [x for x in found if not usable or lay.memory_floor(x, cfg, tc.seq_len) <= usable]
+    dropped["memory floor over the device"] = len(found) - len(keep)
     sysm = synthetic_system(spec)
     if sysm is not None:
-        keep.sort(key=lambda x: lay.quick_estimate(x, cfg, tc.global_batch_size, tc.seq_len, sysm))
+        est = {x: lay.quick_estimate(x, cfg, tc.global_batch_size, tc.seq_len, sysm) for x in keep}
+        keep.sort(key=est.get)
+        keep = _spread(keep)
     own = own_layout(run, False if sp else None)
     why = lay.check(own, cfg, tc.global_batch_size, tc.seq_len, spec.devices)
     forced = [own] if why is None else []
@@ -123,11 +124,26 @@ def choose(spec: Spec, run, max_candidates: int, candidates: list | None, log=pr
     return chosen, notes
 
 
+def _spread(ordered: list, per_family: int = 3) -> list:
+    """`ordered` with the first `per_family` of each (tensor, stage) mesh family moved to the
+    front (in order): a cut by the rough estimate keeps every family's best few."""
+    seen: dict = {}
+    head = []
+    for x in ordered:
+        k = (x.tensor, x.stage)
+        if seen.get(k, 0) < per_family:
+            seen[k] = seen.get(k, 0) + 1
+            head.append(x)
+    taken = set(head)
+    return head + [x for x in ordered if x not in taken]
+
+
 # ---- one layout, in a worker ---------------------------------------------------------------
 
 def _worker_init():
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the search; rows done stay
+    console.import_jax_quietly()
     from meditron_jax.plan import targets
     targets.compile_on_host()
     console.start_backends_quietly()
@@ -161,28 +177,35 @@ def _evaluate_star(args):
     spec, layout = args
     try:
         return evaluate(spec, layout)
+    except KeyboardInterrupt:
+        raise
     except Exception as e:  # noqa: BLE001 - one layout's failure is a row, not the end of the search
         return {"layout": layout.as_dict(), "label": layout.label(), "gin_params": layout.gin_params(),
                 "fits": False, "error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
 
 
 def run_search(spec: Spec, chosen: list, out_path: str, workers: int = 2, header: dict | None = None) -> tuple[list, bool]:
-    """Compile every layout of `chosen` in `workers` processes; append each row to `out_path`
-    (JSON lines, after a header line) as it finishes. Returns (rows, completed); Ctrl-C stops
-    the workers and returns the rows done so far."""
-    import multiprocessing as mp
+    """Compile every layout of `chosen` in `workers` processes (0: in this process); append each
+    row to `out_path` (JSON lines, after a header line) as it finishes. Returns (rows,
+    completed); Ctrl-C stops the workers and returns the rows done so far."""
     rows: list[dict] = []
     bar = None
     if console.progress_enabled():
         from tqdm import tqdm
         bar = tqdm(total=len(chosen), desc="compiling layouts", unit="layout", file=sys.stderr)
     t0 = time.time()
+    pool = None
     with open(out_path, "w") as fh:
-        fh.write(json.dumps({"search": header or {}}) + "\n")
+        fh.write(json.dumps({"search": header or {}}, default=str) + "\n")
         fh.flush()
-        pool = mp.get_context("spawn").Pool(max(1, workers), initializer=_worker_init)
         try:
-            for row in pool.imap_unordered(_evaluate_star, [(spec, c) for c in chosen]):
+            if workers > 0:
+                import multiprocessing as mp
+                pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init)
+                results = pool.imap_unordered(_evaluate_star, [(spec, c) for c in chosen])
+            else:
+                results = (_evaluate_star((spec, c)) for c in chosen)
+            for row in results:
                 rows.append(row)
                 fh.write(json.dumps(row, default=str) + "\n")
                 fh.flush()
@@ -192,14 +215,14 @@ def run_search(spec: Spec, chosen: list, out_path: str, workers: int = 2, header
                 else:
                     print(f"[{len(rows)}/{len(chosen)} {time.time() - t0:.0f} s] {row['label']}: {_short(row)}",
                           file=sys.stderr, flush=True)
-            pool.close()
             completed = True
         except KeyboardInterrupt:
-            pool.terminate()
             completed = False
             print(f"interrupted: {len(rows)} of {len(chosen)} layouts done, kept in {out_path}", file=sys.stderr)
         finally:
-            pool.join()
+            if pool is not None:
+                pool.terminate()
+                pool.join()
             if bar is not None:
                 bar.close()
     return rows, completed

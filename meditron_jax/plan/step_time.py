@@ -285,19 +285,23 @@ def predict(hlo, records, sysm: hardware.System, *, model_flops: float, tokens: 
     }
 
 
+def _dur(x: float) -> str:
+    return f"{x * 1e3:.2f} ms" if abs(x) < 1 else f"{x:.3f} s"
+
+
 def print_prediction(p: dict):
     b = p["breakdown_seconds"]
     s = p["step_seconds"]
 
     def pct(x):
-        return f"{x:.3f} s ({100 * x / s:.0f}%)" if s else f"{x:.3f} s"
-    print(f"predicted step: {s:.3f} s, {p['tokens_per_s_per_device']:,.0f} tokens/s per device, "
+        return f"{_dur(x)} ({100 * x / s:.0f}%)" if s else _dur(x)
+    print(f"predicted step: {_dur(s)}, {p['tokens_per_s_per_device']:,.0f} tokens/s per device, "
           f"MFU {100 * p['mfu']:.1f}% (dominated by {p['dominant']})")
-    print(f"  compute {pct(b['compute'])}: matmul {b['matmul']:.3f} s, attention kernels {b['attention_kernels']:.3f} s, "
-          f"memory-bound {b['memory_bound']:.3f} s, launches {b['kernel_launches']:.3f} s")
-    axes = ", ".join(f"{a} {v:.3f} s" for a, v in b["exposed_by_axes"].items() if v > 0) or "none"
+    print(f"  compute {pct(b['compute'])}: matmul {_dur(b['matmul'])}, attention kernels "
+          f"{_dur(b['attention_kernels'])}, memory-bound {_dur(b['memory_bound'])}, launches {_dur(b['kernel_launches'])}")
+    axes = ", ".join(f"{a} {_dur(v)}" for a, v in b["exposed_by_axes"].items() if v > 0) or "none"
     print(f"  exposed communication {pct(b['exposed_communication'])} ({axes}); hidden behind compute "
-          f"{b['hidden_communication']:.3f} s")
+          f"{_dur(b['hidden_communication'])}")
     print(f"  pipeline bubble {pct(b['bubble'])}")
     h = p["hardware"]
     print(f"  hardware: {h['chip']} {h['peak_bf16_tflops']:.0f} TFLOP/s bf16, HBM {h['hbm_gb_s']:.0f} GB/s; "
