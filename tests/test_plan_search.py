@@ -4,6 +4,7 @@ search of the tiny model on the H100 target."""
 
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 
@@ -32,8 +33,7 @@ def test_enumeration_every_layout_runs_and_the_cards_is_there():
     assert lay.check(lay.Layout(8, 1, 1, 1, 3, False, "full"), M7, 1600, 2048, 8).startswith("global batch")
     # ... and tensor 3 never appears (8 devices), stage 8 x repeats 8 does not divide 32 layers
     assert lay.check(lay.Layout(1, 1, 1, 8, 1, False, "full", 8, 8), M7, 1600, 2048, 8).startswith("stage 8")
-    assert lay.check(lay.Layout(1, 1, 8, 1, 1, True, "full"), M7, 1600, 2048, 8).startswith("ZeRO-1")
-    assert not any(x.zero1 and x.data == 1 for x in found)
+    assert not any(x.zero1 and x.data == 1 for x in found)  # ZeRO-1 splits over data: no twin without it
 
 
 def test_memory_floor_arithmetic_and_pruning():
@@ -73,6 +73,21 @@ def test_candidates_csv_json_and_bad_rows(tmp_path):
         bad.write_text(text)
         with pytest.raises(UserError, match=msg):
             lay.read_candidates(str(bad))
+
+
+def test_candidate_batches_and_rows_the_project_cannot_run(tmp_path):
+    f = tmp_path / "c.csv"
+    f.write_text("data,tensor,stage,fsdp,micro,zero1,remat,accumulation,global_batch\n"
+                 "8,1,1,1,2,true,full,4,\n1,8,1,1,1,false,full,,24\n1,1,3,8,1,0,full,,\n")
+    a, b, c = lay.read_candidates(str(f))
+    assert a.global_batch == 2 * 8 * 4 and "train.global_batch_size=64" in a.gin_params()
+    assert b.global_batch == 24
+    run = SimpleNamespace(model=M7, train=SimpleNamespace(global_batch_size=1600, seq_len=2048))
+    spec = search.Spec([TINY], [], "h100-80gb", 8)
+    chosen, notes = search.choose(spec, run, 100, [a, b, c], log=lambda *_: None)
+    assert chosen == [a, b]  # 24 sequences divide over micro 1 x data 1; stage 3 x fsdp 8 is not 8 devices
+    (bad,) = notes["invalid"]
+    assert bad["label"] == c.label() and bad["error"].startswith("cannot run: mesh has 24 devices")
 
 
 def test_bad_candidates_file_is_one_line_exit_2(tmp_path, capsys):

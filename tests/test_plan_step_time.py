@@ -12,6 +12,7 @@ import pytest
 from meditron_jax.plan import hardware, hlo_stats, step_time
 from meditron_jax.plan.hlo_cost import CostModel, attention_flops
 from meditron_jax.plan.hlo_text import parse
+from tests.test_plan_target import needs_libtpu
 
 # 4 devices, mesh (stage 2, tensor 2): logical id = 2 x stage + tensor; nodes of 2 GPUs, so the
 # tensor pairs {0,1} {2,3} stay on NVLink and the stage pairs {0,2} {1,3} cross the network.
@@ -221,3 +222,20 @@ def test_fusion_bytes_count_slices_and_in_place_updates():
     d = cm.cost(local["d"], local)
     assert d.kind == "matmul" and d.flops == 2.0 * 1024 ** 3 and d.dims == (1024, 1024, 1024)
     assert math.isclose(cm.cost(local["att"], local).flops, 2 * (2 * (2 * 2048 * 8 * 128) * 2048) * 0.5)
+
+
+@needs_libtpu
+def test_plan_predicts_on_a_tpu_target():
+    """`plan` on a TPU slice: the compiled step's matmuls are convolutions, counted; the
+    prediction's parts add up to the step and the ICI link carries the tensor axis."""
+    import os
+    from meditron_jax.plan.compile import plan
+    tiny = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.gin")
+    r = plan([tiny], ["mesh.data=2", "mesh.tensor=2", "train.global_batch_size=8", "train.micro_batch_size=2",
+                      "train.seq_len=64", "model.dtype='bfloat16'"], target="v5p-8")
+    p = r["step_time"]
+    b = p["breakdown_seconds"]
+    assert p["hlo_matmul_flops_per_device"] * 4 >= r["model_flops_per_step"]  # recompute only adds
+    assert b["compute"] + b["exposed_communication"] + b["bubble"] == pytest.approx(p["step_seconds"], rel=1e-6)
+    assert p["hardware"]["chip"] == "TPU v5p" and p["hardware"]["torus"] == "2x2x1"
+    assert 0 < p["mfu"] < 1

@@ -128,9 +128,10 @@ def _search(args, params, devices) -> int:
     t0, load0 = time.time(), search.cpu_load()
     chosen, notes = search.choose(spec, run_cfg, args.max_candidates, cands, True if sp else None)
     base = search.own_layout(run_cfg, False if sp else None)
+    invalid = notes.pop("invalid", [])
     header = {"target": args.target, "devices": devices, "gin_files": args.gin_file, "gin_params": params,
               "network": spec.network, "fast_compile": spec.fast, **notes}
-    rows, completed = search.run_search(spec, chosen, args.out, args.workers, header)
+    rows, completed = search.run_search(spec, chosen, args.out, args.workers, header, invalid)
     order = search.ranked(rows)
     wall = time.time() - t0
     if args.json:
@@ -142,6 +143,6 @@ def _search(args, params, devices) -> int:
         best = next((r for r in order if r.get("fits") and "step_seconds" in r), None)
         if best is not None:
             print("best layout, ready to run:\n  " + search.command(spec, best))
-        print(f"{len(rows)} of {len(chosen)} layouts in {wall:.0f} s with {args.workers} worker(s) "
+        print(f"{len(rows) - len(invalid)} of {len(chosen)} layouts compiled in {wall:.0f} s with {args.workers} worker(s) "
               f"({load0} at the start, {search.cpu_load()} at the end); rows in {args.out}")
     return 0 if any(r.get("fits") for r in rows) else 1

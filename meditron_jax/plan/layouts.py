@@ -22,7 +22,7 @@ from meditron_jax.errors import UserError
 
 REMATS = ("full", "save_proj", "dots", "none")
 FIELDS = ("data", "fsdp", "tensor", "stage", "micro", "zero1", "remat", "microbatches", "repeats",
-          "sequence_parallel")
+          "sequence_parallel", "global_batch", "accumulation")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +37,7 @@ class Layout:
     microbatches: int | None = None  # pipeline.microbatches (stage > 1)
     repeats: int = 1  # pipeline.repeats (stage > 1)
     sequence_parallel: bool | None = None  # None: the build has no sharding.sequence_parallel
+    global_batch: int | None = None  # train.global_batch_size of this layout (None: the gin's)
 
     @property
     def devices(self) -> int:
@@ -51,6 +52,8 @@ class Layout:
                     "pipeline.stage_remat=True"]
         if self.sequence_parallel is not None:
             out.append(f"sharding.sequence_parallel={self.sequence_parallel}")
+        if self.global_batch is not None:
+            out.append(f"train.global_batch_size={self.global_batch}")
         return out
 
     def label(self) -> str:
@@ -58,6 +61,7 @@ class Layout:
         if self.stage > 1:
             s += f" pp{self.stage}x{self.repeats} M{self.microbatches}"
         s += f" mb{self.micro} {'zero1 ' if self.zero1 else ''}{self.remat}"
+        s += f" gb{self.global_batch}" if self.global_batch is not None else ""
         return s + (" sp" if self.sequence_parallel else "")
 
     def as_dict(self) -> dict:
@@ -79,6 +83,7 @@ def _pow2_upto(n: int) -> list[int]:
 def check(layout: Layout, cfg, global_batch: int, seq_len: int, devices: int) -> str | None:
     """Why the project cannot run `layout` (None: it can), the checks `train` makes."""
     t, s = layout.tensor, layout.stage
+    global_batch = layout.global_batch or global_batch
     if layout.devices != devices:
         return f"mesh has {layout.devices} devices, not {devices}"
     if layout.remat not in REMATS:
@@ -101,8 +106,6 @@ def check(layout: Layout, cfg, global_batch: int, seq_len: int, devices: int) ->
         return "pipeline settings without stages"
     if global_batch % per_step:
         return f"global batch {global_batch} not divisible by micro x data-parallel x microbatches ({per_step})"
-    if layout.zero1 and layout.data == 1:
-        return "ZeRO-1 splits over data, and data is 1"
     return None
 
 
@@ -143,11 +146,10 @@ def enumerate_layouts(cfg, global_batch: int, seq_len: int, devices: int, *, rem
 
 
 def _reason(why: str) -> str:
-    for word in ("global batch", "tensor", "stage", "repeats", "ZeRO-1"):
+    for word in ("global batch", "tensor", "stage", "repeats"):
         if word in why:
             return {"global batch": "batch not divisible", "tensor": "tensor does not divide the model",
-                    "stage": "stages x repeats do not divide the layers", "repeats": "circular repeats need M >= S",
-                    "ZeRO-1": "ZeRO-1 without data"}[word]
+                    "stage": "stages x repeats do not divide the layers", "repeats": "circular repeats need M >= S"}[word]
     return why
 
 
@@ -221,7 +223,9 @@ def quick_estimate(layout: Layout, cfg, global_batch: int, seq_len: int, sysm) -
 def read_candidates(path: str, sequence_parallel: bool = False) -> list[Layout]:
     """Layouts from a CSV (a header row naming the columns) or JSON (a list of objects) file:
     data, tensor, stage, fsdp, micro, zero1, remat (required), microbatches, repeats,
-    sequence_parallel (optional). One line for a bad file."""
+    sequence_parallel, and the row's batch as global_batch or accumulation (gradient-accumulation
+    steps: global = micro x data x fsdp x microbatches x accumulation) (optional; default: the
+    gin's train.global_batch_size). One line for a bad file."""
     try:
         with open(path) as fh:
             text = fh.read()
@@ -253,10 +257,11 @@ def _layout_from_row(row, path: str, k: int, sequence_parallel: bool) -> Layout:
         raise UserError(f"--candidates {path} row {k}: unknown column(s) {', '.join(unknown)}; known: {', '.join(FIELDS)}")
     try:
         ints = {c: int(str(row[c]).strip()) for c in ("data", "fsdp", "tensor", "stage", "micro")}
-        M = int(row["microbatches"]) if str(row.get("microbatches", "")).strip() not in ("", "None") else None
-        R = int(row["repeats"]) if str(row.get("repeats", "")).strip() not in ("", "None") else 1
+        M, R, G, A = (_opt_int(row, c) for c in ("microbatches", "repeats", "global_batch", "accumulation"))
     except ValueError as e:
         raise UserError(f"--candidates {path} row {k}: {e}") from None
+    if G is not None and A is not None:
+        raise UserError(f"--candidates {path} row {k}: give global_batch or accumulation, not both")
     if min(ints.values()) < 1:
         raise UserError(f"--candidates {path} row {k}: sizes must be >= 1")
     z, sp = _bool(row["zero1"], path, k, "zero1"), None
@@ -269,8 +274,15 @@ def _layout_from_row(row, path: str, k: int, sequence_parallel: bool) -> Layout:
         M = 2 * ints["stage"]  # pipeline.microbatches' default
     if ints["stage"] == 1:
         M, R = None, 1
+    if A is not None:
+        G = ints["micro"] * ints["data"] * ints["fsdp"] * (M or 1) * A
     return Layout(ints["data"], ints["fsdp"], ints["tensor"], ints["stage"], ints["micro"], z,
-                  str(row["remat"]).strip().strip("'\""), M, R, sp)
+                  str(row["remat"]).strip().strip("'\""), M, R or 1, sp, G)
+
+
+def _opt_int(row: dict, name: str) -> int | None:
+    v = str(row.get(name, "")).strip()
+    return None if v in ("", "None", "none") else int(v)
 
 
 def _bool(v, path: str, k: int, name: str) -> bool:

@@ -91,13 +91,16 @@ def choose(spec: Spec, run, max_candidates: int, candidates: list | None, sp: bo
     usable = targets.usable_bytes(spec.target)
     notes = {"sequence_parallel_in_build": sp is not None}
     if candidates is not None:
+        notes.update(source="candidates file", invalid=[])
         out = []
-        for k, c in enumerate(candidates, 1):
+        for c in candidates:
             why = lay.check(c, cfg, tc.global_batch_size, tc.seq_len, spec.devices)
             if why:
-                raise UserError(f"--candidates row {k} ({c.label()}): {why}")
-            out.append(c)
-        notes["source"] = "candidates file"
+                notes["invalid"].append(dict(_row_head(c), fits=False, error=f"cannot run: {why}"))
+            else:
+                out.append(c)
+        log(f"layouts: {len(candidates)} candidates, {len(out)} to compile"
+            + (f", {len(notes['invalid'])} the project cannot run" if notes["invalid"] else ""))
         return out, notes
     found, dropped = lay.enumerate_layouts(cfg, tc.global_batch_size, tc.seq_len, spec.devices,
                                            sequence_parallel=sp is not None)
@@ -154,7 +157,7 @@ def evaluate(spec: Spec, layout: lay.Layout) -> dict:
     from meditron_jax.plan.compile import compile_step
     from meditron_jax.plan.report import per_device_memory
     from meditron_jax.plan import step_time
-    row = {"layout": layout.as_dict(), "label": layout.label(), "gin_params": layout.gin_params()}
+    row = _row_head(layout)
     t0 = time.perf_counter()
     try:
         built = compile_step(spec.gin_files, list(spec.gin_params) + layout.gin_params(), spec.devices, spec.target,
@@ -173,6 +176,10 @@ def evaluate(spec: Spec, layout: lay.Layout) -> dict:
     return row
 
 
+def _row_head(layout: lay.Layout) -> dict:
+    return {"layout": layout.as_dict(), "label": layout.label(), "gin_params": layout.gin_params()}
+
+
 def _evaluate_star(args):
     spec, layout = args
     try:
@@ -180,23 +187,26 @@ def _evaluate_star(args):
     except KeyboardInterrupt:
         raise
     except Exception as e:  # noqa: BLE001 - one layout's failure is a row, not the end of the search
-        return {"layout": layout.as_dict(), "label": layout.label(), "gin_params": layout.gin_params(),
-                "fits": False, "error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
+        return dict(_row_head(layout), fits=False, error=f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
 
 
-def run_search(spec: Spec, chosen: list, out_path: str, workers: int = 2, header: dict | None = None) -> tuple[list, bool]:
+def run_search(spec: Spec, chosen: list, out_path: str, workers: int = 2, header: dict | None = None,
+               done: list | None = None) -> tuple[list, bool]:
     """Compile every layout of `chosen` in `workers` processes (0: in this process); append each
-    row to `out_path` (JSON lines, after a header line) as it finishes. Returns (rows,
-    completed); Ctrl-C stops the workers and returns the rows done so far."""
-    rows: list[dict] = []
+    row to `out_path` (JSON lines, after a header line and the rows of `done`) as it finishes.
+    Returns (rows, completed); Ctrl-C stops the workers and returns the rows done so far."""
+    rows: list[dict] = list(done or [])
     bar = None
     if console.progress_enabled():
         from tqdm import tqdm
         bar = tqdm(total=len(chosen), desc="compiling layouts", unit="layout", file=sys.stderr)
     t0 = time.time()
     pool = None
+    restore = _interruptible()
     with open(out_path, "w") as fh:
         fh.write(json.dumps({"search": header or {}}, default=str) + "\n")
+        for row in rows:
+            fh.write(json.dumps(row, default=str) + "\n")
         fh.flush()
         try:
             if workers > 0:
@@ -213,7 +223,7 @@ def run_search(spec: Spec, chosen: list, out_path: str, workers: int = 2, header
                     bar.update(1)
                     bar.set_postfix_str(_short(row))
                 else:
-                    print(f"[{len(rows)}/{len(chosen)} {time.time() - t0:.0f} s] {row['label']}: {_short(row)}",
+                    print(f"[{len(rows)}/{len(chosen) + len(done or [])} {time.time() - t0:.0f} s] {row['label']}: {_short(row)}",
                           file=sys.stderr, flush=True)
             completed = True
         except KeyboardInterrupt:
@@ -225,7 +235,22 @@ def run_search(spec: Spec, chosen: list, out_path: str, workers: int = 2, header
                 pool.join()
             if bar is not None:
                 bar.close()
+            restore()
     return rows, completed
+
+
+def _interruptible():
+    """Ctrl-C (SIGINT, even where a shell started the search with it ignored) and SIGTERM stop
+    the search as KeyboardInterrupt, so the rows done are kept and ranked. Returns the undo."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: leave the handlers alone
+        return lambda: None
+    return lambda: [signal.signal(s, h) for s, h in old.items()]
 
 
 def _short(row: dict) -> str:
