@@ -78,16 +78,18 @@ def test_candidates_csv_json_and_bad_rows(tmp_path):
 def test_candidate_batches_and_rows_the_project_cannot_run(tmp_path):
     f = tmp_path / "c.csv"
     f.write_text("data,tensor,stage,fsdp,micro,zero1,remat,accumulation,global_batch\n"
-                 "8,1,1,1,2,true,full,4,\n1,8,1,1,1,false,full,,24\n1,1,3,8,1,0,full,,\n")
-    a, b, c = lay.read_candidates(str(f))
-    assert a.global_batch == 2 * 8 * 4 and "train.global_batch_size=64" in a.gin_params()
+                 "4,1,1,2,2,true,full,4,\n1,8,1,1,1,false,full,,24\n1,1,3,8,1,0,full,,\n8,1,1,1,1,0,full,,20\n")
+    a, b, c, d = lay.read_candidates(str(f))
+    assert a.global_batch == 2 * 4 * 2 * 4 and "train.global_batch_size=64" in a.gin_params()
     assert b.global_batch == 24
     run = SimpleNamespace(model=M7, train=SimpleNamespace(global_batch_size=1600, seq_len=2048))
     spec = search.Spec([TINY], [], "h100-80gb", 8)
-    chosen, notes = search.choose(spec, run, 100, [a, b, c], log=lambda *_: None)
+    chosen, notes = search.choose(spec, run, 100, [a, b, c, d], log=lambda *_: None)
     assert chosen == [a, b]  # 24 sequences divide over micro 1 x data 1; stage 3 x fsdp 8 is not 8 devices
-    (bad,) = notes["invalid"]
-    assert bad["label"] == c.label() and bad["error"].startswith("cannot run: mesh has 24 devices")
+    bad_c, bad_d = notes["invalid"]
+    assert bad_c["label"] == c.label() and bad_c["error"].startswith("cannot run: mesh has 24 devices")
+    # the row's own batch is checked, not the gin's (1600 would divide over data 8)
+    assert bad_d["error"].startswith("cannot run: global batch 20 not divisible")
 
 
 def test_bad_candidates_file_is_one_line_exit_2(tmp_path, capsys):
