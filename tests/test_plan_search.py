@@ -52,6 +52,19 @@ def test_memory_floor_arithmetic_and_pruning():
     assert lay.memory_floor(dp8, M7, 2048) > 59.4 * GIB > lay.memory_floor(fsdp, M7, 2048)
 
 
+def test_rough_estimate_charges_fsdp_gathers_over_a_thin_network():
+    """The rough cut's FSDP term: every device moves (f - 1) / f of a stage's weights per gather,
+    not 1 / f of that. Compiled on the A100 target (docs/planning.md), meditron_70b on 128 GPUs of
+    the card's nodes (one 200 Gb/s card per node) as FSDP 64 x TP 2 exposes 146 s of fsdp
+    gathers per step; its gin's TP 8 x PP 8 x DP 2 keeps them inside the node."""
+    m70 = PRESETS["meditron_70b"]
+    sysm = search.synthetic_system(search.Spec([TINY], [], "a100-80gb", 128, network={"system_name": "meditron"}))
+    fsdp = lay.Layout(1, 64, 2, 1, 1, False, "dots")
+    card = lay.Layout(2, 1, 8, 8, 2, True, "full", 16, 5)
+    est = {x: lay.quick_estimate(x, m70, 512, 4096, sysm) for x in (fsdp, card)}
+    assert est[fsdp] > 100 and est[fsdp] > 2 * est[card]
+
+
 def test_candidates_csv_json_and_bad_rows(tmp_path):
     csv = tmp_path / "c.csv"
     csv.write_text("data,tensor,stage,fsdp,micro,zero1,remat,microbatches,repeats\n"

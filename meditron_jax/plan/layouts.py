@@ -209,8 +209,9 @@ def quick_estimate(layout: Layout, cfg, global_batch: int, seq_len: int, sysm) -
     if t > 1:  # 4 (6 under full remat) activation all-reduces per layer per micro-batch
         act = rows * cfg.hidden_size * 2
         comm += (6 if layout.remat == "full" else 4) * cfg.num_layers / s * accum * 2 * (t - 1) / t * act / bw("tensor")
-    if f > 1:  # every layer's weights gathered (forward, recompute, backward) and scattered per micro-batch
-        comm += 4 * accum * (f - 1) / f * 4 * P / (t * s * f) / bw("fsdp") * 0.5
+    if f > 1:  # a stage's weights (bf16) gathered (forward, recompute, backward) and their gradients
+        # scattered, per micro-batch: each device moves (f - 1) / f of them, however large f is
+        comm += 4 * accum * (f - 1) / f * 2 * P / (t * s) / bw("fsdp")
     if d > 1:  # one fp32 gradient reduction per step
         comm += 2 * (d - 1) / d * 4 * P / (t * s * f) / bw("data")
     bubble = 0.0
