@@ -51,12 +51,22 @@ class Built:
     rules: dict | None = None  # the run's logical rules (sharding.logical_rules; sequence parallelism among them)
 
 
+# XLA passes a planning compile may leave out (`fast=True`): the GPU compiler's Triton softmax
+# rewriter, whose tiling search (`PriorityFusion::CanFuseTriton`) took ~75% of a 7B step's
+# compile CPU time here; without it the step compiles ~4x faster and its normalisations and
+# softmaxes stay plain XLA fusions (the model then predicts ~4.5% slower steps: docs/planning.md).
+FAST_COMPILE = {"xla_disable_hlo_passes": "triton-softmax-rewriter"}
+
+
 def compile_step(gin_files, gin_params, devices: int | None = None, target: str = "cpu",
-                 dump: bool = False) -> Built:
+                 dump: bool = False, per_host: int | None = None, fast: bool = False) -> Built:
     """Lower and compile the configured train step for `target` (abstract inputs only).
 
     dump: keep XLA's dump (after-optimizations HLO and buffer assignment) in a temporary
-    directory (`Built.dump_dir`; the caller removes it)."""
+    directory (`Built.dump_dir`; the caller removes it). per_host: GPUs per host of a GPU
+    target. fast: compile with `FAST_COMPILE` (GPU targets; `plan --search`).
+    `train.init_from` / `data.tokenizer` left required by the gin files are not needed
+    (`parse_for_plan`)."""
     from meditron_jax import console
     from meditron_jax.plan import targets
 
@@ -68,20 +78,21 @@ def compile_step(gin_files, gin_params, devices: int | None = None, target: str 
 
     from meditron_jax.distributed import sharding
     from meditron_jax.distributed import meshes
-    from meditron_jax.training.config import parse_gin
     from meditron_jax.errors import UserError
     from meditron_jax.training.config import read_run_config, validate_shapes
     from meditron_jax.training import profiling
     from meditron_jax.training.state import build_step
 
-    parse_gin(list(gin_files), list(gin_params))
-    tgt = targets.resolve(target, devices)
+    parse_for_plan(gin_files, gin_params)
+    tgt = targets.resolve(target, devices, per_host)
     run = read_run_config(num_devices=len(tgt.devices))
     cfg, tc, sizes = run.model, run.train, run.mesh_sizes
     validate_shapes(tc, cfg, sizes, run.pipeline, run.sync, run.rules)
     mesh = meshes.make_mesh(sizes, tgt.devices)
     dump_dir = tempfile.mkdtemp(prefix="meditron-plan-") if dump else None
-    options = {"xla_dump_to": dump_dir, "xla_dump_hlo_as_text": True} if dump else None
+    options = {"xla_dump_to": dump_dir, "xla_dump_hlo_as_text": True} if dump else {}
+    if fast and tgt.platform == "gpu":
+        options.update(FAST_COMPILE)
     box: list[str] = []
     hbm_error = None
     compiled = None
@@ -116,14 +127,47 @@ def compile_step(gin_files, gin_params, devices: int | None = None, target: str 
                  t2 - t1, dump_dir, "".join(box), hbm_error, run.pipeline, run.sync, run.rules)
 
 
+# Values a gin file may leave `%gin.REQUIRED` that a plan does not read: it plans a fresh model
+# (the architecture is then gin's `model.*`) and reads no tokenizer.
+NOT_READ_BY_PLAN = ("train.init_from", "data.tokenizer")
+
+
+def parse_for_plan(gin_files, gin_params) -> list[str]:
+    """`training.config.parse_gin`, with each of `NOT_READ_BY_PLAN` that the files leave required
+    bound to None. Returns the bindings used."""
+    from meditron_jax.errors import UserError
+    from meditron_jax.training.config import parse_gin
+
+    params = list(gin_params)
+    for _ in range(len(NOT_READ_BY_PLAN) + 1):
+        try:
+            parse_gin(list(gin_files), params)
+            return params
+        except UserError as e:
+            missing = [k for k in NOT_READ_BY_PLAN if f"{k} set to `%gin.REQUIRED`" in str(e)]
+            if not missing:
+                raise
+            params.append(f"{missing[0]}=None")
+    raise UserError("gin: required values left unset")
+
+
 def plan(gin_files, gin_params, devices: int | None = None, target: str = "cpu", explain: bool = False,
-         top: int = 12) -> dict:
+         top: int = 12, network: dict | None = None) -> dict:
+    """Compile + `report` + the predicted step time (`step_time.predict_built`, GPU and TPU
+    targets; `network`: `hardware.system`'s keyword arguments from the command line)."""
     import shutil
 
+    from meditron_jax.plan import step_time
+
+    network = dict(network or {})
     tgt_is_accel = target.lower() != "cpu"
-    built = compile_step(gin_files, gin_params, devices, target, dump=explain or tgt_is_accel)
+    built = compile_step(gin_files, gin_params, devices, target, dump=explain or tgt_is_accel,
+                         per_host=network.get("gpus_per_node"))
     try:
-        return report(built, explain, top)
+        out = report(built, explain, top)
+        if built.compiled is not None and tgt_is_accel:
+            out["step_time"] = step_time.predict_built(built, built.compiled.as_text(), network)
+        return out
     finally:
         if built.dump_dir:
             shutil.rmtree(built.dump_dir, ignore_errors=True)

@@ -452,3 +452,23 @@ def print_report(report: dict, explain: bool):
         print("largest temporary buffers per device:")
         for b in report["largest_buffers"]:
             print(f"  {b['gib']:8.3f} GiB {b['kind']:<9} {b['shape']:<40} {b['op'] or ''} {b['source'] or ''}")
+
+
+# ---- per-device memory of a compiled step, without the rest of the report (plan --search) ----
+
+def per_device_memory(built) -> dict:
+    """{params, optimizer_state, temporaries, total} GiB per device and the verdict, as
+    `report` computes them (the compiler's temporaries; its own numbers when it refused)."""
+    params_b = _per_device_bytes(built.state_in["params"])
+    opt_b = _per_device_bytes(built.state_in["opt_state"])
+    if built.compiled is None:
+        temp_b = int(_hbm_numbers(built.hbm_error).get("temporaries_gib", 0) * GIB)
+    else:
+        mem = built.compiled.memory_analysis()
+        temp_b = int(getattr(mem, "temp_size_in_bytes", 0) or 0) if mem is not None else 0
+    total = (params_b + opt_b + temp_b) / GIB
+    v = verdict(total, built.target.usable_bytes)
+    if built.compiled is None:
+        v = dict(v, fits=False, text="over the device memory (the compiler refused the step)")
+    return {"params": params_b / GIB, "optimizer_state": opt_b / GIB, "temporaries": temp_b / GIB, "total": total,
+            "verdict": v}

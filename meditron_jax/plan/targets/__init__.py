@@ -120,13 +120,14 @@ def _require(dists: list[str], what: str):
             raise UserError(f"{what} needs {d}=={want} to match jaxlib {jaxlib}, found {v}: {EXTRA}")
 
 
-def _gpu(name: str, devices: int | None) -> Target:
+def _gpu(name: str, devices: int | None, per_host: int | None = None) -> Target:
     _require(["jax-cuda12-plugin", "jax-cuda12-pjrt"], f"--target {name}")
-    n = GPUS_PER_HOST if devices is None else devices
-    if n < 1 or (n > GPUS_PER_HOST and n % GPUS_PER_HOST):
-        raise UserError(f"--devices {n}: {name} hosts have {GPUS_PER_HOST} GPUs each, so the device count must be "
-                        f"at most {GPUS_PER_HOST} or a multiple of {GPUS_PER_HOST}")
-    hosts, per_host = (1, n) if n <= GPUS_PER_HOST else (n // GPUS_PER_HOST, GPUS_PER_HOST)
+    g = per_host or GPUS_PER_HOST
+    n = g if devices is None else devices
+    if g < 1 or n < 1 or (n > g and n % g):
+        raise UserError(f"--devices {n}: {name} hosts have {g} GPUs each, so the device count must be "
+                        f"at most {g} or a multiple of {g}")
+    hosts, per_host = (1, n) if n <= g else (n // g, g)
     topology = f"1x{hosts}x{per_host}"
     path = os.path.join(os.path.dirname(__file__), GPU_TARGETS[name])
     with open(path) as f:
@@ -178,8 +179,9 @@ def _tpu(name: str, family: str, count: int | None, devices: int | None) -> Targ
                   f"{fam.hbm_limit_gib} GiB HBM per device as its compiler enforces it", topology)
 
 
-def resolve(name: str, devices: int | None) -> Target:
-    """The target's compile-only devices (CPU: the host's simulated devices)."""
+def resolve(name: str, devices: int | None, per_host: int | None = None) -> Target:
+    """The target's compile-only devices (CPU: the host's simulated devices). `per_host`: GPUs
+    per host (node) of a GPU target (default 8); the compile lays the mesh out on those hosts."""
     key = name.lower()
     if key == "cpu":
         import jax
@@ -189,7 +191,7 @@ def resolve(name: str, devices: int | None) -> Target:
         devs = jax.devices()[:n]
         return Target("cpu", "cpu", devs, devs[0].device_kind, None, "XLA:CPU has no device memory limit", f"{n}")
     if key in GPU_TARGETS:
-        return _gpu(key, devices)
+        return _gpu(key, devices, per_host)
     m = re.fullmatch(r"(v4|v5p|v5e|v6e)(?:-(\d+))?", key)
     if m:
         return _tpu(key, m.group(1), int(m.group(2)) if m.group(2) else None, devices)
@@ -218,3 +220,21 @@ def compile_on_host():
     import jax
     if not jax.config.jax_platforms:
         jax.config.update("jax_platforms", "cpu")
+
+
+def usable_bytes(name: str) -> int | None:
+    """What a plan compares a device's memory against, without building the target's devices
+    (`plan --search` prunes with it before compiling): as `resolve` computes it."""
+    key = name.lower()
+    if key in GPU_TARGETS:
+        with open(os.path.join(os.path.dirname(__file__), GPU_TARGETS[key])) as f:
+            memory = int(re.search(r"device_memory_size:\s*(\d+)", f.read()).group(1))
+        env = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
+        try:
+            return int(memory * (float(env) if env else DEFAULT_GPU_MEM_FRACTION))
+        except ValueError:
+            raise UserError(f"XLA_PYTHON_CLIENT_MEM_FRACTION={env!r} is not a number") from None
+    m = re.fullmatch(r"(v4|v5p|v5e|v6e)(?:-\d+)?", key)
+    if m:
+        return int(TPU_FAMILIES[m.group(1)].hbm_limit_gib * GIB)
+    return None
