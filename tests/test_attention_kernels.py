@@ -216,7 +216,7 @@ def test_auto_compiles_to_the_kernel_inside_the_pipeline(target, plugin, kernel)
         pytest.skip("plan extra not installed")
     from meditron_jax.models.llama import LAYER_KEYS, PARAM_AXES, param_shapes
     from meditron_jax.plan import targets
-    from meditron_jax.plan.report import attention_report
+    from meditron_jax.plan.hlo_stats import attention_report
     from meditron_jax.training.pipeline import pipeline_layers
     targets.compile_on_host()
     cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import re
 import tempfile
 import time
 
-from meditron_jax.plan.report import print_report, report
+from meditron_jax.plan.report import report
 
 
 @dataclasses.dataclass

@@ -1,7 +1,8 @@
-"""Collectives and matmul FLOPs per step of a compiled (after-optimizations) HLO module.
+"""Collectives, matmul FLOPs and the attention kernels of a compiled (after-optimizations) HLO module.
 
 Owns: the collective records (kind, groups, mesh axes), their per-device byte accounting and
-dot FLOPs, each weighted by how often its computation runs per step. Does not own: reading
+dot FLOPs, each weighted by how often its computation runs per step, and what the step does for
+attention (`attention_report`: kernel custom calls, the largest T x S array). Does not own: reading
 the HLO text and the loop trip counts (hlo_text.py, whose names are importable from here too),
 compiling (compile.py), or what the parallelism should cost in theory (report.py compares).
 
@@ -222,3 +223,43 @@ def dot_flops(hlo) -> tuple[float, int]:
             total += 2.0 * math.prod(out[0][1]) * k * count
             n += 1
     return total, n
+
+
+# Custom-call targets of attention kernels: Pallas on TPU (Mosaic) and GPU (Triton), cuDNN.
+ATTENTION_CALLS = ("tpu_custom_call", "__gpu$xla.gpu.triton", "__cudnn$fmha")
+
+
+def attention_report(hlo_text: str, seq_len: int) -> dict:
+    """What the compiled step does for attention, per device: the kernels it calls (custom-call
+    target and kernel name, with how many call sites), the largest array with two dimensions of
+    the sequence length (a T x S score, mask or bias buffer; None when there is none) and the
+    largest array produced by the attention code (models/attention*.py) or a kernel call."""
+    mod = parse(hlo_text)
+    calls: dict[str, int] = {}
+    found: dict[str, dict | None] = {"largest_seq_by_seq_array": None, "largest_attention_value": None}
+
+    def keep(key, ins, dt, dims, size, src):
+        if found[key] is None or size > found[key]["bytes"]:
+            found[key] = {"bytes": size, "shape": f"{dt}[{','.join(map(str, dims))}]", "op": ins.opcode,
+                          "source": src}
+
+    for instrs in mod.computations.values():
+        for ins in instrs:
+            target = ins.metadata("custom_call_target") or "" if ins.opcode == "custom-call" else ""
+            if target.startswith(ATTENTION_CALLS):
+                # Mosaic names the call after its kernel; a Triton call is "pallas_call.N", its kernel
+                # the innermost name in the op_name path's last part ("transpose(jvp(mha_backward))")
+                path = [p for p in (ins.metadata("op_name") or "").split("/") if p and p != "pallas_call"]
+                kernel = (re.findall(r"\w+", path[-1])[-1] if "pallas_call" in ins.name and path
+                          else ins.name.rsplit(".", 1)[0])
+                key = target if target.startswith("__cudnn") else f"{target} {kernel}"
+                calls[key] = calls.get(key, 0) + 1
+            for dt, dims in shapes(ins.shape):
+                size = nbytes([(dt, dims)])
+                if sum(d == seq_len for d in dims) >= 2:
+                    keep("largest_seq_by_seq_array", ins, dt, dims, size, mod.source(ins))
+                best = found["largest_attention_value"]
+                if size and (best is None or size > best["bytes"]) and (
+                        target.startswith(ATTENTION_CALLS) or "models/attention" in (mod.source(ins) or "")):
+                    keep("largest_attention_value", ins, dt, dims, size, mod.source(ins))
+    return {"kernel_calls": calls, **found}

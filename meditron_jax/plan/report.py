@@ -252,47 +252,6 @@ def collective_report(built, hlo_text: str, top: int = 12) -> dict:
             "note": "per device per step; wire bytes are what each device sends under ring algorithms"}
 
 
-# Custom-call targets of attention kernels: Pallas on TPU (Mosaic) and GPU (Triton), cuDNN.
-ATTENTION_CALLS = ("tpu_custom_call", "__gpu$xla.gpu.triton", "__cudnn$fmha")
-
-
-def attention_report(hlo_text: str, seq_len: int) -> dict:
-    """What the compiled step does for attention, per device: the kernels it calls (custom-call
-    target and kernel name, with how many call sites), the largest array with two dimensions of
-    the sequence length (a T x S score, mask or bias buffer; None when there is none) and the
-    largest array produced by the attention code (models/attention*.py) or a kernel call."""
-    from meditron_jax.plan import hlo_stats
-    mod = hlo_stats.parse(hlo_text)
-    calls: dict[str, int] = {}
-    found: dict[str, dict | None] = {"largest_seq_by_seq_array": None, "largest_attention_value": None}
-
-    def keep(key, ins, dt, dims, size, src):
-        if found[key] is None or size > found[key]["bytes"]:
-            found[key] = {"bytes": size, "shape": f"{dt}[{','.join(map(str, dims))}]", "op": ins.opcode,
-                          "source": src}
-
-    for instrs in mod.computations.values():
-        for ins in instrs:
-            target = ins.metadata("custom_call_target") or "" if ins.opcode == "custom-call" else ""
-            if target.startswith(ATTENTION_CALLS):
-                # Mosaic names the call after its kernel; a Triton call is "pallas_call.N", its kernel
-                # the innermost name in the op_name path's last part ("transpose(jvp(mha_backward))")
-                path = [p for p in (ins.metadata("op_name") or "").split("/") if p and p != "pallas_call"]
-                kernel = (re.findall(r"\w+", path[-1])[-1] if "pallas_call" in ins.name and path
-                          else ins.name.rsplit(".", 1)[0])
-                key = target if target.startswith("__cudnn") else f"{target} {kernel}"
-                calls[key] = calls.get(key, 0) + 1
-            for dt, dims in hlo_stats.shapes(ins.shape):
-                size = hlo_stats.nbytes([(dt, dims)])
-                if sum(d == seq_len for d in dims) >= 2:
-                    keep("largest_seq_by_seq_array", ins, dt, dims, size, mod.source(ins))
-                best = found["largest_attention_value"]
-                if size and (best is None or size > best["bytes"]) and (
-                        target.startswith(ATTENTION_CALLS) or "models/attention" in (mod.source(ins) or "")):
-                    keep("largest_attention_value", ins, dt, dims, size, mod.source(ins))
-    return {"kernel_calls": calls, **found}
-
-
 def sequence_parallel(built) -> bool:
     """Whether the planned step runs with sequence parallelism (`sharding.sequence_parallel`)."""
     from meditron_jax.distributed import sharding
@@ -389,7 +348,7 @@ def report(built, explain: bool = False, top: int = 12) -> dict:
             "note": "XLA counts are per device x devices; hlo_dots counts dot/gemm ops weighted by loop trip "
                     "counts (attention custom calls and convolutions excluded)"}
         report["collectives"] = collective_report(built, hlo_text, top)
-        report["attention"] = attention_report(hlo_text, T)
+        report["attention"] = hlo_stats.attention_report(hlo_text, T)
     if built.dump_dir and (explain or built.compiled is None):
         report["largest_buffers"] = largest_buffers(built.dump_dir, hlo_text, top)
     return report
