@@ -171,7 +171,8 @@ def tiny_run(tmp_path_factory, demo_shards) -> TinyRun:
     assert [t[0] for t in traj] == list(range(1, TINY_RUN_STEPS + 1))
     assert all(t[4] == 0 and math.isfinite(t[1]) for t in traj)  # nothing skipped, no NaN
     from meditron_jax.storage import checkpoint as ckpt
-    assert ckpt.complete_steps(ckpt.checkpoint_dir(str(w))) == [10, 15, 16]
+    from meditron_jax.storage.workdir import Workdir
+    assert ckpt.complete_steps(Workdir(str(w)).checkpoints) == [10, 15, 16]
     return TinyRun(w, traj, r.stderr)
 
 
