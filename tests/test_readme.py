@@ -19,7 +19,8 @@ substitutions make them run here, in a temporary directory that stands for the c
 - `configs/meditron_7b.gin` is that file with the recipe's scale lines swapped for toy ones:
   mesh `single`, seq 64, micro batch 1, global batch 8, 3 steps; `model.preset` becomes
   `model.vocab_size = 1041` (1024 + Meditron's 17 added tokens, as 32000 + 17 = 32017), since
-  the architecture comes from the (tiny) checkpoint.
+  the architecture comes from the (tiny) checkpoint; where the README plans before any download
+  (`train.init_from=None`, so the preset is the architecture) `model.preset='tiny'` is appended.
 """
 
 import json
@@ -83,6 +84,8 @@ def substitute(cmd: str, tmp, gin: str) -> list[str]:
     cmd = cmd.replace("--devices 64", "--devices 8")
     if " train " in cmd and "configs/tiny.gin" in cmd:
         cmd += " --gin_param train.steps=20"
+    if " plan " in cmd and "train.init_from=None" in cmd:  # no checkpoint: the preset is the architecture
+        cmd += " --gin_param \"model.preset='tiny'\""
     if " preprocess " in cmd and "guidelines" in cmd:  # "... same for pubmed_abstracts, ..."
         return [cmd.replace("guidelines", s) for s in SOURCES]
     return [cmd]
