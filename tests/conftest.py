@@ -61,6 +61,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # subprocesses: every compile
 
+from meditron_jax.console import import_jax_quietly  # noqa: E402
+
+import_jax_quietly()  # the plan extra's CUDA plugin notices ("Could not find cuda drivers") filtered
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -229,12 +229,13 @@ def dot_flops(hlo) -> tuple[float, int]:
 ATTENTION_CALLS = ("tpu_custom_call", "__gpu$xla.gpu.triton", "__cudnn$fmha")
 
 
-def attention_report(hlo_text: str, seq_len: int) -> dict:
+def attention_report(hlo, seq_len: int) -> dict:
     """What the compiled step does for attention, per device: the kernels it calls (custom-call
     target and kernel name, with how many call sites), the largest array with two dimensions of
     the sequence length (a T x S score, mask or bias buffer; None when there is none) and the
-    largest array produced by the attention code (models/attention*.py) or a kernel call."""
-    mod = parse(hlo_text)
+    largest array produced by the attention code (models/attention*.py) or a kernel call.
+    `hlo`: the module text or a parsed `Module`."""
+    mod = hlo if isinstance(hlo, Module) else parse(hlo)
     calls: dict[str, int] = {}
     found: dict[str, dict | None] = {"largest_seq_by_seq_array": None, "largest_attention_value": None}
 

@@ -125,13 +125,13 @@ def largest_buffers(dump_dir: str, hlo_text: str | None = None, top: int = 12) -
     return out
 
 
-def collective_report(built, hlo_text: str, top: int = 12) -> dict:
+def collective_report(built, hlo, top: int = 12) -> dict:
     """The compiled step's collectives by kind and mesh axes, split into parameter-shaped and
     other (activation) traffic, beside what the parallelism needs in theory; the ones theory
     does not explain are named with their source lines."""
     import numpy as np
     from meditron_jax.plan import hlo_stats
-    recs = hlo_stats.collectives(hlo_text)
+    recs = hlo_stats.collectives(hlo)  # the module text or a parsed Module
     sizes = built.mesh_sizes
     hlo_stats.assign_axes(recs, sizes)
     cfg, tc = built.cfg, built.tc
@@ -340,15 +340,16 @@ def report(built, explain: bool = False, top: int = 12) -> dict:
             xla_flops = float(ca["flops"]) * len(tgt.devices) if ca and "flops" in ca else None
         except Exception:  # noqa: BLE001 - some compile-only targets give no cost analysis
             xla_flops = None
-        dot, ndots = hlo_stats.dot_flops(hlo_text)
+        mod = hlo_stats.parse(hlo_text)  # once, for the FLOPs, collectives and attention below
+        dot, ndots = hlo_stats.dot_flops(mod)
         report["flops"] = {
             "model_per_step": report["model_flops_per_step"],
             "xla_cost_analysis_per_step": xla_flops,
             "hlo_dots_per_step": dot * len(tgt.devices) if ndots else None, "hlo_dot_ops": ndots,
             "note": "XLA counts are per device x devices; hlo_dots counts dot/gemm ops weighted by loop trip "
                     "counts (attention custom calls and convolutions excluded)"}
-        report["collectives"] = collective_report(built, hlo_text, top)
-        report["attention"] = hlo_stats.attention_report(hlo_text, T)
+        report["collectives"] = collective_report(built, mod, top)
+        report["attention"] = hlo_stats.attention_report(mod, T)
     if built.dump_dir and (explain or built.compiled is None):
         report["largest_buffers"] = largest_buffers(built.dump_dir, hlo_text, top)
     return report
