@@ -18,7 +18,7 @@ the newest complete checkpoint a rerun resumes from: `storage.WatchedManager`); 
 SIGTERM/SIGINT after saving a checkpoint (rerun the same command to resume). A second signal
 aborts at once (130). When another process of a multi-host run dies, the JAX coordination
 service terminates the survivors within `--heartbeat_timeout_s` (+ a few seconds) with a
-non-zero status (SIGABRT).
+non-zero status (SIGABRT); on CPU, gloo's transport may abort them sooner (docs/reliability.md).
 
 Resume (docs/reliability.md): the newest checkpoint that restores is used; an unreadable newer
 one is named in a warning and moved to `WORKDIR/checkpoints_unreadable/`. If checkpoints exist
