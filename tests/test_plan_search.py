@@ -136,7 +136,7 @@ def test_interrupted_search_keeps_the_rows_done(tmp_path, monkeypatch):
 
 @needs_gpu_plugin
 def test_small_real_search_on_the_h100_target(tmp_path, capsys):
-    """Two candidates of the tiny model on 2 H100s, compiled in this process: ranked rows with
+    """Two candidates of the tiny model on 2 H100s, compiled in a worker process: ranked rows with
     predictions, the JSON lines, the verdict on the gin's own layout and a ready command."""
     cands = tmp_path / "c.csv"
     cands.write_text("data,tensor,stage,fsdp,micro,zero1,remat\n2,1,1,1,2,false,full\n1,2,1,1,4,false,full\n")
@@ -144,7 +144,7 @@ def test_small_real_search_on_the_h100_target(tmp_path, capsys):
     params = ["train.seq_len=64", "train.global_batch_size=8", "train.micro_batch_size=2", "mesh.data=2",
               "model.dtype='bfloat16'"]
     argv = ["plan", "--gin_file", TINY, "--target", "h100-80gb", "--devices", "2", "--candidates", str(cands),
-            "--workers", "0", "--out", str(out)] + [x for p in params for x in ("--gin_param", p)]
+            "--workers", "1", "--out", str(out)] + [x for p in params for x in ("--gin_param", p)]
     assert main(argv) == 0
     text = capsys.readouterr().out
     rows = [json.loads(x) for x in out.read_text().splitlines()][1:]
@@ -157,3 +157,20 @@ def test_small_real_search_on_the_h100_target(tmp_path, capsys):
     best = min(rows, key=lambda r: r["step_seconds"])
     assert "the gin's own layout" in text and "best layout, ready to run" in text
     assert " ".join(f'--gin_param "{p}"' for p in best["gin_params"]) in text
+
+
+def test_workers_time_limit_and_a_dying_compiler():
+    """`plan.workers`: a task over the time limit and one that aborts its process become failed
+    rows that say why (the compiler's own fatal line), their workers are replaced, and every
+    other task still finishes (a `multiprocessing.Pool` waited forever here)."""
+    from meditron_jax.plan.workers import Failure, run_tasks
+    from tests.fake_compiles import fake_compile
+
+    tasks = [("ok", 1), ("hang", 600), ("abort", 0), ("ok", 2), ("raise", 0), ("ok", 3)]
+    got = dict(run_tasks(tasks, fake_compile, workers=2, timeout_s=3))
+    assert sorted(got) == list(range(len(tasks)))
+    assert [got[i] for i in (0, 3, 5)] == [2, 4, 6]
+    assert all(isinstance(got[i], Failure) for i in (1, 2, 4))
+    assert got[1] == "compile over 3 s (--layout_timeout_s): stopped"
+    assert got[2].startswith("the compiler's process died (SIGABRT): F1207") and "Check failed: fake partition" in got[2]
+    assert got[4] == "ValueError: bad layout"

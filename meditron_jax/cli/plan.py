@@ -52,6 +52,9 @@ def add_arguments(p):
     g.add_argument("--max_candidates", type=int, default=100, help="layouts to compile at most (default 100)")
     g.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="compiles in parallel (processes; 0: in this process; default 2)")
+    g.add_argument("--layout_timeout_s", type=float, default=300,
+                   help="stop a layout's compile after this long and rank it as failed (default %(default)g; "
+                        "needs --workers >= 1)")
     g.add_argument("--out", default="plan_search.jsonl", help="search rows, one JSON line each (default %(default)s)")
     g.add_argument("--exact_compile", action="store_true",
                    help="search with the compiler's default passes (slower; see docs/planning.md)")
@@ -84,6 +87,8 @@ def _network(args) -> dict:
 def _devices(args) -> int | None:
     if args.workers < 0:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
+    if not args.layout_timeout_s > 0:
+        raise UserError(f"--layout_timeout_s must be > 0, got {args.layout_timeout_s:g}")
     for name in ("devices", "nodes", "gpus_per_node", "slices", "max_candidates"):
         v = getattr(args, name)
         if v is not None and v < 1:
@@ -130,8 +135,8 @@ def _search(args, params, devices) -> int:
     base = search.own_layout(run_cfg, False if sp else None)
     invalid = notes.pop("invalid", [])
     header = {"target": args.target, "devices": devices, "gin_files": args.gin_file, "gin_params": params,
-              "network": spec.network, "fast_compile": spec.fast, **notes}
-    rows, completed = search.run_search(spec, chosen, args.out, args.workers, header, invalid)
+              "network": spec.network, "fast_compile": spec.fast, "layout_timeout_s": args.layout_timeout_s, **notes}
+    rows, completed = search.run_search(spec, chosen, args.out, args.workers, header, invalid, args.layout_timeout_s)
     order = search.ranked(rows)
     wall = time.time() - t0
     if args.json:

@@ -3,8 +3,8 @@ predicted step time.
 
 Owns: the search run: the base configuration read once, the layouts to compile (enumerated
 and pruned by `plan.layouts`, or read from `--candidates`), the compiles in worker processes
-(each the real step of `plan.compile.compile_step` with the layout's gin overrides, predicted
-by `plan.step_time`), one JSON line per finished layout in `--out` (written as it finishes: an
+(`plan.workers`: each the real step of `plan.compile.compile_step` with the layout's gin
+overrides, predicted by `plan.step_time`, within a time limit), one JSON line per finished layout in `--out` (written as it finishes: an
 interrupted search keeps its rows), the progress bar, the ranked table and the best layout's
 command. Does not own: what a layout is (`plan.layouts`), compiling (`plan.compile`), the time
 model (`plan.step_time`).
@@ -144,8 +144,6 @@ def _spread(ordered: list, per_family: int = 3) -> list:
 # ---- one layout, in a worker ---------------------------------------------------------------
 
 def _worker_init():
-    import signal
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the search; rows done stay
     console.import_jax_quietly()
     from meditron_jax.plan import targets
     targets.compile_on_host()
@@ -190,18 +188,31 @@ def _evaluate_star(args):
         return dict(_row_head(layout), fits=False, error=f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
 
 
+def _in_workers(spec: Spec, chosen: list, workers: int, timeout_s: float | None):
+    """The rows of `chosen` as they finish in `plan.workers`' processes; a layout whose compile
+    ran past `timeout_s` or killed its process is a failed row that says so."""
+    from meditron_jax.plan.workers import Failure, run_tasks
+    tasks = run_tasks([(spec, c) for c in chosen], _evaluate_star, workers, timeout_s, init=_worker_init)
+    try:
+        for i, row in tasks:
+            yield dict(_row_head(chosen[i]), fits=False, error=str(row)) if isinstance(row, Failure) else row
+    finally:
+        tasks.close()
+
+
 def run_search(spec: Spec, chosen: list, out_path: str, workers: int = 2, header: dict | None = None,
-               done: list | None = None) -> tuple[list, bool]:
-    """Compile every layout of `chosen` in `workers` processes (0: in this process); append each
-    row to `out_path` (JSON lines, after a header line and the rows of `done`) as it finishes.
-    Returns (rows, completed); Ctrl-C stops the workers and returns the rows done so far."""
+               done: list | None = None, timeout_s: float | None = None) -> tuple[list, bool]:
+    """Compile every layout of `chosen` in `workers` processes (0: in this process, no time
+    limit), each within `timeout_s`; append each row to `out_path` (JSON lines, after a header
+    line and the rows of `done`) as it finishes. Returns (rows, completed); Ctrl-C stops the
+    workers and returns the rows done so far."""
     rows: list[dict] = list(done or [])
     bar = None
     if console.progress_enabled():
         from tqdm import tqdm
         bar = tqdm(total=len(chosen), desc="compiling layouts", unit="layout", file=sys.stderr)
     t0 = time.time()
-    pool = None
+    results = None
     restore = _interruptible()
     with open(out_path, "w") as fh:
         fh.write(json.dumps({"search": header or {}}, default=str) + "\n")
@@ -210,9 +221,7 @@ def run_search(spec: Spec, chosen: list, out_path: str, workers: int = 2, header
         fh.flush()
         try:
             if workers > 0:
-                import multiprocessing as mp
-                pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init)
-                results = pool.imap_unordered(_evaluate_star, [(spec, c) for c in chosen])
+                results = _in_workers(spec, chosen, workers, timeout_s)
             else:
                 results = (_evaluate_star((spec, c)) for c in chosen)
             for row in results:
@@ -230,9 +239,8 @@ def run_search(spec: Spec, chosen: list, out_path: str, workers: int = 2, header
             completed = False
             print(f"interrupted: {len(rows)} of {len(chosen)} layouts done, kept in {out_path}", file=sys.stderr)
         finally:
-            if pool is not None:
-                pool.terminate()
-                pool.join()
+            if results is not None:
+                results.close()  # stops the workers
             if bar is not None:
                 bar.close()
             restore()
