@@ -168,34 +168,68 @@ NATIVE_NOISE = ("cudart_stub.cc", "All log messages before absl::InitializeLog()
                 "Source Location Trace", "libtpu_init_utils.cc", "Failed to find host bounds")
 
 
+# The filter runs in its own small process (`python -S`), reading the block's fd 2 through a
+# pipe: when the compiler aborts the whole process (an XLA check failure), the filter still
+# gets the fatal line and passes it on before it sees the pipe close. (A temporary file read
+# back at the end lost it, with the process.)
+_FILTER = """
+import json, os, sys
+noise, also, keep_all, spool = json.loads(sys.argv[1])
+out, ended, mark = sys.stdout.buffer, False, b"\\0meditron-jax-end\\0\\n"
+with open(spool or os.devnull, "wb") as box:
+    for raw in sys.stdin.buffer:
+        if raw.endswith(mark):  # the block ended normally
+            raw, ended = raw[:-len(mark)], True
+        box.write(raw)
+        line = raw.decode(errors="replace")
+        if keep_all or (not any(s in line for s in noise) and not any(a in line.lower() for a in also)):
+            out.write(raw)
+            out.flush()
+if spool and not ended:  # the block's process died: nobody reads the capture
+    os.unlink(spool)
+"""
+
+
 @contextlib.contextmanager
 def quiet_native_stderr(box: list | None = None, also: tuple[str, ...] = ()):
-    """Run a block with file descriptor 2 captured; re-emit every line except the plugins'
-    known start-up notices (`NATIVE_NOISE`: no CUDA driver on this host, libtpu not on a TPU VM)
-    and lines containing any of `also` (case-insensitive). The whole capture is appended to
-    `box`. With `--debug` / MEDITRON_JAX_DEBUG=1 nothing is filtered."""
+    """Run a block with file descriptor 2 filtered: every line passes, as it is written, except
+    the plugins' known start-up notices (`NATIVE_NOISE`: no CUDA driver on this host, libtpu not
+    on a TPU VM) and lines containing any of `also` (case-insensitive). The whole output is
+    appended to `box` at the end. With `--debug` / MEDITRON_JAX_DEBUG=1 nothing is filtered."""
+    import json
+    import subprocess
+
     from meditron_jax.errors import debug_enabled
 
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as tmp:
-        os.dup2(tmp.fileno(), 2)
+    spool = None
+    if box is not None:
+        fd, spool = tempfile.mkstemp(prefix="meditron-jax-stderr-")
+        os.close(fd)
+    try:
+        args = json.dumps([NATIVE_NOISE, [a.lower() for a in also], debug_enabled(), spool])
+        filt = subprocess.Popen([sys.executable, "-S", "-c", _FILTER, args], stdin=subprocess.PIPE, stdout=saved)
+        os.dup2(filt.stdin.fileno(), 2)
+        filt.stdin.close()
         try:
             yield
         finally:
             sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            text = tmp.read().decode(errors="replace")
+            os.write(2, b"\0meditron-jax-end\0\n")
+            os.dup2(saved, 2)  # the pipe's last writer closes: the filter drains it and exits
+            try:
+                filt.wait(30)
+            except subprocess.TimeoutExpired:  # a child started in the block still holds the pipe
+                filt.kill()
+                filt.wait()
             if box is not None:
-                box.append(text)
-            keep_all = debug_enabled()
-            for line in text.splitlines(keepends=True):
-                if keep_all or (not any(s in line for s in NATIVE_NOISE)
-                                and not any(a in line.lower() for a in also)):
-                    sys.stderr.write(line)
-            sys.stderr.flush()
+                with open(spool, "rb") as fh:
+                    box.append(fh.read().decode(errors="replace"))
+    finally:
+        os.close(saved)
+        if spool is not None and os.path.exists(spool):
+            os.unlink(spool)
 
 
 def import_jax_quietly():

@@ -115,7 +115,7 @@ def test_scan_equals_unrolled_and_remat():
 
         def f(state):
             return jnp.mean(nnx.merge(gdef, state)(tokens) ** 2)
-        return jax.value_and_grad(f)(state)
+        return jax.jit(jax.value_and_grad(f))(state)  # one compile, not op-by-op dispatch
 
     ref_loss, ref_grad = loss_and_grad(cfg)
     for variant in [dict(scan_layers=False), dict(remat="full"), dict(remat="dots"), dict(remat="save_proj"),

@@ -189,10 +189,11 @@ def test_causal_query_blocks_equal_dense_attention(K):
         return lambda q, k, v: jnp.sum(f(q, k, v, seg, seg) * w)
 
     dense = lambda q, k, v, a, b: attention._dense_attention(q, k, v, a, b, None)
-    np.testing.assert_allclose(np.asarray(attention.xla_attention(q, k, v, seg, seg)),
-                               np.asarray(dense(q, k, v, seg, seg)), atol=2e-6)
-    g_blocked = jax.grad(loss(attention.xla_attention), argnums=(0, 1, 2))(q, k, v)
-    g_dense = jax.grad(loss(dense), argnums=(0, 1, 2))(q, k, v)
+    # jitted: one compile each (op-by-op dispatch of the blocked gradient took 15 s)
+    np.testing.assert_allclose(np.asarray(jax.jit(attention.xla_attention)(q, k, v, seg, seg)),
+                               np.asarray(jax.jit(dense)(q, k, v, seg, seg)), atol=2e-6)
+    g_blocked = jax.jit(jax.grad(loss(attention.xla_attention), argnums=(0, 1, 2)))(q, k, v)
+    g_dense = jax.jit(jax.grad(loss(dense), argnums=(0, 1, 2)))(q, k, v)
     for a, b in zip(g_blocked, g_dense):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
 

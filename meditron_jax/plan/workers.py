@@ -111,11 +111,20 @@ class _Worker:
             return msg
 
     def reason(self) -> str:
-        try:
-            with open(self.log, errors="replace") as fh:
-                return last_error(fh.read())
-        except OSError:
-            return "no output"
+        """Why the worker died, from its stderr. A fatal line written inside
+        `console.quiet_native_stderr` reaches the log through that block's filter process a
+        moment after the worker is gone: wait for it up to 3 s."""
+        text = ""
+        for _ in range(30):
+            try:
+                with open(self.log, errors="replace") as fh:
+                    text = fh.read()
+            except OSError:
+                pass
+            if re.search(r"^F\d{4} |Check failed", text, re.M):
+                break
+            time.sleep(0.1)
+        return last_error(text)
 
     def kill(self):
         if self.proc.is_alive():
