@@ -8,8 +8,9 @@ devices from the plugins, host device counts), `eval_plan` (`meditron-jax eval p
 predicted step: `hardware` (per-device facts with sources, links between devices), `hlo_cost`
 (FLOPs and HBM bytes per instruction), `step_time` (the schedule replayed on the hardware:
 step time, tokens/s, MFU, compute / exposed communication / bubble), `layouts` (what
-`--search` enumerates and prunes, `--candidates` files) and `search` (compiling and ranking
-layouts).
+`--search` enumerates and prunes, `--candidates` files), `search` (compiling and ranking
+layouts) and `workers` (the compile processes: a time limit per layout, a row for a compiler
+that aborts).
 
 Does not own: the step it compiles (`training.state.build_step`, shared with `train`).
 """
