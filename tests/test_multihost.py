@@ -242,8 +242,9 @@ def test_corrupt_shard_only_process_1_reads(runs, reference, stage_run):
 @pytest.mark.slow
 def test_tensor_spanning_two_processes_killed_during_a_save(runs, demo, reference):
     """(tensor 8) across 2 processes; process 1 is killed while the step-4 checkpoint is being
-    written (its temporary directory exists). The restarted 2-process run resumes from the last
-    complete checkpoint on both processes; every step's loss equals the reference's."""
+    written (its temporary directory exists). The survivor exits non-zero within the bound with a
+    line that says why. The restarted 2-process run resumes from the last complete checkpoint on
+    both processes; every step's loss equals the reference's."""
     w = new_workdir(runs, demo, "tensor")
     params = ["train.steps=5", "train.checkpoint_every=2", "train.eval_every=0", "mesh.data=1", "mesh.tensor=8"]
     run = start(w, 2, 4, params)
@@ -255,12 +256,24 @@ def test_tensor_spanning_two_processes_killed_during_a_save(runs, demo, referenc
                 raise AssertionError("no step-4 save in progress was seen:\n" + _tails(run))
             time.sleep(0.002)
         run[1][0].send_signal(signal.SIGKILL)
-        rcs, _ = finish(run, timeout=120)  # the survivor is stopped by the coordination service
+        t0 = time.monotonic()
+        rcs, outs = finish(run, timeout=120)  # the survivor is stopped by the coordination service
+        elapsed = time.monotonic() - t0
     finally:
         for p, _ in run:
             if p.poll() is None:
                 p.kill()
     assert rcs[1] == -signal.SIGKILL and rcs[0] != 0, rcs
+    # Two ways the survivor learns of its peer's death, both an abort (SIGABRT) with a line that
+    # says so: the coordination service's missed heartbeats (usually, --heartbeat_timeout_s 15
+    # plus a few seconds), or, on CPU, the gloo transport of a collective under way reading the
+    # dead peer's half-sent message (CI saw it once: `gloo::EnforceNotMet ... Received data size
+    # doesn't match expected size`, at once).
+    reason = sorted((ln for ln in outs[0].splitlines()
+                     if "another task died" in ln or "coordination service" in ln or "gloo::" in ln),
+                    key=lambda ln: "another task died" not in ln)
+    assert reason, outs[0][-3000:]
+    print(f"survivor exited with {rcs[0]} after {elapsed:.1f} s: {reason[0][:300]}")
     complete = ckpt.complete_steps(str(root))
     assert complete and max(complete) < 5, complete
     outs = train(w, 2, 4, params)

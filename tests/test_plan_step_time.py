@@ -239,3 +239,27 @@ def test_plan_predicts_on_a_tpu_target():
     assert b["compute"] + b["exposed_communication"] + b["bubble"] == pytest.approx(p["step_seconds"], rel=1e-6)
     assert p["hardware"]["chip"] == "TPU v5p" and p["hardware"]["torus"] == "2x2x1"
     assert 0 < p["mfu"] < 1
+
+
+def test_tpu_convolution_flops_count_only_taps_on_the_input():
+    """The TPU compiler's dots as convolutions (from a 70B step on v5p): a batch dimension as a
+    spatial one whose window spans it over padding meets one real input per output, so each
+    counts the dot's 2 x B T x N H x D, not 64 times it; a plain window (the weight gradient's
+    contraction over 4 rows) counts every tap."""
+    hlo = """HloModule conv, is_scheduled=true
+
+ENTRY %e (a: bf16[4,4096,8192,1], b: bf16[64,128,8192,1], c: bf16[4,4096,8192,1], d: bf16[4,4096,64,128]) -> bf16[4,4096,64,128] {
+  %a = bf16[4,4096,8192,1]{2,1,3,0} parameter(0)
+  %b = bf16[64,128,8192,1]{2,1,0,3} parameter(1)
+  %c = bf16[4,4096,8192,1]{2,1,3,0} parameter(2)
+  %d = bf16[4,4096,64,128]{3,1,2,0} parameter(3)
+  %w = bf16[8192,64,128,1]{2,0,1,3} convolution(%c, %d), window={size=64x4 pad=63_63x0_0 rhs_reversal=1x0}, dim_labels=1fb0_1i0o->b0f1
+  ROOT %x = bf16[4,4096,64,128]{3,1,2,0} convolution(%a, %b), window={size=1x64 pad=0_0x63_63 rhs_reversal=0x1}, dim_labels=0bf1_1oi0->0b1f
+}
+"""
+    mod = parse(hlo)
+    cm = CostModel(mod)
+    local = {i.name: i for i in mod.computations[mod.entry]}
+    dot = 2.0 * (4 * 4096) * (64 * 128) * 8192
+    assert cm.cost(local["x"], local).flops == dot
+    assert cm.cost(local["w"], local).flops == dot  # 64-wide window over padding x 4 real rows

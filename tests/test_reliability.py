@@ -1,6 +1,7 @@
 """Fault injection on real training subprocesses: SIGKILL at seeded random points, SIGTERM /
 SIGINT preemption, a second signal, corrupted and unreadable checkpoints, NaN injection, and a
-two-process run that loses a process. Every interrupted run is compared bitwise with one
+two-process run where one process is stopped by SIGTERM (a process SIGKILLed out of a two-process
+run: tests/test_multihost.py, killed during a save). Every interrupted run is compared bitwise with one
 uninterrupted run, the session's `tiny_run` (tests/conftest.py; metrics.jsonl: loss, grad_norm,
 lr, skipped, tokens per step).
 
@@ -282,7 +283,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_two_processes(w: Path, tmp_path: Path, extra_args=()) -> tuple[list, list]:
+def launch_two_processes(w: Path, tmp_path: Path) -> tuple[list, list]:
     """Two 4-device processes of one long run on `w` (logs p0.txt, p1.txt)."""
     port = _free_port()
     procs, logs = [], []
@@ -292,7 +293,7 @@ def launch_two_processes(w: Path, tmp_path: Path, extra_args=()) -> tuple[list, 
                             params=["train.steps=1000", "train.global_batch_size=8", "train.micro_batch_size=1",
                                     "train.checkpoint_every=1000"],
                             args=["--coordinator_address", f"localhost:{port}", "--num_processes", "2",
-                                  "--process_id", str(i), *extra_args]))
+                                  "--process_id", str(i)]))
     return procs, logs
 
 
@@ -301,36 +302,6 @@ def kill_all(procs) -> None:
         if p.poll() is None:
             p.kill()
             p.wait()
-
-
-@pytest.mark.slow
-def test_two_process_run_survivor_exits(tmp_path, demo):
-    """Kill one of two processes mid-training: the other exits non-zero within the bound."""
-    w = new_workdir(tmp_path / "w", demo)
-    procs, logs = launch_two_processes(w, tmp_path, ["--heartbeat_timeout_s", "20", "--shutdown_timeout_s", "10"])
-    try:
-        wait_for_step(procs[0], w, logs[0], 2)
-        procs[1].send_signal(signal.SIGKILL)
-        t0 = time.monotonic()
-        try:
-            rc = procs[0].wait(120)
-        except subprocess.TimeoutExpired:
-            raise AssertionError("the surviving process still runs 120 s after its peer died") from None
-        elapsed = time.monotonic() - t0
-    finally:
-        kill_all(procs)
-    out = logs[0].read_text()
-    assert rc != 0
-    # Two ways the survivor learns of its peer's death, both an abort (SIGABRT) with a line that
-    # says so: the coordination service's missed heartbeats (usually, after 12-17 s), or, on CPU,
-    # the gloo transport of a collective already under way reading the dead peer's half-sent
-    # message (CI saw this once; 0 of 8 runs here: `gloo::EnforceNotMet ... Received data size
-    # doesn't match expected size`, at once).
-    reason = sorted((ln for ln in out.splitlines()
-                     if "another task died" in ln or "coordination service" in ln or "gloo::" in ln),
-                    key=lambda ln: "another task died" not in ln)
-    assert reason, out[-3000:]
-    print(f"survivor exited with {rc} after {elapsed:.1f} s: {reason[0][:300]}")
 
 
 @pytest.mark.slow

@@ -22,6 +22,8 @@ import json
 import math
 import re
 
+import numpy as np
+
 from meditron_jax.plan.hlo_text import Instr, Module, nbytes, shapes
 
 ATTENTION_TARGETS = ("__cudnn$fmha", "__gpu$xla.gpu.triton", "tpu_custom_call", "mosaic", "__cudnn$flash")
@@ -73,20 +75,58 @@ def _dot(ins: Instr, local: dict[str, Instr]) -> tuple[float, tuple]:
 
 
 def _conv(ins: Instr, local: dict[str, Instr]) -> tuple[float, tuple]:
-    """A convolution (TPU writes its matmuls as convolutions): 2 x output elements x the kernel's
-    elements per output feature."""
-    m = re.search(r"dim_labels=\w+_(\w+)->\w+", ins.attrs)
-    if m is None or len(ins.operands) < 2 or ins.operands[1] not in local:
+    """A convolution (TPU writes its matmuls as convolutions): 2 x batch x output features x
+    input features x the window taps that land on the input. The TPU compiler writes a dot's
+    batch dimension (heads, say) as a spatial dimension whose window spans it over padding
+    (`window={size=1x64 pad=0_0x63_63 rhs_reversal=0x1}` on an input of spatial size 1): each
+    output position then meets one real input position, not 64; counting the whole window
+    overcounted a 70B step's FLOPs 5-8x."""
+    m = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins.attrs)
+    if m is None or len(ins.operands) < 2 or ins.operands[0] not in local or ins.operands[1] not in local:
         return 0.0, ()
-    rhs, out = shapes(local[ins.operands[1]].shape), shapes(ins.shape)
-    if not rhs or not out:
+    lhs, rhs, out = (shapes(local[ins.operands[0]].shape), shapes(local[ins.operands[1]].shape), shapes(ins.shape))
+    if not lhs or not rhs or not out:
         return 0.0, ()
-    labels, dims = m.group(1), rhs[0][1]
-    o = labels.find("o")
-    per_out = math.prod(dims) // max(1, dims[o] if 0 <= o < len(dims) else 1)
-    out_el = math.prod(out[0][1])
-    nn = dims[o] if 0 <= o < len(dims) else 1
-    return 2.0 * out_el * per_out, (out_el // max(1, nn), nn, per_out)
+    (ll, rl, ol), (ld, rd, od) = m.groups(), (lhs[0][1], rhs[0][1], out[0][1])
+    if not (len(ll) == len(ld) and len(rl) == len(rd) and len(ol) == len(od)) or "i" not in rl or "o" not in rl:
+        return 0.0, ()
+    win = _window(ins.attrs)
+    taps, spatial_out = 1, 1
+    for d in sorted(c for c in rl if c.isdigit()):
+        k = int(d)
+        taps *= _valid_taps(ld[ll.index(d)], rd[rl.index(d)], od[ol.index(d)], k, win)
+        spatial_out *= od[ol.index(d)]
+    out_el = math.prod(od)
+    per_out = rd[rl.index("i")] * taps / max(1, spatial_out)
+    nn = rd[rl.index("o")]
+    return 2.0 * out_el * per_out, (out_el // max(1, nn), nn, int(per_out))
+
+
+def _window(attrs: str) -> dict:
+    """`window={size=AxB pad=l_hxl_h stride=.. lhs_dilate=.. rhs_dilate=..}` as lists per
+    spatial dimension."""
+    m = re.search(r"window=\{([^}]*)\}", attrs)
+    out = {}
+    for part in (m.group(1).split() if m else []):
+        key, _, val = part.partition("=")
+        if key == "pad":
+            out[key] = [tuple(int(x) for x in v.split("_")) for v in val.split("x")]
+        elif key in ("size", "stride", "lhs_dilate", "rhs_dilate"):
+            out[key] = [int(v) for v in val.split("x")]
+    return out
+
+
+def _valid_taps(n: int, w: int, o: int, k: int, win: dict) -> int:
+    """Window taps, summed over the `o` output positions of spatial dimension `k`, that read one
+    of the `n` real input positions (not padding, not a hole of lhs dilation)."""
+    lo = win["pad"][k][0] if "pad" in win else 0
+    s = win["stride"][k] if "stride" in win else 1
+    ldil = win["lhs_dilate"][k] if "lhs_dilate" in win else 1
+    rdil = win["rhs_dilate"][k] if "rhs_dilate" in win else 1
+    if o * w > 1 << 24:  # too large to enumerate (not seen in a step): every tap, at most n
+        return o * min(w, n)
+    p = np.arange(o)[:, None] * s + np.arange(w)[None, :] * rdil - lo  # input position of each tap
+    return int(np.count_nonzero((p >= 0) & (p % ldil == 0) & (p // ldil < n)))
 
 
 def attention_flops(ins: Instr, local: dict[str, Instr]) -> float:
