@@ -14,6 +14,7 @@ its task, so `imap` waits forever (a 100-layout search once stopped at 94 rows s
 from __future__ import annotations
 
 import collections
+import itertools
 import multiprocessing as mp
 import multiprocessing.connection
 import os
@@ -39,51 +40,43 @@ def run_tasks(tasks: Iterable, fn: Callable, workers: int = 2, timeout_s: float 
     left = len(pending)
     ctx = mp.get_context("spawn")
     logdir = tempfile.mkdtemp(prefix="meditron-plan-workers-")
+    numbers = itertools.count()
+    spawn = lambda: _Worker(ctx, os.path.join(logdir, f"worker{next(numbers)}.log"), init, fn)  # noqa: E731
     pool: list[_Worker] = []
     try:
-        pool = [_Worker(ctx, logdir, k, init, fn) for k in range(min(max(1, workers), left))]
+        pool = [spawn() for _ in range(min(max(1, workers), left))]
         while left:
             for w in pool:
                 if w.ready and w.task is None and pending:
                     w.assign(pending.popleft())
             mp.connection.wait([w.conn for w in pool] + [w.proc.sentinel for w in pool], _next_deadline(pool, timeout_s))
             for k, w in enumerate(pool):
-                done = w.receive()
+                done = w.receive() or w.failed(timeout_s)
+                if w.proc.is_alive():
+                    if done is None:
+                        continue
+                elif w.task is None and not w.ready:
+                    raise RuntimeError(f"a compile worker died while starting ({_exit(w.proc.exitcode)}): "
+                                       f"{w.reason()}")
+                else:  # died or killed: a fresh worker takes its place while tasks wait
+                    w.kill()
+                    pool[k] = spawn() if pending else None
                 if done is not None:
                     left -= 1
                     yield done
-                    continue
-                if not w.proc.is_alive():
-                    if w.task is None:
-                        if not w.ready:
-                            raise RuntimeError(f"a compile worker died while starting ({_exit(w.proc.exitcode)}): "
-                                               f"{w.reason()}")
-                        pool[k] = _Worker(ctx, logdir, w.number + len(pool), init, fn)
-                        continue
-                    left -= 1
-                    i = w.task[0]
-                    reason = Failure(f"the compiler's process died ({_exit(w.proc.exitcode)}): {w.reason()}")
-                    pool[k] = _Worker(ctx, logdir, w.number + len(pool), init, fn)
-                    yield i, reason
-                elif w.task is not None and timeout_s and time.monotonic() - w.started > timeout_s:
-                    w.kill()
-                    left -= 1
-                    i = w.task[0]
-                    pool[k] = _Worker(ctx, logdir, w.number + len(pool), init, fn)
-                    yield i, Failure(f"compile over {timeout_s:g} s (--layout_timeout_s): stopped")
+            pool = [w for w in pool if w is not None]
     finally:
         for w in pool:
-            w.kill()
+            if w is not None:
+                w.kill()
         shutil.rmtree(logdir, ignore_errors=True)
 
 
 class _Worker:
-    def __init__(self, ctx, logdir: str, number: int, init, fn):
-        self.number = number
-        self.log = os.path.join(logdir, f"worker{number}.log")
+    def __init__(self, ctx, log: str, init, fn):
+        self.log = log
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_main, args=(child, self.log, init, fn), daemon=True,
-                                name=f"meditron-plan-worker{number}")
+        self.proc = ctx.Process(target=_main, args=(child, log, init, fn), daemon=True, name="meditron-plan-worker")
         self.proc.start()
         child.close()
         self.ready = False
@@ -109,6 +102,18 @@ class _Worker:
                 continue
             self.task = None
             return msg
+
+    def failed(self, timeout_s) -> tuple[int, Failure] | None:
+        """(index, why) of the running task when the worker died under it (its stderr says why)
+        or it ran past `timeout_s` (the worker is killed); else None."""
+        if self.task is None:
+            return None
+        if not self.proc.is_alive():
+            return self.task[0], Failure(f"the compiler's process died ({_exit(self.proc.exitcode)}): {self.reason()}")
+        if timeout_s and time.monotonic() - self.started > timeout_s:
+            self.kill()
+            return self.task[0], Failure(f"compile over {timeout_s:g} s (--layout_timeout_s): stopped")
+        return None
 
     def reason(self) -> str:
         """Why the worker died, from its stderr. A fatal line written inside
@@ -167,6 +172,7 @@ def _main(conn, log: str, init, fn):
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
+    os.close(fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the search; the rows done stay
     if init is not None:
         init()
