@@ -172,10 +172,11 @@ NATIVE_NOISE = ("cudart_stub.cc", "All log messages before absl::InitializeLog()
 # pipe: when the compiler aborts the whole process (an XLA check failure), the filter still
 # gets the fatal line and passes it on before it sees the pipe close. (A temporary file read
 # back at the end lost it, with the process.)
+_END = b"\0meditron-jax-end\0\n"  # the block's last line: it ended, its capture is read
 _FILTER = """
 import json, os, sys
-noise, also, keep_all, spool = json.loads(sys.argv[1])
-out, ended, mark = sys.stdout.buffer, False, b"\\0meditron-jax-end\\0\\n"
+noise, also, keep_all, spool, mark = json.loads(sys.argv[1])
+out, ended, mark = sys.stdout.buffer, False, mark.encode()
 with open(spool or os.devnull, "wb") as box:
     for raw in sys.stdin.buffer:
         if raw.endswith(mark):  # the block ended normally
@@ -208,7 +209,7 @@ def quiet_native_stderr(box: list | None = None, also: tuple[str, ...] = ()):
         fd, spool = tempfile.mkstemp(prefix="meditron-jax-stderr-")
         os.close(fd)
     try:
-        args = json.dumps([NATIVE_NOISE, [a.lower() for a in also], debug_enabled(), spool])
+        args = json.dumps([NATIVE_NOISE, [a.lower() for a in also], debug_enabled(), spool, _END.decode()])
         filt = subprocess.Popen([sys.executable, "-S", "-c", _FILTER, args], stdin=subprocess.PIPE, stdout=saved)
         os.dup2(filt.stdin.fileno(), 2)
         filt.stdin.close()
@@ -216,7 +217,7 @@ def quiet_native_stderr(box: list | None = None, also: tuple[str, ...] = ()):
             yield
         finally:
             sys.stderr.flush()
-            os.write(2, b"\0meditron-jax-end\0\n")
+            os.write(2, _END)
             os.dup2(saved, 2)  # the pipe's last writer closes: the filter drains it and exits
             try:
                 filt.wait(30)
