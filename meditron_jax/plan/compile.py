@@ -48,6 +48,15 @@ class Built:
     pipeline: object = None  # pipeline.PipelineSettings of the run
     sync: object = None  # sharding.GradSync of the run (the gradient reduction's dtype, fsdp mode)
     rules: dict | None = None  # the run's logical rules (sharding.logical_rules; sequence parallelism among them)
+    _hlo: object = dataclasses.field(default=None, repr=False)
+
+    def hlo(self):
+        """The compiled step's HLO module (`plan.hlo_text.Module`), parsed once for the report
+        and the step-time prediction; None when the compiler refused the step."""
+        if self._hlo is None and self.compiled is not None:
+            from meditron_jax.plan import hlo_text
+            self._hlo = hlo_text.parse(self.compiled.as_text())
+        return self._hlo
 
 
 # XLA passes a planning compile may leave out (`fast=True`): the GPU compiler's Triton softmax
@@ -165,7 +174,7 @@ def plan(gin_files, gin_params, devices: int | None = None, target: str = "cpu",
     try:
         out = report(built, explain, top)
         if built.compiled is not None and tgt_is_accel:
-            out["step_time"] = step_time.predict_built(built, built.compiled.as_text(), network)
+            out["step_time"] = step_time.predict_built(built, network)
         return out
     finally:
         if built.dump_dir:

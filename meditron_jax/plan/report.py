@@ -68,21 +68,21 @@ _BUF_RE = re.compile(r"^allocation (\d+): size (\d+)(.*)$")
 _VAL_RE = re.compile(r"^\s+value: <\d+ ([^ >]+)(?: @\d+)?> \(size=(\d+),offset=(\d+)\): (.+)$")
 
 
-def largest_buffers(dump_dir: str, hlo_text: str | None = None, top: int = 12) -> list[dict]:
+def largest_buffers(dump_dir: str, mod=None, top: int = 12) -> list[dict]:
     """The largest temporary buffers of the step from XLA's buffer-assignment dump (parameters
     and outputs are the state, reported apart): each allocation's biggest value with its
     shape, the producing op and its source line (from the HLO
-    metadata; the dumped after-optimizations module when `hlo_text` is None)."""
+    metadata: `mod`, the parsed compiled module, or the dumped after-optimizations module when
+    `mod` is None)."""
     from meditron_jax.plan import hlo_stats
     files = sorted(glob.glob(os.path.join(dump_dir, "*after_optimizations-buffer-assignment.txt")),
                    key=os.path.getsize)
     if not files:
         return []
     path = files[-1]  # the step's module (the biggest), not small helper computations
-    if hlo_text is None:
+    if mod is None:
         hlo_path = path.replace("-buffer-assignment.txt", ".txt")
-        hlo_text = open(hlo_path).read() if os.path.exists(hlo_path) else None
-    mod = hlo_stats.parse(hlo_text) if hlo_text else None
+        mod = hlo_stats.parse(open(hlo_path).read()) if os.path.exists(hlo_path) else None
     by_name = {}
     if mod is not None:
         for instrs in mod.computations.values():
@@ -304,7 +304,7 @@ def report(built, explain: bool = False, top: int = 12) -> dict:
         m = s.microbatches or 2 * sizes["stage"]
         report["pipeline"] = {"stages": sizes["stage"], "microbatches": m, "repeats": s.repeats,
                               "bubble_fraction": pipeline.bubble_fraction(sizes["stage"], m, s.repeats)}
-    hlo_text = None
+    mod = built.hlo()  # None when the compiler refused the step
     if built.compiled is None:  # the target's compiler refused: over its memory
         nums = _hbm_numbers(built.hbm_error)
         temp_b = int(nums.get("temporaries_gib", 0) * GIB)
@@ -316,7 +316,6 @@ def report(built, explain: bool = False, top: int = 12) -> dict:
             report["memory_analysis_gib"] = {
                 k: getattr(mem, f"{k}_size_in_bytes", 0) / GIB
                 for k in ("argument", "output", "alias", "temp", "generated_code")}
-        hlo_text = built.compiled.as_text()
     total_b = params_b + opt_b + temp_b
     report["per_device_gib"] = {"params": params_b / GIB, "optimizer_state": opt_b / GIB,
                                 "temporaries": temp_b / GIB, "total": total_b / GIB}
@@ -331,7 +330,7 @@ def report(built, explain: bool = False, top: int = 12) -> dict:
              "text": (f"over by {over:.1f} GiB" if over is not None else "over the device memory")
                      + f" (the {tgt.device_kind} compiler refused the step: out of memory)"}
     report["verdict"] = v
-    if hlo_text is not None:
+    if mod is not None:
         xla_flops = None
         try:
             ca = built.compiled.cost_analysis()
@@ -340,7 +339,6 @@ def report(built, explain: bool = False, top: int = 12) -> dict:
             xla_flops = float(ca["flops"]) * len(tgt.devices) if ca and "flops" in ca else None
         except Exception:  # noqa: BLE001 - some compile-only targets give no cost analysis
             xla_flops = None
-        mod = hlo_stats.parse(hlo_text)  # once, for the FLOPs, collectives and attention below
         dot, ndots = hlo_stats.dot_flops(mod)
         report["flops"] = {
             "model_per_step": report["model_flops_per_step"],
@@ -351,7 +349,7 @@ def report(built, explain: bool = False, top: int = 12) -> dict:
         report["collectives"] = collective_report(built, mod, top)
         report["attention"] = hlo_stats.attention_report(mod, T)
     if built.dump_dir and (explain or built.compiled is None):
-        report["largest_buffers"] = largest_buffers(built.dump_dir, hlo_text, top)
+        report["largest_buffers"] = largest_buffers(built.dump_dir, mod, top)
     return report
 
 

@@ -167,7 +167,7 @@ def evaluate(spec: Spec, layout: lay.Layout) -> dict:
                limit_gib=mem["verdict"]["limit_gib"], fits=mem["verdict"]["fits"],
                compile_seconds=built.compile_seconds, lower_seconds=built.lower_seconds)
     if built.compiled is not None:
-        p = step_time.predict_built(built, built.compiled.as_text(), spec.network)
+        p = step_time.predict_built(built, spec.network)
         row.update({k: p[k] for k in ("step_seconds", "tokens_per_s_per_device", "mfu", "dominant")},
                    breakdown_seconds=p["breakdown_seconds"])
     row["wall_seconds"] = time.perf_counter() - t0

@@ -308,15 +308,15 @@ def print_prediction(p: dict):
           f"{h['nodes']} node(s) x {h['devices_per_node']}; {h['note']} (sources: docs/planning.md)")
 
 
-def predict_built(built, hlo_text: str, network: dict | None = None) -> dict:
-    """`predict` for a `plan.compile.Built` (its mesh, batch, model and pipeline settings).
-    `network`: `hardware.system` keyword arguments (gpus_per_node is the compile's)."""
+def predict_built(built, network: dict | None = None) -> dict:
+    """`predict` for a `plan.compile.Built` (its parsed HLO, mesh, batch, model and pipeline
+    settings). `network`: `hardware.system` keyword arguments (gpus_per_node is the compile's)."""
     from meditron_jax.plan import hlo_stats
     from meditron_jax.training.metrics import flops_per_token
 
     net = {k: v for k, v in (network or {}).items() if k in ("node_network_gbps", "system_name", "slices")
            and v is not None}
-    mod = parse(hlo_text)
+    mod = built.hlo()
     records = hlo_stats.collectives(mod)
     hlo_stats.assign_axes(records, built.mesh_sizes)
     sysm = hardware.system(built.target.name, list(built.mesh.devices.flat), **net)
